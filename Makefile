@@ -1,0 +1,45 @@
+# One entry point for every task: a fresh clone needs only `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run ui test check bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install the project with its dev tools
+
+run: $(STAMP) ## Materialize the demo pipeline into data/lancedb and print a summary
+	@mkdir -p $(DAGSTER_HOME)
+	@test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/dagster.sqlite.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster asset materialize -f definitions.py --select '*'
+	$(BIN)/python -m perm_assets.demo.summary
+
+ui: $(STAMP) ## Start the Dagster webserver and daemon on 127.0.0.1:3000
+	@mkdir -p $(DAGSTER_HOME)
+	@test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/dagster.sqlite.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+test: $(STAMP) ## Run the whole test suite
+	$(BIN)/pytest
+
+check: $(STAMP) ## ruff, ruff format --check, pyright
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pyright
+
+bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
+	$(BIN)/python bench/bench.py
+
+clean: ## Remove the virtualenv, demo data and Dagster history
+	rm -rf $(VENV) data .dagster_home

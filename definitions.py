@@ -1,0 +1,19 @@
+"""The perm_assets code location: wires the demo pipeline to an embedded LanceDB.
+
+The database lives in ``data/lancedb`` beside this file whatever the working directory, so
+``make run`` and ``make ui`` see the same tables.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from perm_assets import LanceDBIOManager, LanceDBResource
+from perm_assets.demo import ASSETS
+
+_lancedb = LanceDBResource(uri=str(Path(__file__).resolve().parent / "data" / "lancedb"))
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    resources={"lancedb": _lancedb, "io_manager": LanceDBIOManager(db=_lancedb)},
+)

@@ -1,0 +1,43 @@
+"""perm_assets: LanceDB permutation tables (filters, splits, shuffles) as Dagster assets.
+
+Importing this package has no side effects: nothing connects, reads or writes until a run.
+"""
+
+from perm_assets.build import PermutationData, build_permutation
+from perm_assets.errors import SpecError, TableNotFoundError
+from perm_assets.factories import permutation_asset, permutation_data_version
+from perm_assets.io_manager import LanceDBIOManager
+from perm_assets.resources import LanceDBResource
+from perm_assets.specs import (
+    CalculatedSplit,
+    HashSplit,
+    PermutationSpec,
+    RandomSplit,
+    SequentialSplit,
+    Shuffle,
+)
+from perm_assets.tables import WriteMode, table_name
+from perm_assets.views import PermutationView, ViewLineage, ViewRequest, open_view
+
+__all__ = [
+    "CalculatedSplit",
+    "HashSplit",
+    "LanceDBIOManager",
+    "LanceDBResource",
+    "PermutationData",
+    "PermutationSpec",
+    "PermutationView",
+    "RandomSplit",
+    "SequentialSplit",
+    "Shuffle",
+    "SpecError",
+    "TableNotFoundError",
+    "ViewLineage",
+    "ViewRequest",
+    "WriteMode",
+    "build_permutation",
+    "open_view",
+    "permutation_asset",
+    "permutation_data_version",
+    "table_name",
+]

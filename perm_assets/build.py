@@ -1,0 +1,191 @@
+"""Specs → permutation tables, with lancedb's own builder doing the work.
+
+The result stays columnar: two uint64 columns (``row_id``, ``split_id``) in Arrow, checked with
+numpy (split sizes, range of split ids) and handed to the IO manager to persist.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from lancedb.permutation import PermutationBuilder, permutation_builder
+from lancedb.table import Table
+
+from perm_assets.errors import SpecError
+from perm_assets.specs import (
+    CalculatedSplit,
+    HashSplit,
+    PermutationSpec,
+    RandomSplit,
+    SequentialSplit,
+)
+from perm_assets.tables import (
+    BASE_TABLE_KEY,
+    BASE_VERSION_KEY,
+    SPEC_KEY,
+    SPLIT_NAMES_KEY,
+)
+
+
+@dataclass(frozen=True)
+class PermutationData:
+    """A permutation table in memory, ready to persist: which rows of which table version.
+
+    Attributes:
+        data: ``row_id: uint64, split_id: uint64`` in read order, with schema metadata
+            ``split_names`` (JSON), ``base_version`` and ``perm_assets.base_table``.
+        base_table: name of the LanceDB table the row ids point into.
+        base_version: the Lance version of ``base_table`` they point into.
+        split_names: name of each split, in split-id order.
+        split_rows: number of rows in each split, in split-id order.
+        spec: the resolved spec (seeds filled in), or None when built outside this project.
+    """
+
+    data: pa.Table
+    base_table: str
+    base_version: int
+    split_names: tuple[str, ...]
+    split_rows: tuple[int, ...]
+    spec: PermutationSpec | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.num_rows
+
+    def rows_by_split(self) -> dict[str, int]:
+        return dict(zip(self.split_names, self.split_rows, strict=True))
+
+
+def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> PermutationData:
+    """Run lancedb's permutation builder for ``spec`` over ``table`` at its current version.
+
+    Seeds must already be resolved (``spec.resolve_seeds()``) so that the recorded spec
+    reproduces the rows. Raises SpecError naming ``asset`` when the filter is invalid or
+    selects nothing, or when the split would silently lose or misplace rows.
+    """
+    expected = _count_filtered(table, spec.filter, asset=asset)
+    if expected == 0:
+        raise SpecError(
+            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
+            f"(version {table.version}, {table.count_rows()} rows); loosen the filter"
+        )
+    builder = _configure(permutation_builder(table), spec)
+    try:
+        result = builder.execute().to_arrow()
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        raise SpecError(
+            f"asset '{asset}': lancedb could not build the permutation of table '{table.name}' "
+            f"with {spec.model_dump_json(exclude_none=True)}: {exc}"
+        ) from exc
+    names = spec.split_names()
+    rows = _split_rows(result, len(names), spec=spec, asset=asset)
+    _check_coverage(spec, kept=int(rows.sum()), expected=expected, asset=asset)
+    return PermutationData(
+        data=with_permutation_metadata(result, base_table=table.name, split_names=names, spec=spec),
+        base_table=table.name,
+        base_version=int(result.schema.metadata[BASE_VERSION_KEY.encode()]),
+        split_names=tuple(names),
+        split_rows=tuple(int(r) for r in rows),
+        spec=spec,
+    )
+
+
+def with_permutation_metadata(
+    data: pa.Table,
+    *,
+    base_table: str,
+    split_names: Sequence[str],
+    spec: PermutationSpec | None,
+) -> pa.Table:
+    """``data`` with the schema metadata that makes it self-describing once persisted."""
+    metadata = dict(data.schema.metadata or {})
+    metadata[SPLIT_NAMES_KEY.encode()] = json.dumps(list(split_names)).encode()
+    metadata[BASE_TABLE_KEY.encode()] = base_table.encode()
+    if spec is not None:
+        metadata[SPEC_KEY.encode()] = spec.model_dump_json().encode()
+    return data.replace_schema_metadata(metadata)
+
+
+def split_rows_of(data: pa.Table, num_splits: int) -> np.ndarray:
+    """Rows per split id, counted in numpy (``split_id`` is a plain uint64 column)."""
+    split_ids = data.column("split_id").to_numpy()
+    return np.bincount(split_ids.astype(np.int64, copy=False), minlength=num_splits)
+
+
+def _configure(builder: PermutationBuilder, spec: PermutationSpec) -> PermutationBuilder:
+    if spec.filter is not None:
+        builder = builder.filter(spec.filter)
+    split = spec.split
+    names = spec.split_names()
+    if isinstance(split, RandomSplit):
+        ratios, counts = split.builder_sizes()
+        builder = builder.split_random(
+            ratios=ratios,
+            counts=counts,
+            seed=split.seed,
+            clump_size=split.clump_size,
+            split_names=names,
+        )
+    elif isinstance(split, SequentialSplit):
+        ratios, counts = split.builder_sizes()
+        builder = builder.split_sequential(ratios=ratios, counts=counts, split_names=names)
+    elif isinstance(split, HashSplit):
+        builder = builder.split_hash(
+            split.columns,
+            split.weights,
+            discard_weight=split.discard_weight,
+            split_names=names,
+        )
+    elif isinstance(split, CalculatedSplit):
+        builder = builder.split_calculated(split.expression, split_names=names)
+    if spec.shuffle is not None:
+        builder = builder.shuffle(seed=spec.shuffle.seed, clump_size=spec.shuffle.clump_size)
+    return builder
+
+
+def _count_filtered(table: Table, filter: str | None, *, asset: str) -> int:
+    try:
+        return table.count_rows(filter)
+    except (ValueError, RuntimeError) as exc:
+        raise SpecError(
+            f"asset '{asset}': filter {filter!r} is not valid on table '{table.name}' "
+            f"(columns: {', '.join(table.schema.names)}): {exc}"
+        ) from exc
+
+
+def _split_rows(data: pa.Table, num_splits: int, *, spec: PermutationSpec, asset: str):
+    split_ids = data.column("split_id").to_numpy()
+    if split_ids.size and int(split_ids.max()) >= num_splits:
+        raise SpecError(
+            f"asset '{asset}': the split assigns split id {int(split_ids.max())} but only "
+            f"{num_splits} splits ({spec.split_names()}) are declared; fix the expression or "
+            "declare more splits"
+        )
+    rows = split_rows_of(data, num_splits)
+    sizes = dict(zip(spec.split_names(), rows.tolist(), strict=True))
+    empty = [name for name, count in sizes.items() if count == 0]
+    if empty:
+        raise SpecError(
+            f"asset '{asset}': split(s) {empty} would be empty (rows per split: {sizes}); "
+            "use larger ratios or fewer splits, or loosen the filter"
+        )
+    return rows
+
+
+def _check_coverage(spec: PermutationSpec, *, kept: int, expected: int, asset: str) -> None:
+    """Every filtered row must be in a split unless the spec asked for rows to be dropped."""
+    split = spec.split
+    drops = (
+        isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard)
+    ) or (isinstance(split, HashSplit) and split.discard_weight > 0)
+    if drops:
+        return
+    if kept != expected:
+        raise SpecError(
+            f"asset '{asset}': the permutation holds {kept} rows but the filter selects "
+            f"{expected}; {expected - kept} rows would be lost silently"
+        )

@@ -1,0 +1,11 @@
+"""Exceptions that name what went wrong, the offending value and the fix."""
+
+from __future__ import annotations
+
+
+class SpecError(ValueError):
+    """A permutation spec, config or input request that can never produce correct rows."""
+
+
+class TableNotFoundError(LookupError):
+    """A LanceDB table, or the version of it that an asset recorded, is not there."""

@@ -1,0 +1,243 @@
+"""`permutation_asset`: a persisted, versioned permutation of a LanceDB table asset.
+
+No ``from __future__ import annotations`` here: Dagster reads the asset function's annotations
+(the per-asset Config class is created at definition time) and needs real objects.
+"""
+
+import hashlib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dagster as dg
+from lancedb.table import Table
+from pydantic import Field, ValidationError, create_model
+
+from perm_assets.build import PermutationData, build_permutation
+from perm_assets.errors import SpecError
+from perm_assets.io_manager import KIND_KEY
+from perm_assets.resources import LanceDBResource
+from perm_assets.specs import (
+    CalculatedSplit,
+    HashSplit,
+    PermutationSpec,
+    RandomSplit,
+    SequentialSplit,
+    Shuffle,
+    Split,
+)
+
+SourceLike = dg.AssetsDefinition | dg.AssetSpec | dg.SourceAsset | dg.AssetKey | str | Sequence[str]
+
+
+def permutation_asset(
+    name: str,
+    *,
+    source: SourceLike,
+    filter: str | None = None,
+    split: Split | Mapping[str, Any] | None = None,
+    shuffle: Shuffle | Mapping[str, Any] | None = None,
+    key_prefix: str | Sequence[str] | None = None,
+    group_name: str | None = None,
+    description: str | None = None,
+    io_manager_key: str = "io_manager",
+    resource_key: str = "lancedb",
+    automation_condition: dg.AutomationCondition | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> dg.AssetsDefinition:
+    """An asset whose every materialization is a new version of a persisted permutation table.
+
+    The table lists which rows of ``source`` (a LanceDB table asset) are used, in which split,
+    in which order; no row data is copied. The spec is validated now: a bad ratio or name fails
+    at definition time. ``filter``, the random split's ``seed`` and sizes, and the shuffle's seed
+    are also the asset's run config, defaulting to these values, so a run launched from the
+    Dagster UI can re-split without a code change.
+
+    Args:
+        name: asset name; the permutation table is named after the full key.
+        source: the LanceDB table asset whose rows are permuted.
+        filter: SQL predicate selecting rows, e.g. ``"label != 0"``.
+        split: a `RandomSplit`, `SequentialSplit`, `HashSplit`, `CalculatedSplit` (or a dict
+            with ``kind``); None keeps one split of all rows.
+        shuffle: a `Shuffle` of the read order within each split.
+        io_manager_key: key of the `LanceDBIOManager` that persists it (and the source).
+        resource_key: key of the `LanceDBResource` (the builder's memory limit).
+
+    Example:
+        ``permutation_asset("digits_splits", source=digits, split=RandomSplit(ratios=[0.8,
+        0.2], seed=7, split_names=["train", "test"]), shuffle=Shuffle(seed=1))``
+    """
+    prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
+    label = dg.AssetKey([*prefix, name]).to_user_string()
+    source_key = _source_key(source, asset=label, io_manager_key=io_manager_key)
+    spec = _validated(label, {"filter": filter, "split": split, "shuffle": shuffle})
+    config_cls = _config_class(name, spec)
+
+    @dg.asset(
+        name=name,
+        key_prefix=prefix or None,
+        ins={"source": dg.AssetIn(key=source_key)},
+        io_manager_key=io_manager_key,
+        required_resource_keys={resource_key},
+        group_name=group_name,
+        description=description or f"Permutation of {source_key.to_user_string()}.",
+        metadata={KIND_KEY: "permutation", "perm_assets/source": source_key.to_user_string()},
+        kinds={"lancedb"},
+        automation_condition=automation_condition,
+        tags=dict(tags or {}),
+    )
+    def _permutation(
+        context: dg.AssetExecutionContext,
+        config: config_cls,  # pyright: ignore[reportInvalidTypeForm]
+        source: Table,
+    ) -> dg.Output[PermutationData]:
+        resource = getattr(context.resources, resource_key)
+        if not isinstance(resource, LanceDBResource):
+            raise TypeError(
+                f"asset '{label}' needs a LanceDBResource under resource key '{resource_key}', "
+                f"got {type(resource).__name__}"
+            )
+        run_spec = _apply_config(label, spec, config).resolve_seeds()
+        with resource.builder_memory():
+            data = build_permutation(source, run_spec, asset=label)
+        context.log.info(
+            f"{label}: {data.rows_by_split()} rows of {data.base_table}@{data.base_version}"
+        )
+        with warnings.catch_warnings():
+            # Output(data_version=...) is the documented way to set it; Dagster flags it beta.
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            return dg.Output(data, data_version=permutation_data_version(data))
+
+    return _permutation
+
+
+def permutation_data_version(data: PermutationData) -> dg.DataVersion:
+    """``<base table>@<base version>/<spec hash>``: equal exactly when the rows are equal.
+
+    The resolved spec (seeds included) and the base version determine the permutation, so an
+    identical re-materialization keeps its data version and leaves downstream assets fresh.
+    """
+    spec_json = data.spec.model_dump_json() if data.spec is not None else ""
+    digest = hashlib.sha256(spec_json.encode()).hexdigest()[:12]
+    return dg.DataVersion(f"{data.base_table}@{data.base_version}/{digest}")
+
+
+def _validated(label: str, fields: dict[str, Any]) -> PermutationSpec:
+    try:
+        return PermutationSpec.model_validate(fields)
+    except ValidationError as exc:
+        raise SpecError(f"permutation asset '{label}': {_explain(exc)}") from exc
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def _source_key(source: SourceLike, *, asset: str, io_manager_key: str) -> dg.AssetKey:
+    if isinstance(source, dg.AssetsDefinition):
+        if len(source.keys) != 1:
+            raise SpecError(
+                f"permutation asset '{asset}': source has {len(source.keys)} assets "
+                f"({[k.to_user_string() for k in source.keys]}); pass the one table asset"
+            )
+        key = source.key
+        if source.metadata_by_key.get(key, {}).get(KIND_KEY) == "permutation":
+            raise SpecError(
+                f"permutation asset '{asset}': source '{key.to_user_string()}' is a permutation; "
+                "the source must be a LanceDB table asset (filter and split the table directly)"
+            )
+        used = source.get_io_manager_key_for_asset_key(key)
+        if used != io_manager_key:
+            raise SpecError(
+                f"permutation asset '{asset}': source '{key.to_user_string()}' is stored by IO "
+                f"manager '{used}', not by the LanceDBIOManager under '{io_manager_key}'; give "
+                f"the source io_manager_key='{io_manager_key}' or pass io_manager_key='{used}'"
+            )
+        return key
+    if isinstance(source, dg.AssetSpec | dg.SourceAsset):
+        return source.key
+    if isinstance(source, dg.AssetKey):
+        return source
+    if isinstance(source, str):
+        return dg.AssetKey.from_user_string(source)
+    if isinstance(source, Sequence) and all(isinstance(p, str) for p in source):
+        return dg.AssetKey(list(source))
+    raise TypeError(
+        f"permutation asset '{asset}': source {source!r} is not an asset; pass the table "
+        "asset's AssetsDefinition, AssetSpec, AssetKey or key string"
+    )
+
+
+# ------------------------------------------------------------------------ launchpad config
+def _config_class(name: str, spec: PermutationSpec) -> type[dg.Config]:
+    """A `dg.Config` holding the re-split knobs, defaulting to the factory's values."""
+    fields: dict[str, Any] = {
+        "filter": (
+            str | None,
+            Field(default=spec.filter, description="SQL predicate selecting rows; null: all."),
+        )
+    }
+    split = spec.split
+    if isinstance(split, RandomSplit):
+        fields["seed"] = (
+            int | None,
+            Field(default=split.seed, description="Seed of the random split; null: a fresh one."),
+        )
+    if isinstance(split, RandomSplit | SequentialSplit):
+        if split.ratios is not None:
+            fields["ratios"] = (
+                list[float],
+                Field(default=list(split.ratios), description="Fraction of rows per split."),
+            )
+        if split.counts is not None:
+            fields["counts"] = (
+                list[int],
+                Field(default=list(split.counts), description="Rows per split."),
+            )
+    if isinstance(split, HashSplit):
+        fields["weights"] = (
+            list[int],
+            Field(default=list(split.weights), description="Relative size of each split."),
+        )
+        fields["discard_weight"] = (
+            int,
+            Field(default=split.discard_weight, description="Relative share of rows left out."),
+        )
+    if isinstance(split, CalculatedSplit):
+        fields["expression"] = (
+            str,
+            Field(default=split.expression, description="SQL expression giving the split index."),
+        )
+    if spec.shuffle is not None:
+        fields["shuffle_seed"] = (
+            int | None,
+            Field(default=spec.shuffle.seed, description="Seed of the shuffle; null: fresh."),
+        )
+    class_name = "".join(part.title() for part in name.split("_")) + "Config"
+    return create_model(class_name, __base__=dg.Config, **fields)
+
+
+def _apply_config(label: str, spec: PermutationSpec, config: dg.Config) -> PermutationSpec:
+    """The factory spec with the run's config values, validated again."""
+    values = config.model_dump()
+    raw = spec.model_dump(exclude_none=True)
+    raw["filter"] = values.get("filter")
+    if spec.split is not None:
+        split = dict(raw["split"])
+        for field in ("seed", "ratios", "counts", "weights", "discard_weight", "expression"):
+            if field in values:
+                split[field] = values[field]
+        raw["split"] = split
+    if spec.shuffle is not None:
+        raw["shuffle"] = {**raw["shuffle"], "seed": values.get("shuffle_seed")}
+    try:
+        return PermutationSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(
+            f"permutation asset '{label}', run config {values}: {_explain(exc)}"
+        ) from exc

@@ -1,0 +1,257 @@
+"""`LanceDBIOManager`: persists table and permutation outputs, loads pinned views.
+
+Outputs (by value type):
+- ``pyarrow.Table`` / ``pyarrow.RecordBatchReader`` (streamed) / ``pandas.DataFrame``: one new
+  version of the table named after the asset key (overwrite, or ``metadata={"write_mode":
+  "append"}`` on the asset).
+- `PermutationData` (from `permutation_asset`) or lancedb's in-memory builder result: one new
+  version of the permutation table, its ``split_names``/``base_version`` metadata kept.
+
+Inputs (by the downstream parameter's annotation), always at the Lance version that the
+upstream's latest materialization recorded:
+- `Permutation` (also the default): a `PermutationView`, refined by ``dg.AssetIn(metadata=...)``
+  keys ``split``, ``columns``, ``format``, ``batch_size``;
+- ``lancedb.table.Table``: the table itself, checked out read-only (for building permutations);
+- ``pyarrow.Table`` / ``pandas.DataFrame``: the view's rows read into memory, explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, cast, get_origin
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+from lancedb.permutation import Permutation
+from lancedb.table import LanceTable, Table
+from pydantic import Field
+
+from perm_assets.build import PermutationData, split_rows_of, with_permutation_metadata
+from perm_assets.errors import SpecError
+from perm_assets.resources import LanceDBResource
+from perm_assets.tables import (
+    BASE_TABLE_KEY,
+    BASE_VERSION_KEY,
+    WriteMode,
+    is_permutation_schema,
+    table_name,
+    write_table,
+)
+from perm_assets.views import (
+    ViewRequest,
+    open_split_views,
+    open_view,
+    read_arrow,
+    split_names_of,
+)
+
+VERSION_KEY = "lance/version"
+KIND_KEY = "perm_assets/kind"
+WRITE_MODE_KEY = "write_mode"
+
+
+class LanceDBIOManager(dg.ConfigurableIOManager):
+    """Stores asset outputs as LanceDB tables and hands inputs back as pinned views."""
+
+    db: LanceDBResource = Field(
+        description="The LanceDB database the tables live in (share it with the 'lancedb' key)."
+    )
+
+    # ----------------------------------------------------------------------------- outputs
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        asset = context.asset_key.to_user_string()
+        name = table_name(context.asset_key)
+        permutation = self._as_permutation(context, obj, asset=asset)
+        if permutation is not None:
+            self._write_permutation(context, name, permutation, asset=asset)
+            return
+        if isinstance(obj, pd.DataFrame):
+            obj = pa.Table.from_pandas(obj, preserve_index=False)
+        if not isinstance(obj, pa.Table | pa.RecordBatchReader):
+            raise TypeError(
+                f"LanceDBIOManager cannot store asset '{asset}': it returned "
+                f"{type(obj).__module__}.{type(obj).__qualname__}. Supported: pyarrow.Table, "
+                "pyarrow.RecordBatchReader, pandas.DataFrame (a table), or a permutation "
+                "(PermutationData from permutation_asset, or lancedb's permutation_builder(...)"
+                ".execute()). Return one of these, or give the asset another io_manager_key."
+            )
+        mode = self._write_mode(context, asset=asset)
+        before = self._latest_rows(name) if mode is WriteMode.APPEND else 0
+        table = write_table(self.db.connect(), name, obj, mode)
+        rows = table.count_rows()
+        context.add_output_metadata(
+            {
+                **self._common_metadata(table),
+                "dagster/row_count": rows,
+                "dagster/column_schema": _column_schema(table.schema),
+                "lance/write_mode": mode.value,
+                "lance/rows_written": rows - before,
+                KIND_KEY: "table",
+            }
+        )
+        _set_data_version(context, dg.DataVersion(f"{table.name}@{table.version}"))
+
+    def _write_permutation(
+        self, context: dg.OutputContext, name: str, perm: PermutationData, *, asset: str
+    ) -> None:
+        if self._write_mode(context, asset=asset) is not WriteMode.OVERWRITE:
+            raise SpecError(
+                f"asset '{asset}' is a permutation: each materialization replaces it as a new "
+                "version; remove write_mode='append' from its metadata"
+            )
+        table = write_table(self.db.connect(), name, perm.data, WriteMode.OVERWRITE)
+        metadata: dict[str, Any] = {
+            **self._common_metadata(table),
+            "dagster/row_count": perm.num_rows,
+            "lance/base_table": perm.base_table,
+            "lance/base_version": perm.base_version,
+            "perm_assets/split_names": ", ".join(perm.split_names),
+            KIND_KEY: "permutation",
+        }
+        metadata.update({f"rows/{n}": r for n, r in perm.rows_by_split().items()})
+        if perm.spec is not None:
+            metadata["perm_assets/spec"] = dg.MetadataValue.json(
+                perm.spec.model_dump(mode="json", exclude_none=True)
+            )
+        context.add_output_metadata(metadata)
+
+    def _as_permutation(
+        self, context: dg.OutputContext, obj: object, *, asset: str
+    ) -> PermutationData | None:
+        """Recognise permutation outputs, including lancedb's raw builder result."""
+        if isinstance(obj, PermutationData):
+            return obj
+        if isinstance(obj, LanceTable):
+            data = obj.to_arrow()
+        elif isinstance(obj, pa.Table):
+            data = cast(pa.Table, obj)
+        else:
+            return None
+        if not is_permutation_schema(data.schema):
+            return None
+        base = _base_table_of(context, data.schema, asset=asset)
+        names = split_names_of(data.schema)
+        rows = split_rows_of(data, len(names) or 1)
+        if not names:
+            names = [f"split_{i}" for i in range(len(rows))]
+        return PermutationData(
+            data=with_permutation_metadata(data, base_table=base, split_names=names, spec=None),
+            base_table=base,
+            base_version=int((data.schema.metadata or {})[BASE_VERSION_KEY.encode()]),
+            split_names=tuple(names),
+            split_rows=tuple(int(r) for r in rows),
+        )
+
+    def _write_mode(self, context: dg.OutputContext, *, asset: str) -> WriteMode:
+        raw = (context.definition_metadata or {}).get(WRITE_MODE_KEY, WriteMode.OVERWRITE.value)
+        try:
+            return WriteMode(raw)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in WriteMode)
+            raise SpecError(
+                f"asset '{asset}' has metadata write_mode={raw!r}; allowed: {allowed}"
+            ) from None
+
+    def _latest_rows(self, name: str) -> int:
+        if not self.db.table_exists(name):
+            return 0
+        return self.db.open_table(name).count_rows()
+
+    def _common_metadata(self, table: Table) -> dict[str, Any]:
+        return {
+            "dagster/table_name": table.name,
+            "dagster/uri": _display_uri(self.db.uri, table.name),
+            VERSION_KEY: table.version,
+        }
+
+    # ------------------------------------------------------------------------------ inputs
+    def load_input(self, context: dg.InputContext) -> object:
+        key = context.asset_key
+        asset = key.to_user_string()
+        name = table_name(key)
+        version = recorded_version(context.instance, key)
+        wanted = context.dagster_type.typing_type
+        if isinstance(wanted, type) and issubclass(wanted, Table):
+            table = self.db.open_table(name, version=version)
+            if is_permutation_schema(table.schema):
+                raise SpecError(
+                    f"asset '{asset}' is a permutation table, not a LanceDB table asset; a "
+                    "permutation's source must be a table asset (its rows come from a table)"
+                )
+            return table
+        request = ViewRequest.from_metadata(context.definition_metadata or {}, asset=asset)
+        if _is_mapping_type(wanted):
+            return open_split_views(
+                self.db, asset=asset, table=name, version=version, request=request
+            )
+        view = open_view(self.db, asset=asset, table=name, version=version, request=request)
+        if wanted is pa.Table:
+            return read_arrow(view)
+        if wanted is pd.DataFrame:
+            return read_arrow(view).to_pandas()
+        if wanted in (Any, object) or (
+            isinstance(wanted, type) and issubclass(wanted, Permutation)
+        ):
+            return view
+        raise TypeError(
+            f"LanceDBIOManager cannot load asset '{asset}' as {wanted!r}. Annotate the input "
+            "as lancedb.permutation.Permutation, dict[str, Permutation] (several splits), "
+            "lancedb.table.Table, pyarrow.Table or pandas.DataFrame."
+        )
+
+
+def _set_data_version(context: dg.OutputContext, version: dg.DataVersion) -> None:
+    """Make ``<table>@<lance version>`` the materialization's data version.
+
+    Dagster has no public way to set a data version from an IO manager; the step context
+    holds the value it records right after ``handle_output`` returns, unless the asset body
+    already gave one (an ``Output(data_version=...)`` wins). Outside a run (a context built by
+    ``dg.build_output_context``) there is no step to record it on.
+    """
+    try:
+        step = context.step_context
+    except dg.DagsterInvariantViolationError:
+        return
+    if not step.has_data_version(context.asset_key):
+        step.set_data_version(context.asset_key, version)
+
+
+def _is_mapping_type(annotation: object) -> bool:
+    origin = get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, Mapping)
+
+
+def recorded_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> int | None:
+    """The Lance version the asset's latest materialization wrote (None: never materialized)."""
+    event = instance.get_latest_materialization_event(key)
+    materialization = event.asset_materialization if event is not None else None
+    if materialization is None:
+        return None
+    entry = materialization.metadata.get(VERSION_KEY)
+    return int(entry.value) if entry is not None else None  # type: ignore[arg-type]
+
+
+def _base_table_of(context: dg.OutputContext, schema: pa.Schema, *, asset: str) -> str:
+    """Base table of a raw permutation: recorded in its schema, or the asset's single dep."""
+    recorded = (schema.metadata or {}).get(BASE_TABLE_KEY.encode())
+    if recorded is not None:
+        return recorded.decode()
+    deps = [dep.asset_key for dep in context.asset_spec.deps]
+    if len(deps) == 1:
+        return table_name(deps[0])
+    raise SpecError(
+        f"asset '{asset}' returned a permutation table but its base table cannot be told from "
+        f"its {len(deps)} upstream assets {[d.to_user_string() for d in deps]}; build it with "
+        "permutation_asset, or give the asset exactly one upstream table asset"
+    )
+
+
+def _column_schema(schema: pa.Schema) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in schema])
+
+
+def _display_uri(uri: str, name: str) -> str:
+    root = uri if "://" in uri else os.path.abspath(uri)
+    return f"{root.rstrip('/')}/{name}.lance"

@@ -1,0 +1,138 @@
+"""`LanceDBResource`: where the LanceDB tables live and how to open them.
+
+The resource is frozen configuration. It hands back lancedb's own objects (`DBConnection`,
+`Table`) and keeps no state of its own: every call opens what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import dagster as dg
+import lancedb
+from lancedb.db import DBConnection
+from lancedb.table import Table
+from pydantic import Field
+
+from perm_assets.errors import TableNotFoundError
+
+# lancedb 0.40's permutation builder sorts inside a DataFusion pool limited to 100 MiB unless this
+# variable says otherwise; random splits and shuffles then fail from about 3M rows.
+BUILDER_MEMORY_ENV = "LANCEDB_PERM_BUILDER_MEMORY_LIMIT"
+DEFAULT_BUILDER_MEMORY_LIMIT_MB = 4096
+
+# The variable is read on each builder run, so it is set around the run. One process-wide lock
+# keeps two threads from racing on the environment.
+_ENV_LOCK = threading.Lock()
+
+
+class LanceDBResource(dg.ConfigurableResource):
+    """A LanceDB database: a local directory or an object-store URI, plus its storage options.
+
+    Example:
+        ``LanceDBResource(uri="s3://bucket/lancedb", storage_options={"aws_access_key_id":
+        dg.EnvVar("AWS_ACCESS_KEY_ID"), ...})``
+    """
+
+    uri: str = Field(
+        default="data/lancedb",
+        description=(
+            "Where the database lives: a local directory (relative paths resolve against the "
+            "working directory) or an object-store URI such as 's3://bucket/path'."
+        ),
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Options for the object store (endpoint, region, credentials). Pass secrets as "
+            "dg.EnvVar so they never appear in run config or the UI."
+        ),
+    )
+    read_consistency_seconds: float | None = Field(
+        default=0.0,
+        description=(
+            "How stale a table handle may be before it re-checks for other processes' commits. "
+            "0 checks on every read (safe when several runs write the same tables); None never "
+            "re-checks (fastest, single writer only)."
+        ),
+    )
+    builder_memory_limit_mb: int = Field(
+        default=DEFAULT_BUILDER_MEMORY_LIMIT_MB,
+        ge=64,
+        description=(
+            "Memory pool for lancedb's permutation builder sort, in MiB. lancedb's default of "
+            "100 MiB fails from about 3M rows; 4096 MiB covers well over 10M rows. Raise it for "
+            "larger tables (the sort spills to disk beyond the pool only where lancedb can)."
+        ),
+    )
+
+    def connect(self) -> DBConnection:
+        """Open a connection to the database (cheap; nothing is read until a table is opened)."""
+        interval = (
+            None
+            if self.read_consistency_seconds is None
+            else timedelta(seconds=self.read_consistency_seconds)
+        )
+        return lancedb.connect(
+            self.uri,
+            storage_options=dict(self.storage_options) or None,
+            read_consistency_interval=interval,
+        )
+
+    def table_exists(self, name: str) -> bool:
+        """Whether a table called ``name`` exists in the database."""
+        try:
+            self.connect().open_table(name)
+        except ValueError:
+            return False
+        return True
+
+    def open_table(self, name: str, *, version: int | None = None) -> Table:
+        """Open table ``name``, checked out read-only at Lance ``version`` when one is given.
+
+        Raises:
+            TableNotFoundError: the table, or that version of it, does not exist.
+        """
+        db = self.connect()
+        try:
+            table = db.open_table(name)
+        except ValueError as exc:  # lancedb: "Table 'x' was not found"
+            raise TableNotFoundError(
+                f"LanceDB table '{name}' does not exist at '{self.uri}'. Materialize the asset "
+                "that writes it first."
+            ) from exc
+        if version is not None:
+            try:
+                table.checkout(version)
+            except (ValueError, OSError, RuntimeError) as exc:
+                raise TableNotFoundError(
+                    f"LanceDB table '{name}' at '{self.uri}' has no version {version} (latest: "
+                    f"{table.version}); it may have been cleaned up. Re-materialize the asset."
+                ) from exc
+        return table
+
+    @contextmanager
+    def builder_memory(self) -> Iterator[None]:
+        """Run lancedb's permutation builder with this resource's memory pool.
+
+        An explicit ``LANCEDB_PERM_BUILDER_MEMORY_LIMIT`` in the environment is left alone only
+        when it is larger: the configured floor never lowers what an operator raised.
+        """
+        wanted = self.builder_memory_limit_mb * 1024 * 1024
+        with _ENV_LOCK:
+            previous = os.environ.get(BUILDER_MEMORY_ENV)
+            if previous is not None and previous.isdigit() and int(previous) >= wanted:
+                yield
+                return
+            os.environ[BUILDER_MEMORY_ENV] = str(wanted)
+            try:
+                yield
+            finally:
+                if previous is None:
+                    os.environ.pop(BUILDER_MEMORY_ENV, None)
+                else:
+                    os.environ[BUILDER_MEMORY_ENV] = previous

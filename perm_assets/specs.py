@@ -1,0 +1,326 @@
+"""What a user declares: which rows (filter), how they are split, and in what order (shuffle).
+
+Specs are frozen pydantic models, validated when they are built, so a bad ratio or a duplicate
+split name fails at definition time, before any run. Everything is JSON-serialisable: the resolved
+spec (random seeds filled in) is recorded with every materialization.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Tolerance for ratios that are meant to sum to 1 but were written as e.g. [0.7, 0.2, 0.1].
+_RATIO_TOLERANCE = 1e-9
+_MAX_SEED = 2**63 - 1
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Names(_Spec):
+    split_names: list[str] | None = Field(
+        default=None,
+        description=(
+            "One unique, non-empty name per split, e.g. ['train', 'test']. Defaults to "
+            "'split_0', 'split_1', ... Downstream assets ask for splits by name or index."
+        ),
+    )
+
+    @property
+    def num_splits(self) -> int:
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """The split names, defaulted to ``split_<i>``."""
+        return list(self.split_names or [f"split_{i}" for i in range(self.num_splits)])
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Self:
+        if self.split_names is None:
+            return self
+        if len(self.split_names) != self.num_splits:
+            raise ValueError(
+                f"split_names {self.split_names} has {len(self.split_names)} names but the split "
+                f"makes {self.num_splits} splits; give exactly one name per split"
+            )
+        dupes = sorted({n for n in self.split_names if self.split_names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"split_names {self.split_names} repeats {dupes}; names must be unique"
+            )
+        if any(not n.strip() for n in self.split_names):
+            raise ValueError(f"split_names {self.split_names} has an empty name")
+        return self
+
+
+class _Sized(_Names):
+    """Sizes given as exactly one of ratios, counts or fixed."""
+
+    ratios: list[float] | None = Field(
+        default=None,
+        description=(
+            "Fraction of the rows in each split, e.g. [0.8, 0.2]: the first split gets 80% of "
+            "the rows. Each in (0, 1]; they must sum to 1 unless allow_discard is set."
+        ),
+    )
+    counts: list[int] | None = Field(
+        default=None,
+        description="Exact rows in each split, e.g. [1000, 200]; the rest are left out.",
+    )
+    fixed: int | None = Field(
+        default=None,
+        description=(
+            "Number of equal splits (>= 2). Sizes differ by at most one row and every row is "
+            "kept (lancedb's own `fixed` drops the remainder; this is sent as equal ratios)."
+        ),
+    )
+    allow_discard: bool = Field(
+        default=False,
+        description=(
+            "Accept ratios that sum below 1, i.e. deliberately leave a random share of the rows "
+            "out of every split. Off by default so that no rows are dropped silently."
+        ),
+    )
+
+    @property
+    def num_splits(self) -> int:
+        if self.ratios is not None:
+            return len(self.ratios)
+        if self.counts is not None:
+            return len(self.counts)
+        assert self.fixed is not None  # guaranteed by _check_sizes
+        return self.fixed
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_sizes(cls, data: object) -> object:
+        if isinstance(data, dict):
+            given = [k for k in ("ratios", "counts", "fixed") if data.get(k) is not None]
+            if len(given) != 1:
+                raise ValueError(
+                    f"give exactly one of ratios, counts or fixed (got {given or 'none'}); "
+                    "e.g. ratios=[0.8, 0.2]"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _check_values(self) -> Self:
+        if self.ratios is not None:
+            check_ratios(self.ratios, allow_discard=self.allow_discard)
+        if self.counts is not None and (not self.counts or any(c < 1 for c in self.counts)):
+            raise ValueError(f"counts {self.counts} must be one or more whole numbers >= 1")
+        if self.fixed is not None and self.fixed < 2:
+            raise ValueError(f"fixed={self.fixed} makes fewer than 2 splits; use fixed >= 2")
+        return self
+
+    def builder_sizes(self) -> tuple[list[float] | None, list[int] | None]:
+        """``(ratios, counts)`` for lancedb's builder; ``fixed`` is sent as equal ratios."""
+        if self.counts is not None:
+            return None, list(self.counts)
+        if self.ratios is not None:
+            return list(self.ratios), None
+        assert self.fixed is not None
+        return [1.0 / self.fixed] * self.fixed, None
+
+
+def check_ratios(ratios: list[float], *, allow_discard: bool) -> None:
+    """Reject empty, NaN, non-positive or over-full ratios, and under-full ones unless allowed."""
+    if not ratios:
+        raise ValueError("ratios is empty; give one fraction per split, e.g. [0.8, 0.2]")
+    bad = [r for r in ratios if not math.isfinite(r) or r <= 0 or r > 1]
+    if bad:
+        raise ValueError(f"ratios {ratios} has {bad}; every ratio must be a number in (0, 1]")
+    total = math.fsum(ratios)
+    if total > 1 + _RATIO_TOLERANCE:
+        raise ValueError(f"ratios {ratios} sum to {total:g}, above 1; they must sum to 1")
+    if total < 1 - _RATIO_TOLERANCE and not allow_discard:
+        raise ValueError(
+            f"ratios {ratios} sum to {total:g}, below 1, so {1 - total:.0%} of the rows would be "
+            "dropped silently; make them sum to 1 or set allow_discard=True"
+        )
+
+
+class RandomSplit(_Sized):
+    """Rows assigned to splits at random: ``ratios=[0.8, 0.2]`` puts 80% of rows in the first."""
+
+    kind: Literal["random"] = "random"
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=_MAX_SEED,
+        description=(
+            "Seed of the assignment. None draws a fresh seed on every materialization; the seed "
+            "used is recorded in the materialization's spec, so any run can be reproduced."
+        ),
+    )
+    clump_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Assign (and, with a shuffle, order) rows in contiguous clumps of this many rows: "
+            "fewer, larger reads at the cost of randomness. None: row by row."
+        ),
+    )
+
+
+class SequentialSplit(_Sized):
+    """Rows assigned in table order: ``ratios=[0.7, 0.3]`` puts the first 70% in split 0."""
+
+    kind: Literal["sequential"] = "sequential"
+
+
+class HashSplit(_Names):
+    """Rows assigned by a hash of ``columns``: a row keeps its split when rows are added.
+
+    ``weights=[8, 2]`` with ``discard_weight=0`` sends about 80% of rows to split 0; with
+    ``discard_weight=10`` about half of all rows are left out of every split.
+    """
+
+    kind: Literal["hash"] = "hash"
+    columns: list[str] = Field(
+        min_length=1, description="Columns whose values are hashed, e.g. ['user_id']."
+    )
+    weights: list[int] = Field(
+        min_length=1, description="Relative size of each split, e.g. [8, 1, 1]; each >= 1."
+    )
+    discard_weight: int = Field(
+        default=0,
+        ge=0,
+        description="Relative share of rows left out of every split (0 keeps all rows).",
+    )
+
+    @property
+    def num_splits(self) -> int:
+        return len(self.weights)
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> Self:
+        if any(w < 1 for w in self.weights):
+            raise ValueError(f"weights {self.weights} must all be whole numbers >= 1")
+        return self
+
+
+class CalculatedSplit(_Names):
+    """Rows assigned by a SQL expression returning the split index, e.g. ``"year % 5"``.
+
+    ``num_splits`` (or ``split_names``) says how many splits the expression makes; a row whose
+    value falls outside ``0 .. num_splits - 1`` fails the materialization instead of being
+    kept in a split nobody asked for.
+    """
+
+    kind: Literal["calculated"] = "calculated"
+    expression: str = Field(
+        min_length=1, description="SQL expression giving each row's split index, e.g. 'id % 3'."
+    )
+    splits: int | None = Field(
+        default=None,
+        ge=1,
+        description="Number of splits the expression makes; defaults to len(split_names).",
+    )
+
+    @property
+    def num_splits(self) -> int:
+        if self.splits is not None:
+            return self.splits
+        return len(self.split_names or [])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _need_count(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("splits") is None and not data.get("split_names"):
+            raise ValueError(
+                "a calculated split needs `splits` (how many) or `split_names`, so that values "
+                "outside the range can be caught"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _check_expression(self) -> Self:
+        check_sql_fragment(self.expression, what="expression")
+        return self
+
+
+Split = Annotated[
+    RandomSplit | SequentialSplit | HashSplit | CalculatedSplit, Field(discriminator="kind")
+]
+
+
+class Shuffle(_Spec):
+    """The order rows are read in, within each split."""
+
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=_MAX_SEED,
+        description="Seed of the shuffle; None draws a fresh one per materialization (recorded).",
+    )
+    clump_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Shuffle contiguous clumps of this many rows instead of single rows: much faster "
+            "reads, less random order. lancedb 0.40 only clumps when the random split has the "
+            "same clump_size."
+        ),
+    )
+
+
+class PermutationSpec(_Spec):
+    """Which rows of a table (filter), split how (split), in what order (shuffle)."""
+
+    filter: str | None = Field(
+        default=None,
+        description='SQL predicate selecting the rows, e.g. "label != 0 AND quality > 0.5".',
+    )
+    split: Split | None = Field(
+        default=None, description="How rows are divided; None keeps one split of all rows."
+    )
+    shuffle: Shuffle | None = Field(
+        default=None, description="Row order; None keeps table order (or the split's order)."
+    )
+
+    @model_validator(mode="after")
+    def _check_filter(self) -> Self:
+        if self.filter is not None:
+            check_sql_fragment(self.filter, what="filter")
+        return self
+
+    def split_names(self) -> list[str]:
+        """Name of every split in index order (``['split_0']`` when there is no split)."""
+        return self.split.names() if self.split is not None else ["split_0"]
+
+    def resolve_seeds(self) -> PermutationSpec:
+        """This spec with every unset random seed drawn now, so the result can be reproduced."""
+        update: dict[str, object] = {}
+        if isinstance(self.split, RandomSplit) and self.split.seed is None:
+            update["split"] = self.split.model_copy(update={"seed": _draw_seed()})
+        if self.shuffle is not None and self.shuffle.seed is None:
+            update["shuffle"] = self.shuffle.model_copy(update={"seed": _draw_seed()})
+        return self.model_copy(update=update) if update else self
+
+
+def _draw_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def check_sql_fragment(sql: str, *, what: str) -> None:
+    """Reject empty SQL and a second statement: lancedb silently ignores text after a ``;``."""
+    if not sql.strip():
+        raise ValueError(f"{what} is empty; give a SQL expression or leave it unset")
+    quote: str | None = None
+    for char in sql:
+        if quote:
+            if char == quote:
+                quote = None
+        elif char in ("'", '"'):
+            quote = char
+        elif char == ";":
+            raise ValueError(
+                f"{what} {sql!r} contains ';': only a single SQL expression is allowed "
+                "(lancedb would silently ignore everything after the ';')"
+            )

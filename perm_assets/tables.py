@@ -1,0 +1,93 @@
+"""How assets map to LanceDB tables, and how tables are written safely.
+
+A table asset ``["ml", "digits"]`` lives in table ``ml__digits``. A permutation table carries its
+own description in its Arrow schema metadata, so a persisted version can be read back without
+Dagster: ``split_names`` and ``base_version`` (lancedb's keys) plus ``perm_assets.base_table``
+and ``perm_assets.spec``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from enum import StrEnum
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+from lancedb.db import DBConnection
+from lancedb.table import Table
+
+SPLIT_NAMES_KEY = "split_names"
+BASE_VERSION_KEY = "base_version"
+BASE_TABLE_KEY = "perm_assets.base_table"
+SPEC_KEY = "perm_assets.spec"
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# Lance commits are optimistic: a writer that lost a race gets "Retryable commit conflict".
+_CONFLICT_MARKERS = ("commit conflict", "retryable")
+_MAX_ATTEMPTS = 8
+
+
+class WriteMode(StrEnum):
+    """How a table output lands: each is one atomic Lance commit, i.e. one new version."""
+
+    OVERWRITE = "overwrite"
+    APPEND = "append"
+
+
+def table_name(key: dg.AssetKey) -> str:
+    """LanceDB table name of an asset: its key path joined by ``__``."""
+    name = "__".join(key.path)
+    if not _NAME_OK.match(name):
+        raise ValueError(
+            f"asset {key.to_user_string()!r} maps to LanceDB table name {name!r}, which has "
+            "characters LanceDB does not allow; use letters, digits, '_', '-' and '.' in keys"
+        )
+    return name
+
+
+def is_permutation_schema(schema: pa.Schema) -> bool:
+    """Whether ``schema`` is a permutation table's (``row_id``/``split_id`` uint64 + base pin)."""
+    names = schema.names
+    return (
+        "row_id" in names
+        and "split_id" in names
+        and pa.types.is_uint64(schema.field("row_id").type)
+        and pa.types.is_uint64(schema.field("split_id").type)
+        and BASE_VERSION_KEY.encode() in (schema.metadata or {})
+    )
+
+
+TableData = pa.Table | pa.RecordBatchReader | pd.DataFrame
+
+
+def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -> Table:
+    """Write ``data`` as one new version of table ``name`` and return the table at it.
+
+    A ``RecordBatchReader`` streams batch by batch into the commit; a failure part way leaves the
+    previous version as the latest. In-memory data is retried on a commit conflict with jittered
+    backoff (another process wrote the same table meanwhile); a consumed stream cannot be.
+    """
+    attempts = 1 if isinstance(data, pa.RecordBatchReader) else _MAX_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            if mode is WriteMode.APPEND:
+                try:
+                    table = db.open_table(name)
+                except ValueError:  # no table yet: the first append creates it
+                    return db.create_table(name, data)
+                table.add(data)
+                return table
+            return db.create_table(name, data, mode="overwrite")
+        except (RuntimeError, OSError) as exc:
+            if attempt == attempts or not _is_conflict(exc):
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _CONFLICT_MARKERS)
