@@ -1,0 +1,55 @@
+"""The demo pipeline end to end on a temporary LanceDB: digits → subset, split → classifier."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from perm_assets import LanceDBResource
+from perm_assets.demo import ASSETS
+from perm_assets.views import ViewRequest, open_view, read_arrow
+from tests.conftest import Runner
+
+
+def test_demo_pipeline_trains_on_exactly_the_versions_it_records(
+    run: Runner, db: LanceDBResource
+) -> None:
+    run(ASSETS)
+
+    digits = run.metadata("digits")
+    assert digits["dagster/row_count"] == 1797
+    inked = run.metadata("digits_inked")
+    splits = run.metadata("digits_splits")
+    assert splits["rows/train"] + splits["rows/test"] == inked["dagster/row_count"]
+    assert 0.05 < 1 - inked["dagster/row_count"] / 1797 < 0.10  # the filter drops ~6% faint
+
+    classifier = run.metadata("digits_classifier")
+    # A logistic regression on 8x8 digits scores ~0.96; far below would mean wrong rows.
+    assert classifier["accuracy"] > 0.9
+    assert classifier["train_rows"] == splits["rows/train"]
+    assert classifier["test_rows"] == splits["rows/test"]
+    for split in ("train", "test"):
+        assert classifier[f"{split}/table_version"] == splits["lance/version"]
+        assert classifier[f"{split}/base_version"] == digits["lance/version"]
+        assert classifier[f"{split}/split"] == split
+        assert classifier[f"{split}/columns"] == "image, label"
+
+    # Train and test are disjoint, and together exactly the legible digits.
+    ids = {
+        split: read_arrow(
+            open_view(
+                db,
+                asset="digits_splits",
+                table="digits_splits",
+                version=splits["lance/version"],
+                request=ViewRequest(split=split, columns=["id", "ink"]),
+            )
+        )
+        for split in ("train", "test")
+    }
+    train, test = (set(ids[s].column("id").to_pylist()) for s in ("train", "test"))
+    assert not train & test
+    inks = np.concatenate([ids[s].column("ink").to_numpy() for s in ("train", "test")])
+    assert inks.min() >= 4.1
+    base = db.open_table("digits", version=digits["lance/version"]).to_arrow()
+    legible = base.filter(base.column("ink").to_numpy() >= 4.1).column("id").to_pylist()
+    assert train | test == set(legible)
