@@ -1,7 +1,10 @@
-"""Specs → permutation tables, with lancedb's own builder doing the work.
+"""Specs → permutation tables.
 
-The result stays columnar: two uint64 columns (``row_id``, ``split_id``) in Arrow, checked with
-numpy (split sizes, range of split ids) and handed to the IO manager to persist.
+Split kinds lancedb's builder has (random, sequential, hash, calculated) and its shuffle run in
+lancedb. The leakage-safe kinds it lacks (stratified, group, time) are assigned in numpy
+(`perm_assets.assign`) over a scan of the row ids and the one or two columns they need, never
+the rest of the table. The result stays columnar: two uint64 columns (``row_id``, ``split_id``)
+in Arrow, checked with numpy (split sizes, range of split ids) and handed to the IO manager.
 """
 
 from __future__ import annotations
@@ -15,13 +18,20 @@ import pyarrow as pa
 from lancedb.permutation import PermutationBuilder, permutation_builder
 from lancedb.table import Table
 
+from perm_assets import assign
 from perm_assets.errors import SpecError
 from perm_assets.specs import (
+    CUSTOM_SPLITS,
     CalculatedSplit,
+    FoldsSpec,
+    GroupSplit,
     HashSplit,
     PermutationSpec,
     RandomSplit,
     SequentialSplit,
+    Shuffle,
+    StratifiedSplit,
+    TimeSplit,
 )
 from perm_assets.tables import (
     BASE_TABLE_KEY,
@@ -50,7 +60,7 @@ class PermutationData:
     base_version: int
     split_names: tuple[str, ...]
     split_rows: tuple[int, ...]
-    spec: PermutationSpec | None = None
+    spec: PermutationSpec | FoldsSpec | None = None
 
     @property
     def num_rows(self) -> int:
@@ -73,14 +83,17 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
             f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
             f"(version {table.version}, {table.count_rows()} rows); loosen the filter"
         )
-    builder = _configure(permutation_builder(table), spec)
-    try:
-        result = builder.execute().to_arrow()
-    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
-        raise SpecError(
-            f"asset '{asset}': lancedb could not build the permutation of table '{table.name}' "
-            f"with {spec.model_dump_json(exclude_none=True)}: {exc}"
-        ) from exc
+    if isinstance(spec.split, CUSTOM_SPLITS):
+        result = _build_assigned(table, spec, asset=asset)
+    else:
+        builder = _configure(permutation_builder(table), spec)
+        try:
+            result = builder.execute().to_arrow()
+        except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+            raise SpecError(
+                f"asset '{asset}': lancedb could not build the permutation of table "
+                f"'{table.name}' with {spec.model_dump_json(exclude_none=True)}: {exc}"
+            ) from exc
     names = spec.split_names()
     rows = _split_rows(result, len(names), spec=spec, asset=asset)
     _check_coverage(spec, kept=int(rows.sum()), expected=expected, asset=asset)
@@ -99,7 +112,7 @@ def with_permutation_metadata(
     *,
     base_table: str,
     split_names: Sequence[str],
-    spec: PermutationSpec | None,
+    spec: PermutationSpec | FoldsSpec | None,
 ) -> pa.Table:
     """``data`` with the schema metadata that makes it self-describing once persisted."""
     metadata = dict(data.schema.metadata or {})
@@ -189,3 +202,139 @@ def _check_coverage(spec: PermutationSpec, *, kept: int, expected: int, asset: s
             f"asset '{asset}': the permutation holds {kept} rows but the filter selects "
             f"{expected}; {expected - kept} rows would be lost silently"
         )
+
+
+# ------------------------------------------------------------------ splits lancedb lacks
+def _build_assigned(table: Table, spec: PermutationSpec, *, asset: str) -> pa.Table:
+    """A stratified, group or time split of the filtered rows, assigned in numpy."""
+    split = spec.split
+    assert isinstance(split, CUSTOM_SPLITS)
+    scanned = scan_columns(table, spec.filter, _needed_columns(split), asset=asset)
+    try:
+        split_ids = _assign(split, scanned)
+    except ValueError as exc:
+        raise SpecError(f"asset '{asset}', table '{table.name}': {exc}") from exc
+    order = read_order(split_ids, spec.shuffle)
+    return permutation_table(scanned.row_ids[order], split_ids[order], base_version=table.version)
+
+
+def _needed_columns(split: StratifiedSplit | GroupSplit | TimeSplit) -> list[str]:
+    if isinstance(split, StratifiedSplit):
+        return [split.label]
+    if isinstance(split, GroupSplit):
+        return [split.group] if split.label is None else [split.label, split.group]
+    return [split.column]
+
+
+def _assign(split: StratifiedSplit | GroupSplit | TimeSplit, scanned: Scanned) -> np.ndarray:
+    if isinstance(split, StratifiedSplit):
+        assert split.seed is not None  # seeds are resolved before building
+        return assign.stratified_split(scanned.codes(split.label), split.ratios, split.seed)
+    if isinstance(split, GroupSplit):
+        assert split.seed is not None
+        groups = scanned.codes(split.group)
+        if split.label is None:
+            return assign.group_split(groups, split.ratios, split.seed)
+        labels = scanned.codes(split.label)
+        return assign.stratified_group_split(labels, groups, split.ratios, split.seed)
+    return assign.time_split(scanned.orderable(split.column), split.ratios)
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """Row ids of the filtered rows (table order) and the few columns a split needs."""
+
+    row_ids: np.ndarray
+    columns: dict[str, pa.Array]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_ids.size)
+
+    def codes(self, column: str) -> np.ndarray:
+        """Values as numbers: integers as they are, anything else dictionary-encoded."""
+        values = self.columns[column]
+        if pa.types.is_integer(values.type):
+            return values.to_numpy()
+        return values.dictionary_encode().indices.to_numpy()
+
+    def orderable(self, column: str) -> np.ndarray:
+        """Values of a column compared by order (numbers, dates, timestamps)."""
+        values = self.columns[column]
+        kind = values.type
+        if not (
+            pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_temporal(kind)
+        ):
+            raise ValueError(
+                f"column '{column}' has type {kind}, which has no time order; use a number, "
+                "date or timestamp column"
+            )
+        return values.to_numpy()
+
+
+def scan_columns(table: Table, filter: str | None, columns: list[str], *, asset: str) -> Scanned:
+    """Row ids and ``columns`` of the rows ``filter`` selects, in table order.
+
+    Only these columns are read. Raises SpecError listing the table's columns when one is
+    missing, and counting the nulls (with the filter that drops them) when one has nulls.
+    """
+    available = table.schema.names
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise SpecError(
+            f"asset '{asset}': column(s) {missing} are not in table '{table.name}' (columns: "
+            f"{', '.join(available)})"
+        )
+    query = table.search().select(list(dict.fromkeys(columns))).with_row_id(True)
+    if filter is not None:
+        query = query.where(filter)
+    data = query.to_arrow()
+    scanned = Scanned(
+        row_ids=data.column("_rowid").to_numpy(),
+        columns={c: data.column(c).combine_chunks() for c in columns},
+    )
+    for column, values in scanned.columns.items():
+        if values.null_count:
+            where = f" among the rows of filter {filter!r}" if filter else ""
+            raise SpecError(
+                f"asset '{asset}': column '{column}' of table '{table.name}' has "
+                f"{values.null_count} null value(s){where} out of {scanned.num_rows}; a row "
+                f"with no {column} cannot be placed safely. Drop them with filter "
+                f'"{column} IS NOT NULL" (combined with AND)'
+            )
+    return scanned
+
+
+def read_order(split_ids: np.ndarray, shuffle: Shuffle | None) -> np.ndarray:
+    """Positions sorted by split, then by table order or by a seeded shuffle.
+
+    With ``clump_size`` the shuffle moves runs of that many consecutive rows (in table order)
+    together, as lancedb's clumped shuffle does: fewer, larger reads, less random order.
+    """
+    n = split_ids.size
+    if shuffle is None:
+        return np.argsort(split_ids, kind="stable")
+    assert shuffle.seed is not None  # seeds are resolved before building
+    rng = np.random.default_rng(shuffle.seed)
+    if shuffle.clump_size is None or shuffle.clump_size == 1:
+        key = rng.permutation(n)
+    else:
+        clumps = -(-n // shuffle.clump_size)
+        key = rng.permutation(clumps)[np.arange(n) // shuffle.clump_size]
+    # lexsort: last key is primary; position breaks ties inside a clump (kept in table order).
+    return np.lexsort((np.arange(n), key, split_ids))
+
+
+def permutation_table(row_ids: np.ndarray, split_ids: np.ndarray, *, base_version: int) -> pa.Table:
+    """A permutation table as lancedb's builder makes it: ``row_id``, ``split_id`` (uint64)."""
+    schema = pa.schema(
+        [pa.field("row_id", pa.uint64()), pa.field("split_id", pa.uint64(), nullable=False)],
+        metadata={BASE_VERSION_KEY: str(base_version)},
+    )
+    return pa.table(
+        [
+            pa.array(row_ids.astype(np.uint64, copy=False)),
+            pa.array(split_ids.astype(np.uint64, copy=False)),
+        ],
+        schema=schema,
+    )

@@ -6,27 +6,44 @@ No ``from __future__ import annotations`` here: Dagster reads the asset function
 
 import hashlib
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import dagster as dg
 from lancedb.table import Table
 from pydantic import Field, ValidationError, create_model
 
 from perm_assets.build import PermutationData, build_permutation
+from perm_assets.checks import (
+    check_specs,
+    folds_checks,
+    permutation_checks,
+    run_folds_checks,
+    run_permutation_checks,
+)
 from perm_assets.errors import SpecError
+from perm_assets.folds import FOLDS_KIND, FoldsData, build_folds
 from perm_assets.io_manager import KIND_KEY
 from perm_assets.resources import LanceDBResource
 from perm_assets.specs import (
     CalculatedSplit,
+    Folds,
+    FoldsSpec,
+    GroupSplit,
     HashSplit,
     PermutationSpec,
     RandomSplit,
     SequentialSplit,
     Shuffle,
     Split,
+    StratifiedSplit,
+    TimeSeriesFolds,
+    TimeSplit,
 )
+from perm_assets.tables import table_name
 
+FOLDS_K_KEY = "perm_assets/folds_k"
+SpecT = TypeVar("SpecT", PermutationSpec, FoldsSpec)
 SourceLike = dg.AssetsDefinition | dg.AssetSpec | dg.SourceAsset | dg.AssetKey | str | Sequence[str]
 
 
@@ -68,47 +85,204 @@ def permutation_asset(
         0.2], seed=7, split_names=["train", "test"]), shuffle=Shuffle(seed=1))``
     """
     prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
-    label = dg.AssetKey([*prefix, name]).to_user_string()
+    key = dg.AssetKey([*prefix, name])
+    label = key.to_user_string()
     source_key = _source_key(source, asset=label, io_manager_key=io_manager_key)
-    spec = _validated(label, {"filter": filter, "split": split, "shuffle": shuffle})
-    config_cls = _config_class(name, spec)
-
-    @dg.asset(
-        name=name,
-        key_prefix=prefix or None,
-        ins={"source": dg.AssetIn(key=source_key)},
-        io_manager_key=io_manager_key,
-        required_resource_keys={resource_key},
-        group_name=group_name,
-        description=description or f"Permutation of {source_key.to_user_string()}.",
-        metadata={KIND_KEY: "permutation", "perm_assets/source": source_key.to_user_string()},
-        kinds={"lancedb"},
-        automation_condition=automation_condition,
-        tags=dict(tags or {}),
+    spec = _validated(
+        label, PermutationSpec, {"filter": filter, "split": split, "shuffle": shuffle}
     )
-    def _permutation(
+    checks = permutation_checks(spec)
+
+    def materialize(
         context: dg.AssetExecutionContext,
-        config: config_cls,  # pyright: ignore[reportInvalidTypeForm]
+        resource: LanceDBResource,
+        config: dg.Config,
         source: Table,
-    ) -> dg.Output[PermutationData]:
-        resource = getattr(context.resources, resource_key)
-        if not isinstance(resource, LanceDBResource):
-            raise TypeError(
-                f"asset '{label}' needs a LanceDBResource under resource key '{resource_key}', "
-                f"got {type(resource).__name__}"
-            )
+    ) -> Iterator[dg.Output[PermutationData] | dg.AssetCheckResult]:
         run_spec = _apply_config(label, spec, config).resolve_seeds()
         with resource.builder_memory():
             data = build_permutation(source, run_spec, asset=label)
         context.log.info(
             f"{label}: {data.rows_by_split()} rows of {data.base_table}@{data.base_version}"
         )
-        with warnings.catch_warnings():
-            # Output(data_version=...) is the documented way to set it; Dagster flags it beta.
-            warnings.simplefilter("ignore", dg.BetaWarning)
-            return dg.Output(data, data_version=permutation_data_version(data))
+        yield _output(data)
+        # The IO manager has persisted the output by now: check what was written.
+        yield from run_permutation_checks(resource, table_name(key), run_spec, checks)
+
+    return _asset(
+        key=key,
+        source_key=source_key,
+        config_cls=_config_class(name, spec),
+        materialize=materialize,
+        check_specs=check_specs(key, checks),
+        kind="permutation",
+        description=description or f"Permutation of {source_key.to_user_string()}.",
+        group_name=group_name,
+        io_manager_key=io_manager_key,
+        resource_key=resource_key,
+        automation_condition=automation_condition,
+        tags=tags,
+    )
+
+
+def folds_asset(
+    name: str,
+    *,
+    source: SourceLike,
+    folds: Folds | Mapping[str, Any],
+    filter: str | None = None,
+    shuffle: Shuffle | Mapping[str, Any] | None = None,
+    key_prefix: str | Sequence[str] | None = None,
+    group_name: str | None = None,
+    description: str | None = None,
+    io_manager_key: str = "io_manager",
+    resource_key: str = "lancedb",
+    automation_condition: dg.AutomationCondition | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> dg.AssetsDefinition:
+    """Cross-validation folds of a LanceDB table asset, persisted as permutation tables.
+
+    Every materialization writes the folds table (splits ``fold_0`` ... ``fold_{k-1}``, the
+    validation rows of each fold) and its training table (the training rows of each fold), as
+    new Lance versions; no row data is copied. A training asset partitioned by
+    `fold_partitions` (the fold names) asks ``dg.AssetIn(metadata={"split": "train"})`` or
+    ``{"split": "validation"}`` and receives, for partition ``fold_i``, a view over fold ``i``'s
+    training rows or its validation rows. Blocking asset checks verify, with every
+    materialization, that no fold trains on its own validation rows, that no group spans two
+    folds (group k-fold) and that training precedes validation (time series).
+
+    Args:
+        name: asset name; the tables are ``<key>`` and ``<key>__train``.
+        source: the LanceDB table asset whose rows are folded.
+        folds: a `KFold`, `StratifiedKFold`, `GroupKFold` or `TimeSeriesFolds` (or a dict with
+            ``kind``).
+        filter: SQL predicate applied before folding, e.g. ``"label IS NOT NULL"``.
+        shuffle: read order of every training set and validation fold; None: table order
+            (time order for time-series folds).
+
+    Example:
+        ``folds_asset("digits_folds", source=digits, folds=StratifiedKFold(k=5, label="label",
+        seed=0))``
+    """
+    prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
+    key = dg.AssetKey([*prefix, name])
+    label = key.to_user_string()
+    source_key = _source_key(source, asset=label, io_manager_key=io_manager_key)
+    spec = _validated(label, FoldsSpec, {"filter": filter, "folds": folds, "shuffle": shuffle})
+    checks = folds_checks(spec)
+
+    def materialize(
+        context: dg.AssetExecutionContext,
+        resource: LanceDBResource,
+        config: dg.Config,
+        source: Table,
+    ) -> Iterator[dg.Output[FoldsData] | dg.AssetCheckResult]:
+        run_spec = _apply_folds_config(label, spec, config).resolve_seeds()
+        data = build_folds(source, run_spec, asset=label)
+        if data.small_classes:
+            context.log.warning(
+                f"{label}: classes with fewer rows than k={data.k} cannot be in every fold: "
+                f"{data.small_classes}"
+            )
+        context.log.info(
+            f"{label}: validation rows {data.validation.rows_by_split()}, training rows "
+            f"{data.train_rows()} of {data.validation.base_table}@{data.validation.base_version}"
+        )
+        yield _output(data.validation, value=data)
+        yield from run_folds_checks(resource, table_name(key), run_spec, checks)
+
+    asset = _asset(
+        key=key,
+        source_key=source_key,
+        config_cls=_folds_config_class(name, spec),
+        materialize=materialize,
+        check_specs=check_specs(key, checks),
+        kind=FOLDS_KIND,
+        description=description
+        or f"{spec.folds.k} cross-validation folds of {source_key.to_user_string()}.",
+        group_name=group_name,
+        io_manager_key=io_manager_key,
+        resource_key=resource_key,
+        automation_condition=automation_condition,
+        tags=tags,
+        extra_metadata={FOLDS_K_KEY: spec.folds.k},
+    )
+    return asset
+
+
+def fold_partitions(folds: dg.AssetsDefinition) -> dg.StaticPartitionsDefinition:
+    """The partitions of a training asset that runs once per fold of ``folds``.
+
+    Partition ``fold_i`` of the consumer receives fold ``i``'s training or validation rows.
+    """
+    k = folds.metadata_by_key.get(folds.key, {}).get(FOLDS_K_KEY)
+    if not isinstance(k, int):
+        raise SpecError(
+            f"fold_partitions: asset '{folds.key.to_user_string()}' is not a folds asset; pass "
+            "the result of folds_asset(...)"
+        )
+    return dg.StaticPartitionsDefinition([f"fold_{i}" for i in range(k)])
+
+
+def _asset(
+    *,
+    key: dg.AssetKey,
+    source_key: dg.AssetKey,
+    config_cls: type[dg.Config],
+    materialize: Callable[..., Iterator[Any]],
+    check_specs: list[dg.AssetCheckSpec],
+    kind: str,
+    description: str,
+    group_name: str | None,
+    io_manager_key: str,
+    resource_key: str,
+    automation_condition: dg.AutomationCondition | None,
+    tags: Mapping[str, str] | None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> dg.AssetsDefinition:
+    """The Dagster asset around ``materialize``: source input, run config, checks, metadata."""
+    label = key.to_user_string()
+
+    @dg.asset(
+        key=key,
+        ins={"source": dg.AssetIn(key=source_key)},
+        io_manager_key=io_manager_key,
+        required_resource_keys={resource_key},
+        group_name=group_name,
+        description=description,
+        metadata={
+            KIND_KEY: kind,
+            "perm_assets/source": source_key.to_user_string(),
+            **(extra_metadata or {}),
+        },
+        kinds={"lancedb"},
+        automation_condition=automation_condition,
+        tags=dict(tags or {}),
+        check_specs=check_specs,
+    )
+    def _permutation(
+        context: dg.AssetExecutionContext,
+        config: config_cls,  # pyright: ignore[reportInvalidTypeForm]
+        source: Table,
+    ) -> Iterator[Any]:
+        resource = getattr(context.resources, resource_key)
+        if not isinstance(resource, LanceDBResource):
+            raise TypeError(
+                f"asset '{label}' needs a LanceDBResource under resource key '{resource_key}', "
+                f"got {type(resource).__name__}"
+            )
+        yield from materialize(context, resource, config, source)
 
     return _permutation
+
+
+def _output(data: PermutationData, value: object = None) -> dg.Output[Any]:
+    with warnings.catch_warnings():
+        # Output(data_version=...) is the documented way to set it; Dagster flags it beta.
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(
+            data if value is None else value, data_version=permutation_data_version(data)
+        )
 
 
 def permutation_data_version(data: PermutationData) -> dg.DataVersion:
@@ -122,9 +296,9 @@ def permutation_data_version(data: PermutationData) -> dg.DataVersion:
     return dg.DataVersion(f"{data.base_table}@{data.base_version}/{digest}")
 
 
-def _validated(label: str, fields: dict[str, Any]) -> PermutationSpec:
+def _validated(label: str, model: type[SpecT], fields: dict[str, Any]) -> SpecT:
     try:
-        return PermutationSpec.model_validate(fields)
+        return model.model_validate(fields)
     except ValidationError as exc:
         raise SpecError(f"permutation asset '{label}': {_explain(exc)}") from exc
 
@@ -183,10 +357,15 @@ def _config_class(name: str, spec: PermutationSpec) -> type[dg.Config]:
         )
     }
     split = spec.split
-    if isinstance(split, RandomSplit):
+    if isinstance(split, RandomSplit | StratifiedSplit | GroupSplit):
         fields["seed"] = (
             int | None,
             Field(default=split.seed, description="Seed of the random split; null: a fresh one."),
+        )
+    if isinstance(split, StratifiedSplit | GroupSplit | TimeSplit):
+        fields["ratios"] = (
+            list[float],
+            Field(default=list(split.ratios), description="Fraction of rows per split."),
         )
     if isinstance(split, RandomSplit | SequentialSplit):
         if split.ratios is not None:
@@ -237,6 +416,44 @@ def _apply_config(label: str, spec: PermutationSpec, config: dg.Config) -> Permu
         raw["shuffle"] = {**raw["shuffle"], "seed": values.get("shuffle_seed")}
     try:
         return PermutationSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(
+            f"permutation asset '{label}', run config {values}: {_explain(exc)}"
+        ) from exc
+
+
+def _folds_config_class(name: str, spec: FoldsSpec) -> type[dg.Config]:
+    """Re-fold knobs for the launchpad: filter, fold seed, shuffle seed (k fixes the partitions)."""
+    fields: dict[str, Any] = {
+        "filter": (
+            str | None,
+            Field(default=spec.filter, description="SQL predicate selecting rows; null: all."),
+        )
+    }
+    if not isinstance(spec.folds, TimeSeriesFolds):
+        fields["seed"] = (
+            int | None,
+            Field(default=spec.folds.seed, description="Seed of the fold assignment; null: fresh."),
+        )
+    if spec.shuffle is not None:
+        fields["shuffle_seed"] = (
+            int | None,
+            Field(default=spec.shuffle.seed, description="Seed of the shuffle; null: fresh."),
+        )
+    class_name = "".join(part.title() for part in name.split("_")) + "Config"
+    return create_model(class_name, __base__=dg.Config, **fields)
+
+
+def _apply_folds_config(label: str, spec: FoldsSpec, config: dg.Config) -> FoldsSpec:
+    values = config.model_dump()
+    raw = spec.model_dump(exclude_none=True)
+    raw["filter"] = values.get("filter")
+    if "seed" in values:
+        raw["folds"] = {**raw["folds"], "seed": values["seed"]}
+    if spec.shuffle is not None:
+        raw["shuffle"] = {**raw["shuffle"], "seed": values.get("shuffle_seed")}
+    try:
+        return FoldsSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(
             f"permutation asset '{label}', run config {values}: {_explain(exc)}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, cast, get_origin
 
 import dagster as dg
@@ -30,6 +31,7 @@ from pydantic import Field
 
 from perm_assets.build import PermutationData, split_rows_of, with_permutation_metadata
 from perm_assets.errors import SpecError
+from perm_assets.folds import TRAIN_SUFFIX, FoldsData
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import (
     BASE_TABLE_KEY,
@@ -63,6 +65,9 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         asset = context.asset_key.to_user_string()
         name = table_name(context.asset_key)
+        if isinstance(obj, FoldsData):
+            self._write_folds(context, name, obj, asset=asset)
+            return
         permutation = self._as_permutation(context, obj, asset=asset)
         if permutation is not None:
             self._write_permutation(context, name, permutation, asset=asset)
@@ -93,14 +98,37 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
         )
         _set_data_version(context, dg.DataVersion(f"{table.name}@{table.version}"))
 
-    def _write_permutation(
-        self, context: dg.OutputContext, name: str, perm: PermutationData, *, asset: str
+    def _write_folds(
+        self, context: dg.OutputContext, name: str, folds: FoldsData, *, asset: str
     ) -> None:
+        """Training table first, then the folds table that pins its version: a reader of any
+        folds version finds exactly the training sets built with it."""
+        self._require_overwrite(context, asset=asset)
+        connection = self.db.connect()
+        train = write_table(connection, name + TRAIN_SUFFIX, folds.train, WriteMode.OVERWRITE)
+        data = folds.with_train_table(train.name, train.version)
+        self._write_permutation(context, name, replace(folds.validation, data=data), asset=asset)
+        metadata: dict[str, Any] = {
+            "perm_assets/k": folds.k,
+            "perm_assets/train_table": train.name,
+            "lance/train_version": train.version,
+        }
+        metadata.update({f"train_rows/{n}": r for n, r in folds.train_rows().items()})
+        if folds.small_classes:
+            metadata["perm_assets/small_classes"] = dg.MetadataValue.json(folds.small_classes)
+        context.add_output_metadata(metadata)
+
+    def _require_overwrite(self, context: dg.OutputContext, *, asset: str) -> None:
         if self._write_mode(context, asset=asset) is not WriteMode.OVERWRITE:
             raise SpecError(
                 f"asset '{asset}' is a permutation: each materialization replaces it as a new "
                 "version; remove write_mode='append' from its metadata"
             )
+
+    def _write_permutation(
+        self, context: dg.OutputContext, name: str, perm: PermutationData, *, asset: str
+    ) -> None:
+        self._require_overwrite(context, asset=asset)
         table = write_table(self.db.connect(), name, perm.data, WriteMode.OVERWRITE)
         metadata: dict[str, Any] = {
             **self._common_metadata(table),
@@ -182,11 +210,25 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
                 )
             return table
         request = ViewRequest.from_metadata(context.definition_metadata or {}, asset=asset)
+        # A fold-partitioned consumer reads the fold named by its partition key.
+        partition = context.partition_key if context.has_partition_key else None
         if _is_mapping_type(wanted):
             return open_split_views(
-                self.db, asset=asset, table=name, version=version, request=request
+                self.db,
+                asset=asset,
+                table=name,
+                version=version,
+                request=request,
+                partition_key=partition,
             )
-        view = open_view(self.db, asset=asset, table=name, version=version, request=request)
+        view = open_view(
+            self.db,
+            asset=asset,
+            table=name,
+            version=version,
+            request=request,
+            partition_key=partition,
+        )
         if wanted is pa.Table:
             return read_arrow(view)
         if wanted is pd.DataFrame:

@@ -245,9 +245,71 @@ class CalculatedSplit(_Names):
         return self
 
 
+class _Ratios(_Names):
+    """Sizes as ratios that sum to 1: a leakage-safe split keeps every filtered row."""
+
+    ratios: list[float] = Field(
+        min_length=2,
+        description="Fraction of the rows in each split, e.g. [0.8, 0.2]; they must sum to 1.",
+    )
+
+    @property
+    def num_splits(self) -> int:
+        return len(self.ratios)
+
+    @model_validator(mode="after")
+    def _check_ratios(self) -> Self:
+        check_ratios(self.ratios, allow_discard=False)
+        return self
+
+
+class StratifiedSplit(_Ratios):
+    """Random split that keeps each class's proportions: with ``ratios=[0.8, 0.2]`` a class of
+    101 rows puts 80 or 81 rows in the first split (every class within 1 row of its share)."""
+
+    kind: Literal["stratified"] = "stratified"
+    label: str = Field(min_length=1, description="Column holding the class label, e.g. 'label'.")
+    seed: int | None = Field(
+        default=None, ge=0, le=_MAX_SEED, description="Seed; None draws one per run (recorded)."
+    )
+
+
+class GroupSplit(_Ratios):
+    """Random split in which all rows sharing ``group`` (a patient, user, session) land in one
+    split; sizes are as close to ``ratios`` as the group sizes allow. With ``label`` it also
+    keeps class proportions as far as the groups allow (a stratified group split)."""
+
+    kind: Literal["group"] = "group"
+    group: str = Field(min_length=1, description="Column holding the group key, e.g. 'user_id'.")
+    label: str | None = Field(
+        default=None, description="Class label column to stratify on as well; None: don't."
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=_MAX_SEED, description="Seed; None draws one per run (recorded)."
+    )
+
+
+class TimeSplit(_Ratios):
+    """Split by an orderable column: every row of split ``i`` is earlier than every row of split
+    ``i + 1`` (``ratios=[0.8, 0.2]``: the oldest 80% train, the newest 20% test). Rows with equal
+    values never straddle a boundary, so sizes can be off by the size of a tie."""
+
+    kind: Literal["time"] = "time"
+    column: str = Field(min_length=1, description="Orderable column, e.g. 'event_time'.")
+
+
 Split = Annotated[
-    RandomSplit | SequentialSplit | HashSplit | CalculatedSplit, Field(discriminator="kind")
+    RandomSplit
+    | SequentialSplit
+    | HashSplit
+    | CalculatedSplit
+    | StratifiedSplit
+    | GroupSplit
+    | TimeSplit,
+    Field(discriminator="kind"),
 ]
+CUSTOM_SPLITS = (StratifiedSplit, GroupSplit, TimeSplit)
+"""Split kinds lancedb's builder lacks: assigned in numpy over the needed columns only."""
 
 
 class Shuffle(_Spec):
@@ -297,8 +359,116 @@ class PermutationSpec(_Spec):
     def resolve_seeds(self) -> PermutationSpec:
         """This spec with every unset random seed drawn now, so the result can be reproduced."""
         update: dict[str, object] = {}
-        if isinstance(self.split, RandomSplit) and self.split.seed is None:
+        if isinstance(self.split, RandomSplit | StratifiedSplit | GroupSplit) and (
+            self.split.seed is None
+        ):
             update["split"] = self.split.model_copy(update={"seed": _draw_seed()})
+        if self.shuffle is not None and self.shuffle.seed is None:
+            update["shuffle"] = self.shuffle.model_copy(update={"seed": _draw_seed()})
+        return self.model_copy(update=update) if update else self
+
+
+class _Folds(_Spec):
+    k: int = Field(
+        ge=2, description="Number of folds (>= 2); each row is validated in exactly one fold."
+    )
+
+    def names(self) -> list[str]:
+        """``fold_0`` ... ``fold_{k-1}``: the validation splits, also the partition keys."""
+        return [f"fold_{i}" for i in range(self.k)]
+
+
+class _RandomFolds(_Folds):
+    shuffle: bool = Field(
+        default=True,
+        description=(
+            "Assign rows to folds at random (seeded). False: contiguous folds in table order, as "
+            "scikit-learn's KFold(shuffle=False)."
+        ),
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=_MAX_SEED, description="Seed; None draws one per run (recorded)."
+    )
+
+
+class KFold(_RandomFolds):
+    """k folds whose sizes differ by at most one row (scikit-learn's KFold)."""
+
+    kind: Literal["kfold"] = "kfold"
+
+
+class StratifiedKFold(_RandomFolds):
+    """k folds in which each class's count is within 1 of its exact share (scikit-learn's
+    StratifiedKFold): 103 rows of a class over 5 folds give 20 or 21 per fold."""
+
+    kind: Literal["stratified_kfold"] = "stratified_kfold"
+    label: str = Field(min_length=1, description="Column holding the class label.")
+    on_small_class: Literal["warn", "error"] = Field(
+        default="warn",
+        description=(
+            "A class with fewer than k rows cannot be in every fold: 'warn' (scikit-learn's "
+            "choice, logged and recorded) or 'error' (fail the run)."
+        ),
+    )
+
+
+class GroupKFold(_RandomFolds):
+    """k folds in which every group (patient, user, ...) is validated in exactly one fold; fold
+    sizes as balanced as the group sizes allow. Fewer groups than k is an error."""
+
+    kind: Literal["group_kfold"] = "group_kfold"
+    group: str = Field(min_length=1, description="Column holding the group key.")
+
+
+class TimeSeriesFolds(_Folds):
+    """Expanding-window folds over an orderable column (scikit-learn's TimeSeriesSplit): fold
+    ``i`` trains on everything before its validation block (minus ``gap`` rows), so training
+    rows always precede validation rows and each training set contains the previous one."""
+
+    kind: Literal["time_series"] = "time_series"
+    column: str = Field(min_length=1, description="Orderable column, e.g. 'event_time'.")
+    gap: int = Field(default=0, ge=0, description="Rows left out between train and validation.")
+    test_size: int | None = Field(
+        default=None, ge=1, description="Rows per validation block; None: n // (k + 1)."
+    )
+    max_train_size: int | None = Field(
+        default=None, ge=1, description="Keep only the latest this many training rows; None: all."
+    )
+
+
+Folds = Annotated[
+    KFold | StratifiedKFold | GroupKFold | TimeSeriesFolds, Field(discriminator="kind")
+]
+
+
+class FoldsSpec(_Spec):
+    """Cross-validation folds of the rows a filter selects, and the order rows are read in."""
+
+    filter: str | None = Field(
+        default=None, description="SQL predicate selecting the rows, applied before folding."
+    )
+    folds: Folds = Field(description="How rows are divided into folds.")
+    shuffle: Shuffle | None = Field(
+        default=None,
+        description="Read order of every training set and validation fold; None: table order.",
+    )
+
+    @model_validator(mode="after")
+    def _check_filter(self) -> Self:
+        if self.filter is not None:
+            check_sql_fragment(self.filter, what="filter")
+        return self
+
+    def split_names(self) -> list[str]:
+        """The validation folds: ``fold_0`` ... ``fold_{k-1}``."""
+        return self.folds.names()
+
+    def resolve_seeds(self) -> FoldsSpec:
+        """This spec with every unset random seed drawn now."""
+        update: dict[str, object] = {}
+        folds = self.folds
+        if isinstance(folds, _RandomFolds) and folds.shuffle and folds.seed is None:
+            update["folds"] = folds.model_copy(update={"seed": _draw_seed()})
         if self.shuffle is not None and self.shuffle.seed is None:
             update["shuffle"] = self.shuffle.model_copy(update={"seed": _draw_seed()})
         return self.model_copy(update=update) if update else self

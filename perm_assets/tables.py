@@ -23,6 +23,10 @@ SPLIT_NAMES_KEY = "split_names"
 BASE_VERSION_KEY = "base_version"
 BASE_TABLE_KEY = "perm_assets.base_table"
 SPEC_KEY = "perm_assets.spec"
+# Folds tables: what kind of permutation, and where their training sets are persisted.
+KIND_META_KEY = "perm_assets.kind"
+TRAIN_TABLE_KEY = "perm_assets.train_table"
+TRAIN_VERSION_KEY = "perm_assets.train_version"
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # Lance commits are optimistic: a writer that lost a race gets "Retryable commit conflict".

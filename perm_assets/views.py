@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast, get_args
 
 import pyarrow as pa
@@ -19,11 +19,15 @@ from lancedb.table import Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from perm_assets.errors import SpecError
+from perm_assets.folds import FOLDS_KIND, fold_index
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import (
     BASE_TABLE_KEY,
     BASE_VERSION_KEY,
+    KIND_META_KEY,
     SPLIT_NAMES_KEY,
+    TRAIN_TABLE_KEY,
+    TRAIN_VERSION_KEY,
     is_permutation_schema,
 )
 
@@ -50,6 +54,13 @@ class ViewRequest(BaseModel):
             "(e.g. ['train', 'test']) loads a dict of views by split name."
         ),
     )
+    fold: str | int | None = Field(
+        default=None,
+        description=(
+            "For a folds asset with split 'train' or 'validation': which fold ('fold_2' or 2). "
+            "None: the downstream asset's partition key (partition it with fold_partitions)."
+        ),
+    )
     columns: list[str] | None = Field(
         default=None, min_length=1, description="Columns to read; None reads all of them."
     )
@@ -72,8 +83,8 @@ class ViewRequest(BaseModel):
             )
             raise SpecError(
                 f"input from asset '{asset}': invalid view request ({problems}). Allowed: "
-                f"split (name or index), columns (list of names), format (one of "
-                f"{', '.join(VIEW_FORMATS)}), batch_size (>= 1)"
+                "split (name or index), fold (for folds assets), columns (list of names), "
+                f"format (one of {', '.join(VIEW_FORMATS)}), batch_size (>= 1)"
             ) from exc
 
 
@@ -163,11 +174,14 @@ def open_view(
     table: str,
     version: int | None,
     request: ViewRequest | None = None,
+    partition_key: str | None = None,
 ) -> PermutationView:
     """The view ``request`` asks for over ``table`` at Lance ``version`` (None: latest).
 
     A permutation table gives a view of one of its splits over its base table at the pinned
-    base version; any other table gives its identity view (all rows in stored order).
+    base version; any other table gives its identity view (all rows in stored order). For a
+    folds table, split ``'train'``/``'validation'`` reads fold ``request.fold``, else the fold
+    named by ``partition_key`` (the consumer's partition).
     """
     request = request or ViewRequest()
     if isinstance(request.split, list):
@@ -176,7 +190,9 @@ def open_view(
             "annotate the parameter as dict[str, Permutation] to receive one view per split"
         )
     stored = db.open_table(table, version=version)
-    return refine(_open_split(db, stored, request.split, asset=asset), request, asset=asset)
+    fold = request.fold if request.fold is not None else partition_key
+    view = _open_split(db, stored, request.split, asset=asset, fold=fold)
+    return refine(view, request, asset=asset)
 
 
 def open_split_views(
@@ -186,6 +202,7 @@ def open_split_views(
     table: str,
     version: int | None,
     request: ViewRequest,
+    partition_key: str | None = None,
 ) -> dict[str, PermutationView]:
     """One view per split in ``request.split`` (a list; None: every split), keyed by name.
 
@@ -199,18 +216,30 @@ def open_split_views(
         wanted = list(names) or [0]
     elif not isinstance(wanted, list):
         wanted = [wanted]
+    fold = request.fold if request.fold is not None else partition_key
     views = [
-        refine(_open_split(db, stored, split, asset=asset), request, asset=asset)
+        refine(_open_split(db, stored, split, asset=asset, fold=fold), request, asset=asset)
         for split in wanted
     ]
     return {v.lineage.split or str(v.lineage.split_index): v for v in views}
 
 
 def _open_split(
-    db: LanceDBResource, stored: Table, split: str | int | None, *, asset: str
+    db: LanceDBResource,
+    stored: Table,
+    split: str | int | None,
+    *,
+    asset: str,
+    fold: str | int | None = None,
 ) -> PermutationView:
     if is_permutation_schema(stored.schema):
+        role = None
+        if split in FOLD_SPLITS and _kind_of(stored.schema) == FOLDS_KIND:
+            role = str(split)
+            stored, split = _fold_table(db, stored, role, fold, asset=asset)
         view, lineage = _permutation_view(db, asset=asset, stored=stored, split=split)
+        if role is not None:  # e.g. "fold_2/train": fold 2's training rows
+            lineage = replace(lineage, split=f"{lineage.split}/{role}")
     else:
         if split not in (None, 0):
             raise SpecError(
@@ -231,6 +260,35 @@ def _open_split(
     view = _as_view(view)
     view.lineage = lineage
     return view
+
+
+FOLD_SPLITS = ("train", "validation")
+"""What a fold-partitioned consumer asks of a folds asset: fold i's training or validation rows."""
+
+
+def _kind_of(schema: pa.Schema) -> str | None:
+    raw = (schema.metadata or {}).get(KIND_META_KEY.encode())
+    return raw.decode() if raw is not None else None
+
+
+def _fold_table(
+    db: LanceDBResource, stored: Table, split: str, fold: str | int | None, *, asset: str
+) -> tuple[Table, int]:
+    """The table and split index holding fold ``fold``'s ``split`` rows of a folds table."""
+    names = split_names_of(stored.schema)
+    if fold is None:
+        raise SpecError(
+            f"input from folds asset '{asset}' asks for split '{split}' but not which fold: "
+            "partition the consuming asset with fold_partitions(...) or add "
+            "metadata={'fold': 'fold_0'} (folds: " + ", ".join(names) + ")"
+        )
+    index = fold_index(fold, len(names), asset=asset)
+    if split == "validation":
+        return stored, index
+    metadata = stored.schema.metadata or {}
+    train_name = metadata[TRAIN_TABLE_KEY.encode()].decode()
+    train_version = int(metadata[TRAIN_VERSION_KEY.encode()])
+    return db.open_table(train_name, version=train_version), index
 
 
 def refine(view: PermutationView, request: ViewRequest, *, asset: str) -> PermutationView:

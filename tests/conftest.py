@@ -67,6 +67,7 @@ class Runner:
         selection: Sequence[dg.AssetsDefinition] | None = None,
         run_config: dict[str, Any] | None = None,
         raise_on_error: bool = True,
+        partition_key: str | None = None,
     ) -> dg.ExecuteInProcessResult:
         return dg.materialize(
             assets,
@@ -75,6 +76,7 @@ class Runner:
             selection=selection,
             run_config=run_config,
             raise_on_error=raise_on_error,
+            partition_key=partition_key,
         )
 
     def metadata(self, key: dg.AssetKey | str) -> dict[str, Any]:

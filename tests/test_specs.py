@@ -57,7 +57,8 @@ def _define(**kwargs) -> dg.AssetsDefinition:
             {"kind": "calculated", "expression": "id % 3; select 1", "splits": 3},
             r"contains ';'",
         ),
-        ({"kind": "stratified", "ratios": [0.5, 0.5]}, r"kind"),
+        ({"kind": "bogus", "ratios": [0.5, 0.5]}, r"kind"),
+        ({"kind": "stratified", "ratios": [0.5, 0.5]}, r"split\.stratified\.label: Field required"),
     ],
 )
 def test_bad_split_fails_at_definition(split: dict, message: str) -> None:

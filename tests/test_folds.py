@@ -1,0 +1,355 @@
+"""Leakage-safe splits and cross-validation folds as assets, checked on persisted tables.
+
+Guarantees are asserted on what LanceDB holds after real materializations (row ids read back
+and joined to the base table's columns), and compared with scikit-learn where it defines the
+same guarantee.
+"""
+
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pytest
+from lancedb.permutation import Permutation
+from sklearn.model_selection import StratifiedKFold as SkStratifiedKFold
+from sklearn.model_selection import TimeSeriesSplit
+
+from perm_assets import LanceDBResource, SpecError, permutation_asset
+from perm_assets.factories import fold_partitions, folds_asset
+from perm_assets.specs import (
+    GroupKFold,
+    GroupSplit,
+    KFold,
+    Shuffle,
+    StratifiedKFold,
+    StratifiedSplit,
+    TimeSeriesFolds,
+    TimeSplit,
+)
+from perm_assets.views import PermutationView, ViewRequest, open_view, read_arrow
+from tests.conftest import Runner, make_rows
+
+
+def _source(n: int, *, classes: int = 10, name: str = "rows") -> dg.AssetsDefinition:
+    """``make_rows(n)`` with a skewed ``label`` (class c has ~c+1 shares) and a ``time``."""
+
+    def rows() -> pa.Table:
+        data = make_rows(n, classes=classes)
+        ids = np.arange(n)
+        skewed = np.floor(np.sqrt((ids * 7919) % (classes * classes))).astype(np.int64)
+        # A coarse time with ties: 4 rows share each timestamp.
+        return data.append_column("skewed", pa.array(skewed)).append_column(
+            "time", pa.array(ids // 4)
+        )
+
+    return dg.asset(name=name)(rows)
+
+
+def _split_of(db: LanceDBResource, table: str, names: list[str], column: str) -> dict[str, list]:
+    """``column`` of each split, in read order, through the project's own views."""
+    return {
+        name: read_arrow(
+            open_view(
+                db,
+                asset=table,
+                table=table,
+                version=None,
+                request=ViewRequest(split=name, columns=[column]),
+            )
+        )
+        .column(column)
+        .to_pylist()
+        for name in names
+    }
+
+
+def _checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+# --------------------------------------------------------------------------- split kinds
+@pytest.mark.parametrize(("n", "seed"), [(997, 0), (1000, 1), (2503, 7)])
+def test_stratified_split_keeps_every_class_within_one_row(
+    run: Runner, db: LanceDBResource, n: int, seed: int
+) -> None:
+    source = _source(n)
+    perm = permutation_asset(
+        "perm",
+        source=source,
+        split=StratifiedSplit(
+            label="skewed", ratios=[0.7, 0.2, 0.1], seed=seed, split_names=["a", "b", "c"]
+        ),
+        shuffle=Shuffle(seed=seed),
+    )
+    result = run([source, perm])
+    ids = _split_of(db, "perm", ["a", "b", "c"], "id")
+    assert sorted(i for v in ids.values() for i in v) == list(range(n))
+    labels = np.asarray(
+        np.floor(np.sqrt((np.arange(n) * 7919) % 100)), dtype=np.int64
+    )  # as _source makes them
+    for split, ratio in zip("abc", [0.7, 0.2, 0.1], strict=True):
+        got = np.bincount(labels[ids[split]], minlength=10)
+        share = np.bincount(labels, minlength=10) * ratio
+        assert np.all(np.abs(got - share) < 1), (split, got, share)
+        assert abs(len(ids[split]) - n * ratio) < 1
+    checks = _checks(result)
+    assert checks["class_proportions_within_one_row"].passed
+    assert checks["splits_disjoint_and_complete"].passed
+    assert checks["split_sizes_match_spec"].passed
+
+
+def test_group_split_never_puts_a_group_in_two_splits(run: Runner, db: LanceDBResource) -> None:
+    source = _source(2000)
+    perm = permutation_asset(
+        "perm",
+        source=source,
+        filter="label != 0",
+        split=GroupSplit(group="group", ratios=[0.8, 0.2], seed=3, split_names=["tr", "te"]),
+    )
+    result = run([source, perm])
+    groups = _split_of(db, "perm", ["tr", "te"], "group")
+    assert not set(groups["tr"]) & set(groups["te"])
+    assert len(groups["tr"]) + len(groups["te"]) == 1800
+    # Groups hold 7 rows (6 after the filter at most): sizes are within a group of the share.
+    assert abs(len(groups["tr"]) - 0.8 * 1800) <= 7
+    assert _checks(result)["no_group_in_two_splits"].passed
+
+
+def test_time_split_puts_every_earlier_row_first_and_never_splits_a_tie(
+    run: Runner, db: LanceDBResource
+) -> None:
+    source = _source(1001)
+    perm = permutation_asset(
+        "perm",
+        source=source,
+        split=TimeSplit(column="time", ratios=[0.7, 0.3], split_names=["past", "future"]),
+    )
+    result = run([source, perm])
+    times = _split_of(db, "perm", ["past", "future"], "time")
+    assert max(times["past"]) < min(times["future"])
+    assert len(times["past"]) + len(times["future"]) == 1001
+    assert _checks(result)["earlier_splits_precede_later"].passed
+
+
+# ------------------------------------------------------------------------------- folds
+def _fold_consumer(folds: dg.AssetsDefinition, role: str, got: dict[str, Any]):
+    @dg.asset(
+        name=f"{role}_reader",
+        partitions_def=fold_partitions(folds),
+        ins={"data": dg.AssetIn(key=folds.key, metadata={"split": role, "columns": ["id"]})},
+    )
+    def reader(context: dg.AssetExecutionContext, data: Permutation) -> None:
+        assert isinstance(data, PermutationView)
+        got[context.partition_key] = (read_arrow(data).column("id").to_pylist(), data.lineage)
+
+    return reader
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_kfold_training_views_are_the_complement_of_each_validation_fold(
+    run: Runner, shuffle: bool
+) -> None:
+    n, k = 1003, 5
+    source = _source(n)
+    folds = folds_asset("folds", source=source, folds=KFold(k=k, seed=2, shuffle=shuffle))
+    train: dict[str, Any] = {}
+    validation: dict[str, Any] = {}
+    train_reader = _fold_consumer(folds, "train", train)
+    validation_reader = _fold_consumer(folds, "validation", validation)
+    result = run([source, folds])
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    for i in range(k):
+        run(
+            [source, folds, train_reader, validation_reader],
+            selection=[train_reader, validation_reader],
+            partition_key=f"fold_{i}",
+        )
+    sizes = sorted(len(validation[f"fold_{i}"][0]) for i in range(k))
+    assert sizes == [200, 200, 201, 201, 201]
+    seen: list[int] = []
+    for i in range(k):
+        val_ids, val_lineage = validation[f"fold_{i}"]
+        train_ids, train_lineage = train[f"fold_{i}"]
+        assert sorted(train_ids + val_ids) == list(range(n))
+        assert not set(train_ids) & set(val_ids)
+        seen += val_ids
+        assert val_lineage.split == f"fold_{i}/validation"
+        assert train_lineage.split == f"fold_{i}/train"
+        assert train_lineage.table == "folds__train"
+    assert sorted(seen) == list(range(n))
+    if not shuffle:  # contiguous folds in table order, the first n % k one row larger
+        assert validation["fold_0"][0] == list(range(201))
+
+
+def test_stratified_kfold_matches_scikit_learns_guarantee(run: Runner, db: LanceDBResource) -> None:
+    n, k = 1500, 5
+    source = _source(n)
+    folds = folds_asset("folds", source=source, folds=StratifiedKFold(k=k, label="skewed", seed=4))
+    result = run([source, folds])
+    ids = _split_of(db, "folds", [f"fold_{i}" for i in range(k)], "id")
+    labels = np.floor(np.sqrt((np.arange(n) * 7919) % 100)).astype(np.int64)
+    totals = np.bincount(labels, minlength=10)
+    ours = np.stack([np.bincount(labels[ids[f"fold_{i}"]], minlength=10) for i in range(k)])
+    sk_folds = SkStratifiedKFold(k, shuffle=True, random_state=0).split(np.zeros(n), labels)
+    theirs = np.stack([np.bincount(labels[test], minlength=10) for _, test in sk_folds])
+    # scikit-learn's documented guarantee, met by both: each class within 1 of n_c / k.
+    for counts in (ours, theirs):
+        assert np.all(np.abs(counts - totals / k) < 1)
+    assert ours.sum() == n
+    assert _checks(result)["class_proportions_within_one_row"].passed
+
+
+def test_group_kfold_validates_every_group_in_exactly_one_fold(
+    run: Runner, db: LanceDBResource
+) -> None:
+    source = _source(700)
+    folds = folds_asset("folds", source=source, folds=GroupKFold(k=4, group="group", seed=1))
+    result = run([source, folds])
+    groups = _split_of(db, "folds", [f"fold_{i}" for i in range(4)], "group")
+    owner: dict[int, int] = {}
+    for i in range(4):
+        for g in groups[f"fold_{i}"]:
+            assert owner.setdefault(g, i) == i
+    assert sorted(owner) == list(range(100))
+    assert _checks(result)["no_group_in_two_splits"].passed
+
+
+def test_time_series_folds_equal_scikit_learns_on_distinct_times(run: Runner) -> None:
+    n, k, gap = 300, 4, 3
+    source = _source(n)
+    folds = folds_asset("folds", source=source, folds=TimeSeriesFolds(k=k, column="id", gap=gap))
+    train: dict[str, Any] = {}
+    validation: dict[str, Any] = {}
+    readers = [
+        _fold_consumer(folds, "train", train),
+        _fold_consumer(folds, "validation", validation),
+    ]
+    result = run([source, folds])
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    for i in range(k):
+        run([source, folds, *readers], selection=readers, partition_key=f"fold_{i}")
+    expected = list(TimeSeriesSplit(k, gap=gap).split(np.zeros(n)))
+    previous: set[int] = set()
+    for i, (train_idx, test_idx) in enumerate(expected):
+        assert train[f"fold_{i}"][0] == train_idx.tolist()  # id == row position, time order
+        assert validation[f"fold_{i}"][0] == test_idx.tolist()
+        assert previous <= set(train_idx.tolist())
+        previous = set(train_idx.tolist())
+
+
+def test_a_folds_view_without_a_fold_says_how_to_pick_one(run: Runner) -> None:
+    source = _source(100)
+    folds = folds_asset("folds", source=source, folds=KFold(k=3, seed=0))
+
+    @dg.asset(ins={"data": dg.AssetIn(key=folds.key, metadata={"split": "train"})})
+    def unpartitioned(data: Permutation) -> None:
+        del data
+
+    run([source, folds])
+    with pytest.raises(SpecError, match=r"asks for split 'train' but not which fold.*fold_0"):
+        run([source, folds, unpartitioned], selection=[unpartitioned])
+
+    @dg.asset(ins={"data": dg.AssetIn(key=folds.key, metadata={"split": "validation", "fold": 7})})
+    def wrong_fold(data: Permutation) -> None:
+        del data
+
+    with pytest.raises(SpecError, match=r"fold 7 is not in folds asset 'folds'"):
+        run([source, folds, wrong_fold], selection=[wrong_fold])
+
+
+def test_a_failing_leakage_check_blocks_downstream_training(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: an assignment that ignores groups must be caught by the check.
+    from perm_assets import assign
+
+    def leaky(groups: Any, ratios: Any, seed: int) -> np.ndarray:
+        return (np.arange(len(groups)) % len(ratios)).astype(np.uint64)
+
+    monkeypatch.setattr(assign, "group_split", leaky)
+    source = _source(200)
+    perm = permutation_asset(
+        "perm",
+        source=source,
+        split=GroupSplit(group="group", ratios=[0.5, 0.5], seed=0, split_names=["a", "b"]),
+    )
+    trained: list[bool] = []
+
+    @dg.asset(ins={"data": dg.AssetIn(key=perm.key, metadata={"split": "a"})})
+    def model(data: Permutation) -> None:
+        del data
+        trained.append(True)
+
+    result = run([source, perm, model], raise_on_error=False)
+    check = _checks(result)["no_group_in_two_splits"]
+    assert not check.passed
+    # 200 rows in groups of 7 (ids // 7): 29 groups, each with 2+ rows alternating splits.
+    assert check.metadata["groups_in_several_splits"].value == 29
+    assert trained == []
+    assert not result.success
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_k_below_two_fails_at_definition() -> None:
+    with pytest.raises(
+        SpecError, match=r"folds\.kfold\.k: Input should be greater than or equal to 2"
+    ):
+        folds_asset("folds", source="rows", folds={"kind": "kfold", "k": 1})
+
+
+def test_more_folds_than_rows_or_groups_fails_and_keeps_the_previous_version(
+    run: Runner, db: LanceDBResource
+) -> None:
+    source = _source(20)
+    good = folds_asset("folds", source=source, folds=KFold(k=4, seed=0))
+    run([source, good])
+    version = db.open_table("folds").version
+    too_many = folds_asset("folds", source=source, filter="id < 3", folds=KFold(k=4, seed=0))
+    with pytest.raises(SpecError, match=r"asset 'folds'.*k=4.*3 rows"):
+        run([source, too_many], selection=[too_many])
+    groups = folds_asset("folds", source=source, folds=GroupKFold(k=4, group="group", seed=0))
+    with pytest.raises(SpecError, match=r"asset 'folds'.*k=4 folds but only 3 distinct groups"):
+        run([source, groups], selection=[groups])
+    assert db.open_table("folds").version == version
+
+
+def test_missing_label_column_lists_the_columns(run: Runner) -> None:
+    source = _source(50)
+    folds = folds_asset("folds", source=source, folds=StratifiedKFold(k=3, label="class", seed=0))
+    with pytest.raises(
+        SpecError, match=r"column\(s\) \['class'\] are not in table 'rows' \(columns: id, label"
+    ):
+        run([source, folds])
+
+
+def test_null_labels_are_counted_with_the_filter_that_drops_them(run: Runner) -> None:
+    @dg.asset(name="rows")
+    def rows() -> pa.Table:
+        labels = pa.array([None if i % 10 == 0 else i % 3 for i in range(100)], pa.int64())
+        return make_rows(100).append_column("maybe", labels)
+
+    perm = permutation_asset(
+        "perm", source=rows, split=StratifiedSplit(label="maybe", ratios=[0.5, 0.5], seed=0)
+    )
+    with pytest.raises(
+        SpecError,
+        match=r"column 'maybe' .* has 10 null value\(s\) out of 100.*\"maybe IS NOT NULL\"",
+    ):
+        run([rows, perm])
+
+
+def test_small_classes_warn_or_fail_as_configured(run: Runner) -> None:
+    source = _source(60)
+    # 'skewed' class 0 has few rows: sqrt((i*7919) % 100) < 1 only when the product is 0 mod 100.
+    warn = folds_asset("folds", source=source, folds=StratifiedKFold(k=5, label="skewed", seed=0))
+    run([source, warn])
+    small = run.metadata("folds")["perm_assets/small_classes"]
+    assert small and all(rows < 5 for rows in small.values())
+    fail = folds_asset(
+        "folds",
+        source=source,
+        folds=StratifiedKFold(k=5, label="skewed", seed=0, on_small_class="error"),
+    )
+    with pytest.raises(SpecError, match=r"asset 'folds'.*fewer"):
+        run([source, fail], selection=[fail])
