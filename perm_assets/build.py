@@ -124,9 +124,22 @@ def with_permutation_metadata(
 
 
 def split_rows_of(data: pa.Table, num_splits: int) -> np.ndarray:
-    """Rows per split id, counted in numpy (``split_id`` is a plain uint64 column)."""
-    split_ids = data.column("split_id").to_numpy()
-    return np.bincount(split_ids.astype(np.int64, copy=False), minlength=num_splits)
+    """Rows per split id, ``num_splits`` entries.
+
+    Counted chunk by chunk on zero-copy views of the uint64 column: no concatenated copy of a
+    10M-row column. Raises ValueError naming the first split id outside ``0..num_splits-1``
+    (checked before counting, so a stray huge id never sizes an array).
+    """
+    rows = np.zeros(num_splits, dtype=np.int64)
+    for chunk in data.column("split_id").chunks:
+        if len(chunk) == 0:
+            continue
+        ids = chunk.to_numpy(zero_copy_only=chunk.null_count == 0)
+        largest = int(ids.max())
+        if largest >= num_splits:
+            raise ValueError(f"split id {largest} is outside 0..{num_splits - 1}")
+        rows += np.bincount(ids.view(np.int64), minlength=num_splits)
+    return rows
 
 
 def _configure(builder: PermutationBuilder, spec: PermutationSpec) -> PermutationBuilder:
@@ -171,14 +184,13 @@ def _count_filtered(table: Table, filter: str | None, *, asset: str) -> int:
 
 
 def _split_rows(data: pa.Table, num_splits: int, *, spec: PermutationSpec, asset: str):
-    split_ids = data.column("split_id").to_numpy()
-    if split_ids.size and int(split_ids.max()) >= num_splits:
+    try:
+        rows = split_rows_of(data, num_splits)
+    except ValueError as exc:
         raise SpecError(
-            f"asset '{asset}': the split assigns split id {int(split_ids.max())} but only "
-            f"{num_splits} splits ({spec.split_names()}) are declared; fix the expression or "
-            "declare more splits"
-        )
-    rows = split_rows_of(data, num_splits)
+            f"asset '{asset}': {exc}, but only {num_splits} splits ({spec.split_names()}) are "
+            "declared; fix the expression or declare more splits"
+        ) from exc
     sizes = dict(zip(spec.split_names(), rows.tolist(), strict=True))
     empty = [name for name, count in sizes.items() if count == 0]
     if empty:

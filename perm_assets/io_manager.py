@@ -161,9 +161,16 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             return None
         base = _base_table_of(context, data.schema, asset=asset)
         names = split_names_of(data.schema)
-        rows = split_rows_of(data, len(names) or 1)
-        if not names:
-            names = [f"split_{i}" for i in range(len(rows))]
+        if not names:  # unnamed splits: as many as the largest id says
+            ids = data.column("split_id").to_numpy()
+            names = [f"split_{i}" for i in range(int(ids.max()) + 1 if ids.size else 1)]
+        try:
+            rows = split_rows_of(data, len(names))
+        except ValueError as exc:
+            raise SpecError(
+                f"asset '{asset}' returned a permutation whose {exc}; its split_names "
+                f"metadata lists {names}"
+            ) from exc
         return PermutationData(
             data=with_permutation_metadata(data, base_table=base, split_names=names, spec=None),
             base_table=base,

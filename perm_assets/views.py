@@ -217,11 +217,13 @@ def open_split_views(
     elif not isinstance(wanted, list):
         wanted = [wanted]
     fold = request.fold if request.fold is not None else partition_key
-    views = [
-        refine(_open_split(db, stored, split, asset=asset, fold=fold), request, asset=asset)
-        for split in wanted
-    ]
-    return {v.lineage.split or str(v.lineage.split_index): v for v in views}
+    views = {}
+    for split in wanted:
+        view = refine(_open_split(db, stored, split, asset=asset, fold=fold), request, asset=asset)
+        # Keyed as asked ("train", "validation"), else by the split's recorded name.
+        key = split if isinstance(split, str) else view.lineage.split or str(split)
+        views[key] = view
+    return views
 
 
 def _open_split(

@@ -30,7 +30,15 @@ def _load_definitions() -> dg.Definitions:
 def test_definitions_wire_the_demo_assets_and_resources() -> None:
     defs = _load_definitions()
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {"digits", "digits_inked", "digits_splits", "digits_classifier"}
+    assert keys == {
+        "digits",
+        "digits_inked",
+        "digits_splits",
+        "digits_classifier",
+        "digits_folds",
+        "digits_cv_model",
+        "digits_cv_summary",
+    }
     resources = defs.resources or {}
     assert isinstance(resources["lancedb"], LanceDBResource)
     assert isinstance(resources["io_manager"], LanceDBIOManager)
@@ -54,7 +62,12 @@ def test_workspace_points_at_definitions() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(perm_assets.__all__) == [
         "CalculatedSplit",
+        "FoldsData",
+        "FoldsSpec",
+        "GroupKFold",
+        "GroupSplit",
         "HashSplit",
+        "KFold",
         "LanceDBIOManager",
         "LanceDBResource",
         "PermutationData",
@@ -64,11 +77,17 @@ def test_public_api_is_pinned() -> None:
         "SequentialSplit",
         "Shuffle",
         "SpecError",
+        "StratifiedKFold",
+        "StratifiedSplit",
         "TableNotFoundError",
+        "TimeSeriesFolds",
+        "TimeSplit",
         "ViewLineage",
         "ViewRequest",
         "WriteMode",
         "build_permutation",
+        "fold_partitions",
+        "folds_asset",
         "open_view",
         "permutation_asset",
         "permutation_data_version",

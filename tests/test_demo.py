@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from perm_assets import LanceDBResource
 from perm_assets.demo import ASSETS
@@ -13,7 +14,9 @@ from tests.conftest import Runner
 def test_demo_pipeline_trains_on_exactly_the_versions_it_records(
     run: Runner, db: LanceDBResource
 ) -> None:
-    run(ASSETS)
+    from perm_assets.demo.assets import digits, digits_classifier, digits_inked, digits_splits
+
+    run(ASSETS, selection=[digits, digits_inked, digits_splits, digits_classifier])
 
     digits = run.metadata("digits")
     assert digits["dagster/row_count"] == 1797
@@ -53,3 +56,31 @@ def test_demo_pipeline_trains_on_exactly_the_versions_it_records(
     base = db.open_table("digits", version=digits["lance/version"]).to_arrow()
     legible = base.filter(base.column("ink").to_numpy() >= 4.1).column("id").to_pylist()
     assert train | test == set(legible)
+
+
+def test_demo_cross_validation_trains_each_fold_without_leakage(run: Runner) -> None:
+    from perm_assets.demo.assets import digits, digits_cv_model, digits_cv_summary, digits_folds
+
+    assets = [digits, digits_folds, digits_cv_model, digits_cv_summary]
+    result = run(assets, selection=[digits, digits_folds])
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    folds = run.metadata("digits_folds")
+    total = folds["dagster/row_count"]
+    accuracies = {}
+    for i in range(5):
+        run(assets, selection=[digits_cv_model], partition_key=f"fold_{i}")
+        model = run.metadata("digits_cv_model")
+        # Each fold trains on the other four and validates on its own: nothing else, no overlap.
+        assert model["validation_rows"] == folds[f"rows/fold_{i}"]
+        assert (
+            model["train_rows"] == folds[f"train_rows/fold_{i}"] == total - model["validation_rows"]
+        )
+        assert model["train/split"] == f"fold_{i}/train"
+        assert model["validation/split"] == f"fold_{i}/validation"
+        assert model["train/table_version"] == folds["lance/train_version"]
+        accuracies[f"fold_{i}"] = model["accuracy"]
+    run(assets, selection=[digits_cv_summary])
+    summary = run.metadata("digits_cv_summary")
+    assert summary["accuracy_by_fold"] == accuracies
+    assert summary["accuracy_mean"] == pytest.approx(float(np.mean(list(accuracies.values()))))
+    assert summary["accuracy_mean"] > 0.9

@@ -20,6 +20,9 @@ _SHOWN = (
     "accuracy",
     "train/table_version",
     "train/base_version",
+    "perm_assets/k",
+    "accuracy_mean",
+    "accuracy_std",
 )
 
 
