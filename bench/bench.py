@@ -8,7 +8,13 @@ ratios), then time
    project's build without Dagster and a no-op Dagster run, to show where (b)'s time goes;
 2. reading the ``train`` split fully in Arrow batches: (a) a hand-built
    ``Permutation.from_tables``, (b) the view that the IO manager hands out (``open_view``);
-3. the peak RSS of every timed call, against the base table's size on disk.
+3. stratified 5-fold cross-validation on the 100-class ``label`` column: (a) scikit-learn's
+   ``StratifiedKFold(shuffle=True).split`` on the label array, all folds' (train, test) index
+   arrays, (b) a ``folds_asset`` through ``dg.materialize``: assignment, both persisted tables
+   and the blocking asset checks that re-read them; also the project's ``build_folds`` without
+   Dagster or writes, and ``assign.stratified_kfold`` on the label array alone (``--no-folds``
+   skips this phase);
+4. the peak RSS of every timed call, against the base table's size on disk.
 
 Run: ``make bench`` or ``.venv/bin/python bench/bench.py --rows 1000000 10000000``.
 No ``from __future__ import annotations``: Dagster reads the asset functions' annotations.
@@ -36,20 +42,27 @@ import numpy as np
 import pyarrow as pa
 from lancedb.db import DBConnection
 from lancedb.permutation import Permutation, Transforms, permutation_builder
+from sklearn import __version__ as sklearn_version
+from sklearn.model_selection import StratifiedKFold as SklearnStratifiedKFold
 
 from perm_assets import (
+    FoldsSpec,
     LanceDBIOManager,
     LanceDBResource,
     PermutationSpec,
     RandomSplit,
     Shuffle,
+    StratifiedKFold,
     ViewRequest,
     WriteMode,
     build_permutation,
+    folds_asset,
     open_view,
     permutation_asset,
     table_name,
 )
+from perm_assets.assign import check_stratified, stratified_kfold
+from perm_assets.folds import TRAIN_SUFFIX, build_folds
 from perm_assets.io_manager import recorded_version
 from perm_assets.tables import write_table
 
@@ -83,14 +96,25 @@ BUILD_NOOP = "    Dagster no-op materialize"
 READ_A = "(a) Permutation.from_tables"
 READ_B = "(b) open_view (IO manager)"
 READ_FLOOR = "    (a) without with_* copies (floor)"
+FOLDS_A = "(a) sklearn StratifiedKFold.split"
+FOLDS_B = "(b) folds_asset, materialize+checks"
+FOLDS_NO_DAGSTER = "    build_folds, no Dagster/writes"
+FOLDS_ASSIGN = "    assign.stratified_kfold"
 
 SOURCE_ASSET = "bench_table"
 PERM_ASSET = "bench_splits"
 DIRECT_PERM_TABLE = "bench_splits_direct"
 NOOP_ASSET = "bench_noop"
+FOLDS_ASSET = "bench_folds"
+
+# Cross-validation: stratified k-fold on the synthetic label column, the same seed everywhere.
+FOLDS_K = 5
+FOLDS_LABEL = "label"
+FOLDS_SEED = 0
 
 BUILD_TARGET = 1.3  # (b) may take at most 1.3x the direct build
 READ_TARGET = 0.95  # (b) must read at least 95% as fast as the hand-built permutation
+FOLDS_TARGET = 1.0  # folds (b) and assign.stratified_kfold: no slower than scikit-learn
 # A timed call whose RSS grows by more than this share of the base table's on-disk size is
 # suspected of loading the whole table.
 RSS_SUSPECT_SHARE = 0.5
@@ -244,6 +268,15 @@ def spec() -> PermutationSpec:
     )
 
 
+def stratified_folds() -> StratifiedKFold:
+    return StratifiedKFold(k=FOLDS_K, label=FOLDS_LABEL, seed=FOLDS_SEED)
+
+
+def folds_spec() -> FoldsSpec:
+    """What ``folds_asset`` makes of ``folds=stratified_folds()`` (no filter, no shuffle)."""
+    return FoldsSpec(folds=stratified_folds())
+
+
 # ---------------------------------------------------------------------------- the bench
 @contextmanager
 def baseline_memory_limit() -> Iterator[None]:
@@ -271,9 +304,11 @@ class SizeBench:
         repeat: int,
         vector_dim: int,
         instance: dg.DagsterInstance,
+        folds: bool = True,
     ) -> None:
         self.size = size
         self.repeat = repeat
+        self.with_folds = folds
         self.root = root
         self.instance = instance
         self.db = LanceDBResource(uri=str(root / "lancedb"))
@@ -288,15 +323,21 @@ class SizeBench:
         )
         self.source_table = table_name(self.source.key)
         self.perm_table = table_name(self.perm.key)
+        self.folds = folds_asset(FOLDS_ASSET, source=self.source, folds=stratified_folds())
+        self.folds_table = table_name(self.folds.key)
         self.figures: list[Figure] = []
         self.base_bytes = 0
+        # Folds phase: the label column (read untimed) and the last fold ids of each variant.
+        self.labels: np.ndarray = np.empty(0, dtype=np.int64)
+        self._sklearn_tests: list[np.ndarray] = []
+        self._assigned: np.ndarray = np.empty(0, dtype=np.uint64)
 
     def log(self, text: str) -> None:
         print(f"  [{self.size:,} rows] {text}", flush=True)
 
     def _materialize(
         self, assets: list[dg.AssetsDefinition], selection: list[dg.AssetsDefinition]
-    ) -> None:
+    ) -> dg.ExecuteInProcessResult:
         result = dg.materialize(
             assets,
             selection=selection,
@@ -306,6 +347,7 @@ class SizeBench:
         )
         if not result.success:
             raise RuntimeError(f"materializing {[a.key for a in selection]} failed")
+        return result
 
     def _connect(self) -> DBConnection:
         # lancedb's defaults (no read-consistency checks): the fastest plain-lancedb setup.
@@ -380,9 +422,12 @@ class SizeBench:
             raise AssertionError("the direct and project builds differ; the comparison is void")
 
     def _perm_version(self) -> int:
-        version = recorded_version(self.instance, self.perm.key)
+        return self._version(self.perm.key)
+
+    def _version(self, key: dg.AssetKey) -> int:
+        version = recorded_version(self.instance, key)
         if version is None:
-            raise AssertionError(f"{self.perm.key.to_user_string()} has no recorded version")
+            raise AssertionError(f"{key.to_user_string()} has no recorded version")
         return version
 
     # ---------------------------------------------------------------------- phase 2: read
@@ -435,6 +480,90 @@ class SizeBench:
         if len(rows) != 1:
             raise AssertionError(f"the read variants got different row counts: {rows}")
 
+    # --------------------------------------------------------------------- phase 3: folds
+    def _read_labels(self) -> np.ndarray:
+        """The label column alone, in table order (as ``build_folds`` scans it)."""
+        table = self._connect().open_table(self.source_table)
+        data = table.search().select([FOLDS_LABEL]).to_arrow()
+        labels = data.column(FOLDS_LABEL).to_numpy()
+        if labels.size != self.size:
+            raise AssertionError(f"read {labels.size:,} labels from {self.size:,} rows")
+        return labels
+
+    def folds_sklearn(self) -> int:
+        """(a): scikit-learn's shuffled StratifiedKFold, all k (train, test) index arrays."""
+        labels = self.labels
+        splitter = SklearnStratifiedKFold(n_splits=FOLDS_K, shuffle=True, random_state=FOLDS_SEED)
+        folds = list(splitter.split(np.zeros(labels.size), labels))
+        self._sklearn_tests = [test for _, test in folds]
+        return labels.size
+
+    def folds_project(self) -> int:
+        """(b): the folds asset, materialized with the source already written: assignment,
+        the folds and training tables written, and the blocking checks re-reading them."""
+        _require_clean_env()
+        result = self._materialize([self.source, self.folds], [self.folds])
+        evaluations = result.get_asset_check_evaluations()
+        failed = [e.check_name for e in evaluations if not e.passed]
+        if not evaluations or failed:
+            raise AssertionError(f"folds checks: {len(evaluations)} ran, failed: {failed}")
+        return self.size
+
+    def folds_project_no_dagster(self) -> int:
+        """The project's fold assignment in memory: scan, assign, both tables; no writes."""
+        _require_clean_env()
+        table = self.db.open_table(self.source_table)
+        data = build_folds(table, folds_spec().resolve_seeds(), asset=FOLDS_ASSET)
+        return data.validation.num_rows
+
+    def folds_assign(self) -> int:
+        """The project's assignment function alone, on the label array."""
+        self._assigned = stratified_kfold(self.labels, FOLDS_K, seed=FOLDS_SEED)
+        return self._assigned.size
+
+    def bench_folds(self) -> None:
+        self.labels = self._read_labels()
+        classes = np.unique(self.labels).size
+        self.log(f"folds: {classes} classes in {self.labels.size:,} labels")
+        variants: list[tuple[str, Callable[[], int]]] = [
+            (FOLDS_A, self.folds_sklearn),
+            (FOLDS_B, self.folds_project),
+            (FOLDS_NO_DAGSTER, self.folds_project_no_dagster),
+            (FOLDS_ASSIGN, self.folds_assign),
+        ]
+        self._run_alternating("folds", variants)
+        self._check_folds()
+        self.labels = np.empty(0, dtype=np.int64)
+        self._sklearn_tests, self._assigned = [], np.empty(0, dtype=np.uint64)
+
+    def _check_folds(self) -> None:
+        """The persisted folds are assign's, and both assignments are stratified alike."""
+        n = self.labels.size
+        persisted = self.db.open_table(self.folds_table, version=self._version(self.folds.key))
+        fold_ids = persisted.search().select(["split_id"]).to_arrow().column("split_id")
+        project_sizes = np.bincount(fold_ids.to_numpy().astype(np.int64), minlength=FOLDS_K)
+        assign_sizes = np.bincount(self._assigned.astype(np.int64), minlength=FOLDS_K)
+        train_rows = self.db.open_table(self.folds_table + TRAIN_SUFFIX).count_rows()
+        sklearn_ids = np.empty(n, dtype=np.uint64)
+        for i, test in enumerate(self._sklearn_tests):
+            sklearn_ids[test] = i
+        sklearn_sizes = np.array([t.size for t in self._sklearn_tests])
+        stratified = [
+            check_stratified(ids, self.labels, FOLDS_K)["passed"]
+            for ids in (self._assigned, sklearn_ids)
+        ]
+        same = (
+            project_sizes.tolist() == assign_sizes.tolist() == sklearn_sizes.tolist()
+            and train_rows == (FOLDS_K - 1) * n
+        )
+        self.log(
+            f"fold sizes project, assign and sklearn identical: {same} "
+            f"({project_sizes.tolist()}, {train_rows:,} training rows); each class within one "
+            f"row of n/k per fold: project {stratified[0]}, sklearn {stratified[1]}"
+        )
+        if not (same and all(stratified)):
+            raise AssertionError("the fold assignments differ in size or stratification")
+
     # ------------------------------------------------------------------------- plumbing
     def _run_alternating(
         self, phase: str, variants: list[tuple[str, Callable[[], int]]]
@@ -455,6 +584,8 @@ class SizeBench:
         self.write_source()
         self.bench_build()
         self.bench_read()
+        if self.with_folds:
+            self.bench_folds()
 
 
 def _drain(view: Permutation) -> int:
@@ -493,6 +624,8 @@ def report(benches: list[SizeBench], total_seconds: float) -> None:
     print("rows/s: build = base-table rows / s; read = rows of the split / s. Best of the repeats;")
     print("peak RSS: largest over repeats of the process peak during one call (growth: above")
     print("the RSS at the call's start).")
+    if any(f.phase == "folds" for b in benches for f in b.figures):
+        print("folds: rows/s = labelled base-table rows / s.")
     print()
     for bench in benches:
         fig = {f.variant: f for f in bench.figures}
@@ -515,6 +648,8 @@ def report(benches: list[SizeBench], total_seconds: float) -> None:
             f"  read (b)/(floor) rows/s = {read_b.rows_per_s / floor.rows_per_s:.3f}: the view "
             "against lancedb without its with_* copies"
         )
+        if FOLDS_A in fig:
+            _report_folds(bench, fig)
     print()
     for bench in benches:
         base_mib = bench.base_bytes / 2**20
@@ -534,7 +669,57 @@ def report(benches: list[SizeBench], total_seconds: float) -> None:
             f"growth {worst.growth_mib:,.1f} MiB in {worst.phase} {worst.variant.strip()} "
             f"({share:.2f}x the table): {verdict}"
         )
+    for bench in benches:
+        _report_folds_memory(bench)
     print(f"\ntotal run time: {total_seconds:.1f} s")
+
+
+def _report_folds(bench: SizeBench, fig: dict[str, Figure]) -> None:
+    sklearn, project = fig[FOLDS_A], fig[FOLDS_B]
+    no_dagster, alone = fig[FOLDS_NO_DAGSTER], fig[FOLDS_ASSIGN]
+    print(
+        f"ratio folds  rows={bench.size}  (b)/(a) seconds = "
+        + _ratio(project.seconds / sklearn.seconds, FOLDS_TARGET, at_most=True)
+    )
+    print(
+        f"ratio assign rows={bench.size}  stratified_kfold/(a) seconds = "
+        + _ratio(alone.seconds / sklearn.seconds, FOLDS_TARGET, at_most=True)
+    )
+    noop = (
+        f"; a Dagster run alone takes {fig[BUILD_NOOP].seconds:.3f} s" if BUILD_NOOP in fig else ""
+    )
+    print(
+        f"  folds (b) {project.seconds:.3f} s = build_folds {no_dagster.seconds:.3f} s (of which "
+        f"stratified_kfold {alone.seconds:.3f} s) + writes, checks and Dagster "
+        f"{project.seconds - no_dagster.seconds:.3f} s{noop}"
+    )
+
+
+def _report_folds_memory(bench: SizeBench) -> None:
+    """RSS growth of each folds call against the base table on disk."""
+    figures = [f for f in bench.figures if f.phase == "folds"]
+    if not figures:
+        return
+    base_mib = bench.base_bytes / 2**20
+    worst = max(figures, key=lambda f: f.growth_mib if math.isfinite(f.growth_mib) else -1)
+    share = worst.growth_mib / base_mib if base_mib else float("nan")
+    if not math.isfinite(share):
+        verdict = "unknown: this OS cannot reset the peak RSS per call"
+    elif base_mib < RSS_MIN_TABLE_MIB:
+        verdict = "inconclusive: the table is smaller than the libraries' own allocations"
+    elif share < RSS_SUSPECT_SHARE:
+        verdict = f"ok: every call under {RSS_SUSPECT_SHARE:.2f}x the table"
+    else:
+        verdict = f"MISSED: {worst.variant.strip()} grew by {share:.2f}x the table"
+    growths = ", ".join(
+        f"{f.variant.strip().split(',')[0]} {f.growth_mib:,.1f} MiB "
+        f"({f.growth_mib / base_mib if base_mib else float('nan'):.2f}x)"
+        for f in figures
+    )
+    print(
+        f"memory folds rows={bench.size}  base table on disk {base_mib:,.1f} MiB; RSS growth: "
+        f"{growths}; {verdict}"
+    )
 
 
 # ----------------------------------------------------------------------------------- main
@@ -558,6 +743,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=DEFAULT_DATA_DIR,
         help=f"where the tables are written, replaced per run (default: {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--no-folds",
+        action="store_true",
+        help="skip the cross-validation phase (folds_asset and assignment vs scikit-learn)",
     )
     parser.add_argument(
         "--vector-dim",
@@ -588,6 +778,11 @@ def main(argv: list[str] | None = None) -> int:
         f"shuffle seed {SHUFFLE_SEED}; read: split {READ_SPLIT!r}, columns {READ_COLUMNS}, "
         f"arrow batches of {READ_BATCH:,}; vector dim {args.vector_dim}"
     )
+    if not args.no_folds:
+        print(
+            f"folds: stratified {FOLDS_K}-fold on {FOLDS_LABEL!r} ({NUM_CLASSES} classes), seed "
+            f"{FOLDS_SEED}, against scikit-learn {sklearn_version}'s StratifiedKFold(shuffle=True)"
+        )
     benches: list[SizeBench] = []
     for size in args.rows:
         root = args.data_dir / f"rows_{size}"
@@ -595,7 +790,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{size:,} rows, best of {args.repeat}:", flush=True)
         with dg.DagsterInstance.ephemeral() as instance:
             bench = SizeBench(
-                size, root=root, repeat=args.repeat, vector_dim=args.vector_dim, instance=instance
+                size,
+                root=root,
+                repeat=args.repeat,
+                vector_dim=args.vector_dim,
+                instance=instance,
+                folds=not args.no_folds,
             )
             bench.run()
         benches.append(bench)
