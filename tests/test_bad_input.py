@@ -114,7 +114,9 @@ def test_calculated_split_outside_the_declared_range_fails(
     perm = permutation_asset(
         "perm", source=SOURCE, split=CalculatedSplit(expression="id % 3", split_names=["a", "b"])
     )
-    with pytest.raises(SpecError, match=r"split id 2 is outside 0..1, but only 2 splits \(\['a', 'b'\]\)"):
+    with pytest.raises(
+        SpecError, match=r"split id 2 is outside 0\.\.1, but only 2 splits \(\['a', 'b'\]\)"
+    ):
         run([SOURCE, perm])
     assert not db.table_exists("perm")
 
