@@ -107,7 +107,7 @@ def permutation_asset(
         )
         yield _output(data)
         # The IO manager has persisted the output by now: check what was written.
-        yield from run_permutation_checks(resource, table_name(key), run_spec, checks)
+        yield from run_permutation_checks(resource, table_name(key), data, checks)
 
     return _asset(
         key=key,
@@ -189,7 +189,7 @@ def folds_asset(
             f"{data.train_rows()} of {data.validation.base_table}@{data.validation.base_version}"
         )
         yield _output(data.validation, value=data)
-        yield from run_folds_checks(resource, table_name(key), run_spec, checks)
+        yield from run_folds_checks(resource, table_name(key), data, checks)
 
     asset = _asset(
         key=key,
