@@ -9,3 +9,8 @@ class SpecError(ValueError):
 
 class TableNotFoundError(LookupError):
     """A LanceDB table, or the version of it that an asset recorded, is not there."""
+
+
+class LineageError(LookupError):
+    """A recorded view cannot be reopened faithfully: a version was cleaned up, a table was
+    deleted, or the base table was dropped and re-created."""

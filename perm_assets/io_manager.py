@@ -32,10 +32,13 @@ from pydantic import Field
 from perm_assets.build import PermutationData, split_rows_of, with_permutation_metadata
 from perm_assets.errors import SpecError
 from perm_assets.folds import TRAIN_SUFFIX, FoldsData
+from perm_assets.lineage import lineage_of, recorded_version
+from perm_assets.pins import new_pin, pin
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import (
     BASE_TABLE_KEY,
     BASE_VERSION_KEY,
+    PIN_KEY,
     WriteMode,
     is_permutation_schema,
     table_name,
@@ -105,9 +108,17 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
         folds version finds exactly the training sets built with it."""
         self._require_overwrite(context, asset=asset)
         connection = self.db.connect()
+        pin_name = new_pin(name)
         train = write_table(connection, name + TRAIN_SUFFIX, folds.train, WriteMode.OVERWRITE)
         data = folds.with_train_table(train.name, train.version)
-        self._write_permutation(context, name, replace(folds.validation, data=data), asset=asset)
+        self._write_permutation(
+            context,
+            name,
+            replace(folds.validation, data=data),
+            asset=asset,
+            pin_name=pin_name,
+            also_pin=[train],
+        )
         metadata: dict[str, Any] = {
             "perm_assets/k": folds.k,
             "perm_assets/train_table": train.name,
@@ -126,16 +137,34 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             )
 
     def _write_permutation(
-        self, context: dg.OutputContext, name: str, perm: PermutationData, *, asset: str
+        self,
+        context: dg.OutputContext,
+        name: str,
+        perm: PermutationData,
+        *,
+        asset: str,
+        pin_name: str | None = None,
+        also_pin: list[Table] | None = None,
     ) -> None:
+        """Pin the base version, write the permutation table, pin its new version too."""
         self._require_overwrite(context, asset=asset)
-        table = write_table(self.db.connect(), name, perm.data, WriteMode.OVERWRITE)
+        connection = self.db.connect()
+        pin_name = pin_name or new_pin(name)
+        # Pinned before the write: from now on no cleanup can remove the version it reads.
+        pin(connection.open_table(perm.base_table), pin_name, perm.base_version)
+        schema_metadata = dict(perm.data.schema.metadata or {})
+        schema_metadata[PIN_KEY.encode()] = pin_name.encode()
+        data = perm.data.replace_schema_metadata(schema_metadata)
+        table = write_table(connection, name, data, WriteMode.OVERWRITE)
+        for written in [table, *(also_pin or [])]:
+            pin(written, pin_name, written.version)
         metadata: dict[str, Any] = {
             **self._common_metadata(table),
             "dagster/row_count": perm.num_rows,
             "lance/base_table": perm.base_table,
             "lance/base_version": perm.base_version,
             "perm_assets/split_names": ", ".join(perm.split_names),
+            "perm_assets/pin": pin_name,
             KIND_KEY: "permutation",
         }
         metadata.update({f"rows/{n}": r for n, r in perm.rows_by_split().items()})
@@ -220,7 +249,7 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
         # A fold-partitioned consumer reads the fold named by its partition key.
         partition = context.partition_key if context.has_partition_key else None
         if _is_mapping_type(wanted):
-            return open_split_views(
+            views = open_split_views(
                 self.db,
                 asset=asset,
                 table=name,
@@ -228,6 +257,8 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
                 request=request,
                 partition_key=partition,
             )
+            _record_lineage(context, lineage_of(list(views.values()), keys=list(views)))
+            return views
         view = open_view(
             self.db,
             asset=asset,
@@ -236,6 +267,7 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             request=request,
             partition_key=partition,
         )
+        _record_lineage(context, lineage_of([view]))
         if wanted is pa.Table:
             return read_arrow(view)
         if wanted is pd.DataFrame:
@@ -272,14 +304,10 @@ def _is_mapping_type(annotation: object) -> bool:
     return isinstance(origin, type) and issubclass(origin, Mapping)
 
 
-def recorded_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> int | None:
-    """The Lance version the asset's latest materialization wrote (None: never materialized)."""
-    event = instance.get_latest_materialization_event(key)
-    materialization = event.asset_materialization if event is not None else None
-    if materialization is None:
-        return None
-    entry = materialization.metadata.get(VERSION_KEY)
-    return int(entry.value) if entry is not None else None  # type: ignore[arg-type]
+def _record_lineage(context: dg.InputContext, metadata: dict[str, Any]) -> None:
+    """Record the view on the consumer's LOADED_INPUT event (see `reproduce_input`)."""
+    if context.has_asset_key:
+        context.add_input_metadata(metadata, description="perm_assets view")
 
 
 def _base_table_of(context: dg.OutputContext, schema: pa.Schema, *, asset: str) -> str:

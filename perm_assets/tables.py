@@ -27,6 +27,8 @@ SPEC_KEY = "perm_assets.spec"
 KIND_META_KEY = "perm_assets.kind"
 TRAIN_TABLE_KEY = "perm_assets.train_table"
 TRAIN_VERSION_KEY = "perm_assets.train_version"
+# The Lance tag that pins the base version (see perm_assets.pins).
+PIN_KEY = "perm_assets.pin"
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # Lance commits are optimistic: a writer that lost a race gets "Retryable commit conflict".

@@ -9,7 +9,9 @@ it carries its `ViewLineage`: which asset, table versions, split and columns it 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import os
+import pickle
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast, get_args
 
@@ -20,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, fold_index
+from perm_assets.pins import verify_pin
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import (
     BASE_TABLE_KEY,
     BASE_VERSION_KEY,
     KIND_META_KEY,
+    PIN_KEY,
     SPLIT_NAMES_KEY,
     TRAIN_TABLE_KEY,
     TRAIN_VERSION_KEY,
@@ -104,6 +108,8 @@ class ViewLineage:
     base_version: int
     split: str | None
     split_index: int
+    format: str | None = None
+    batch_size: int | None = None
 
     def as_metadata(self, columns: list[str] | None = None) -> dict[str, Any]:
         """Flat ``lineage/*`` entries for a Dagster materialization."""
@@ -125,6 +131,74 @@ class PermutationView(Permutation):
         new.__dict__.update(self.__dict__)
         return new
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Where to reopen the view (under 1 KB), never its rows or secret values.
+
+        lancedb 0.40 pickles the whole permutation table (~160 MB at 10M rows) and the
+        connection's storage options in plain text. This state holds the `ViewLineage` (URI,
+        table names, pinned Lance versions, split index), selection, transform, batch size,
+        skip/take, and a `WorkerConnection`: public options verbatim, every other option as the
+        *name* of the environment variable holding it. A factory set with
+        `with_connection_factory` is pickled instead of the `WorkerConnection`.
+
+        Raises:
+            pickle.PicklingError: the view has no lineage, or an option not known to be public
+                has a value that no environment variable holds (pass it as ``dg.EnvVar``).
+        """
+        lineage: ViewLineage | None = self.__dict__.get("lineage")
+        if lineage is None:
+            raise pickle.PicklingError(
+                "this PermutationView has no lineage, so another process cannot reopen it; "
+                "get views from open_view or LanceDBIOManager"
+            )
+        factory = self.connection_factory
+        connection = None
+        if factory is None:
+            options = _storage_options_of(self.base_table)
+            connection = WorkerConnection.capture(lineage.uri, options, asset=lineage.asset)
+        return {
+            "lineage": lineage,
+            "selection": dict(self.selection),
+            "transform_fn": self.transform_fn,
+            "batch_size": self.batch_size,
+            "offset": self.offset,
+            "limit": self.limit,
+            "connection_factory": factory,
+            "connection": connection,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Reopen the tables at the pinned versions in ``state`` (see `__getstate__`).
+
+        Raises:
+            pickle.UnpicklingError: an environment variable named by the state is unset here.
+        """
+        lineage: ViewLineage = state["lineage"]
+        factory: Callable[[str], Table] | None = state["connection_factory"]
+        if factory is None:
+            db = cast(WorkerConnection, state["connection"]).resource()
+            # open_view re-checks the base table's pin, as it did in the parent.
+            view = open_view(
+                db,
+                asset=lineage.asset,
+                table=lineage.table,
+                version=lineage.table_version,
+                request=ViewRequest(split=lineage.split_index),
+            )
+        else:
+            view = _reopen_with_factory(factory, lineage)
+        self.__dict__.update(view.__dict__)
+        self.lineage = lineage
+        self.selection = state["selection"]
+        self.transform_fn = state["transform_fn"]
+        self.batch_size = state["batch_size"]
+        self.offset = state["offset"]
+        self.limit = state["limit"]
+        self.connection_factory = factory
+        if self.offset is not None or self.limit is not None:
+            # lancedb's _ensure_open rebuilds the reader, with skip and take, on first use.
+            self._pid = None
+
     def __iter__(self) -> Iterator[Any]:
         # lancedb's __iter__ skips a short last batch; a training view must not lose rows.
         return self.iter(self.batch_size, skip_last_batch=False)
@@ -140,6 +214,127 @@ class PermutationView(Permutation):
             **self.lineage.as_metadata(self.selected_columns),
             "lineage/rows": self.num_rows,
         }
+
+
+PUBLIC_STORAGE_OPTIONS = frozenset(
+    {
+        "region",
+        "aws_region",
+        "aws_default_region",
+        "endpoint",
+        "aws_endpoint",
+        "aws_endpoint_url",
+        "endpoint_url",
+        "allow_http",
+        "aws_allow_http",
+        "allow_invalid_certificates",
+        "virtual_hosted_style_request",
+        "aws_virtual_hosted_style_request",
+        "s3_express",
+        "aws_s3_express",
+        "unsigned_payload",
+        "conditional_put",
+        "aws_conditional_put",
+        "timeout",
+        "connect_timeout",
+        "proxy_url",
+        "azure_storage_account_name",
+        "account_name",
+    }
+)
+"""Storage options that are configuration, not credentials: pickled verbatim for workers."""
+
+
+@dataclass(frozen=True)
+class WorkerConnection:
+    """How another process reconnects to a view's database, without any secret value.
+
+    ``options`` holds public options (`PUBLIC_STORAGE_OPTIONS`) verbatim; ``env`` maps every
+    other option to the environment variable the worker reads it from, e.g.
+    ``(("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),)``. DataLoader workers inherit
+    the parent's environment, where ``dg.EnvVar`` options were resolved.
+    """
+
+    uri: str
+    options: tuple[tuple[str, str], ...]
+    env: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def capture(
+        cls,
+        uri: str,
+        storage_options: Mapping[str, str],
+        *,
+        asset: str,
+        environ: Mapping[str, str] | None = None,
+    ) -> WorkerConnection:
+        """Record ``storage_options`` as public values and environment variable names.
+
+        Raises:
+            pickle.PicklingError: a non-public option's value is in no environment variable.
+        """
+        environ = os.environ if environ is None else environ
+        public: list[tuple[str, str]] = []
+        from_env: list[tuple[str, str]] = []
+        for key, value in sorted(storage_options.items()):
+            if key.lower() in PUBLIC_STORAGE_OPTIONS or value == "":
+                public.append((key, value))
+                continue
+            name = _env_name_holding(key, value, environ)
+            if name is None:  # the message names the option, never its value
+                raise pickle.PicklingError(
+                    f"cannot send a view of asset '{asset}' to another process: storage "
+                    f"option '{key}' was given as a literal value that no environment variable "
+                    "holds, and pickling it would write a credential in plain text. Pass it as "
+                    "dg.EnvVar('NAME') (workers read NAME from their own environment) or use "
+                    "view.with_connection_factory(...)"
+                )
+            from_env.append((key, name))
+        # A relative local path must not depend on the worker's working directory.
+        root = uri if "://" in uri else os.path.abspath(uri)
+        return cls(uri=root, options=tuple(public), env=tuple(from_env))
+
+    def resource(self) -> LanceDBResource:
+        """The database, with option values read from this process's environment.
+
+        Raises:
+            pickle.UnpicklingError: a named environment variable is not set here.
+        """
+        missing = sorted({name for _, name in self.env if name not in os.environ})
+        if missing:
+            raise pickle.UnpicklingError(
+                f"reopening a view of '{self.uri}' in process {os.getpid()} needs environment "
+                f"variable(s) {', '.join(missing)} for its storage options; set them in the "
+                "worker's environment"
+            )
+        options = dict(self.options) | {key: os.environ[name] for key, name in self.env}
+        # Pinned versions never change, so re-checking for newer commits is wasted I/O.
+        return LanceDBResource(uri=self.uri, storage_options=options, read_consistency_seconds=None)
+
+
+def _env_name_holding(key: str, value: str, environ: Mapping[str, str]) -> str | None:
+    """The environment variable holding ``value``: ``KEY`` upper-cased first, else any."""
+    conventional = key.upper()
+    if environ.get(conventional) == value:
+        return conventional
+    return next((name for name in sorted(environ) if environ[name] == value), None)
+
+
+def _storage_options_of(table: Table) -> Mapping[str, str]:
+    # lancedb keeps the options on the table's connection and has no public accessor.
+    connection = getattr(table, "_conn", None)
+    return getattr(connection, "storage_options", None) or {}
+
+
+def _reopen_with_factory(factory: Callable[[str], Table], lineage: ViewLineage) -> PermutationView:
+    """A view's tables reopened by a user's `with_connection_factory` factory, pinned."""
+    base = factory(lineage.base_table)
+    base.checkout(lineage.base_version)
+    if lineage.table == lineage.base_table:  # an identity view of a table asset
+        return _as_view(PermutationView.from_tables(base, None, None))
+    stored = factory(lineage.table)
+    stored.checkout(lineage.table_version)
+    return _as_view(PermutationView.from_tables(base, stored, lineage.split_index))
 
 
 def split_names_of(schema: pa.Schema) -> list[str]:
@@ -305,8 +500,10 @@ def refine(view: PermutationView, request: ViewRequest, *, asset: str) -> Permut
         view = _as_view(view.select_columns(list(request.columns)))
     if request.format is not None:
         view = _as_view(view.with_format(request.format))
+        view.lineage = replace(view.lineage, format=request.format)
     if request.batch_size is not None:
         view = _as_view(view.with_batch_size(request.batch_size))
+        view.lineage = replace(view.lineage, batch_size=request.batch_size)
     return view
 
 
@@ -337,6 +534,9 @@ def _permutation_view(
     num_splits = len(names) or 1
     index = resolve_split(split, names, num_splits, asset=asset)
     base = db.open_table(base_name, version=base_version)
+    # A dropped and re-created base table reuses version numbers: the pin tells them apart.
+    pin = metadata.get(PIN_KEY.encode())
+    verify_pin(base, pin.decode() if pin else None, base_version, asset=asset)
     view = PermutationView.from_tables(base, stored, index)
     lineage = ViewLineage(
         asset=asset,
