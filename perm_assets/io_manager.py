@@ -39,6 +39,7 @@ from perm_assets.tables import (
     BASE_TABLE_KEY,
     BASE_VERSION_KEY,
     PIN_KEY,
+    SOURCE_TABLE_KEY,
     WriteMode,
     is_permutation_schema,
     table_name,
@@ -234,7 +235,7 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> object:
         key = context.asset_key
         asset = key.to_user_string()
-        name = table_name(key)
+        name = _stored_table(context)
         version = recorded_version(context.instance, key)
         wanted = context.dagster_type.typing_type
         if isinstance(wanted, type) and issubclass(wanted, Table):
@@ -302,6 +303,13 @@ def _set_data_version(context: dg.OutputContext, version: dg.DataVersion) -> Non
 def _is_mapping_type(annotation: object) -> bool:
     origin = get_origin(annotation) or annotation
     return isinstance(origin, type) and issubclass(origin, Mapping)
+
+
+def _stored_table(context: dg.InputContext) -> str:
+    """The upstream's LanceDB table: named by an observed source's metadata, else by its key."""
+    upstream = context.upstream_output
+    named = (upstream.definition_metadata or {}).get(SOURCE_TABLE_KEY) if upstream else None
+    return str(named) if named else table_name(context.asset_key)
 
 
 def _record_lineage(context: dg.InputContext, metadata: dict[str, Any]) -> None:

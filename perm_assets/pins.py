@@ -19,8 +19,9 @@ each table's versions older than both the requested age and its oldest remaining
 from __future__ import annotations
 
 import secrets
+import warnings
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from lancedb.table import Table
@@ -98,7 +99,6 @@ def retain(
     """
     if keep < 1:
         raise ValueError(f"keep={keep}: keep at least the latest version of each permutation")
-    now = now or datetime.now(UTC).replace(tzinfo=None)
     connection = db.connect()
     tables = {name: connection.open_table(name) for name in _table_names(connection)}
     live = _live_pins(tables, keep)
@@ -110,16 +110,43 @@ def retain(
             table.tags.delete(p)
         kept = sorted(set(pins) - set(retired))
         report.kept_pins[name], report.retired_pins[name] = kept, sorted(retired)
-        older_than = cleanup_older_than
-        if kept:  # clean nothing at or after the oldest pinned version
-            times = {v["version"]: v["timestamp"] for v in table.list_versions()}
-            oldest = min(times[pins[p]] for p in kept if pins[p] in times)
-            older_than = max(older_than, now - oldest + timedelta(seconds=1))
-        before = len(table.list_versions())
-        table.optimize(cleanup_older_than=older_than)
+        times = {v["version"]: v["timestamp"] for v in table.list_versions()}
+        oldest = min((times[pins[p]] for p in kept if pins[p] in times), default=None)
+        before = len(times)
+        older_than = _cleanup(table, cleanup_older_than, oldest, now)
         report.versions_removed[name] = before - len(table.list_versions())
         report.cleanup_older_than[name] = older_than
     return report
+
+
+def _cleanup(
+    table: Table, requested: timedelta, oldest_pinned: datetime | None, now: datetime | None
+) -> timedelta:
+    """Clean versions older than ``requested`` and than the oldest pinned version.
+
+    The cut-off is computed against our clock, Lance's is taken a moment later: if that moment
+    puts the pinned version past the cut-off Lance refuses the whole cleanup (nothing is lost),
+    so the margin is widened and the cleanup tried again.
+    """
+    for margin in (0.005, 0.05, 0.5, 5.0):
+        older_than = requested
+        if oldest_pinned is not None:
+            # lancedb reports version timestamps as naive local time.
+            clock = now or datetime.now()
+            older_than = max(requested, clock - oldest_pinned + timedelta(seconds=margin))
+        try:
+            with warnings.catch_warnings():
+                # lancedb warns on a cut-off of 0 (every old version goes): asked for here.
+                warnings.simplefilter("ignore", UserWarning)
+                table.optimize(cleanup_older_than=older_than)
+        except RuntimeError as exc:
+            if "tagged version" not in str(exc):
+                raise
+            continue
+        return older_than
+    raise RuntimeError(
+        f"table '{table.name}': Lance kept refusing to clean up around its pinned versions"
+    )
 
 
 def _table_names(connection: Any) -> list[str]:

@@ -27,6 +27,8 @@ SPEC_KEY = "perm_assets.spec"
 KIND_META_KEY = "perm_assets.kind"
 TRAIN_TABLE_KEY = "perm_assets.train_table"
 TRAIN_VERSION_KEY = "perm_assets.train_version"
+# Asset metadata naming the LanceDB table of an observed source (default: from the key).
+SOURCE_TABLE_KEY = "perm_assets/table"
 # The Lance tag that pins the base version (see perm_assets.pins).
 PIN_KEY = "perm_assets.pin"
 
