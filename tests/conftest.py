@@ -62,9 +62,9 @@ class Runner:
 
     def __call__(
         self,
-        assets: Sequence[dg.AssetsDefinition],
+        assets: Sequence[dg.AssetsDefinition | dg.SourceAsset],
         *,
-        selection: Sequence[dg.AssetsDefinition] | None = None,
+        selection: Sequence[dg.AssetsDefinition | dg.SourceAsset] | None = None,
         run_config: dict[str, Any] | None = None,
         raise_on_error: bool = True,
         partition_key: str | None = None,
