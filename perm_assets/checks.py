@@ -38,6 +38,7 @@ from perm_assets.specs import (
     TimeSeriesFolds,
     TimeSplit,
 )
+from perm_assets.tables import BASE_TABLE_KEY, BASE_VERSION_KEY, SPEC_KEY
 
 
 class Check(StrEnum):
@@ -49,6 +50,7 @@ class Check(StrEnum):
     GROUPS = "no_group_in_two_splits"
     TIME_ORDER = "earlier_splits_precede_later"
     TRAIN_VALIDATION = "train_and_validation_disjoint"
+    HASH_STABLE = "no_row_moved_between_splits"
 
 
 _DESCRIPTIONS = {
@@ -57,10 +59,18 @@ _DESCRIPTIONS = {
     Check.STRATIFIED: "Each class's rows per split are within 1 row of its exact share.",
     Check.GROUPS: "No group key has rows in two splits.",
     Check.TIME_ORDER: "Every row of a split is strictly earlier than every row of the next.",
+    Check.HASH_STABLE: "Against the previous version: every key still present keeps its split "
+    "(a refresh never moves a test row into training); rows added per split.",
     Check.TRAIN_VALIDATION: "No fold trains on its own validation rows; k-fold: train plus "
     "validation is every row.",
 }
-_BLOCKING = {Check.DISJOINT_COMPLETE, Check.GROUPS, Check.TIME_ORDER, Check.TRAIN_VALIDATION}
+_BLOCKING = {
+    Check.DISJOINT_COMPLETE,
+    Check.GROUPS,
+    Check.TIME_ORDER,
+    Check.TRAIN_VALIDATION,
+    Check.HASH_STABLE,
+}
 
 
 def permutation_checks(spec: PermutationSpec) -> list[Check]:
@@ -75,6 +85,8 @@ def permutation_checks(spec: PermutationSpec) -> list[Check]:
         checks.append(Check.GROUPS)
     if isinstance(split, TimeSplit):
         checks.append(Check.TIME_ORDER)
+    if isinstance(split, HashSplit):
+        checks.append(Check.HASH_STABLE)
     return checks
 
 
@@ -134,6 +146,12 @@ def run_permutation_checks(
 
     if Check.SIZES in checks:
         yield _result(Check.SIZES, _sizes(split, split_ids, num_splits))
+    if isinstance(split, HashSplit):
+        current = Scanned(row_ids=row_ids, columns={})
+        yield _result(
+            Check.HASH_STABLE,
+            _hash_stability(db, table, base, spec, split, current, split_ids, figures),
+        )
     columns = _needed(split)
     if not columns:
         return
@@ -349,3 +367,87 @@ def _metadata_value(value: Any) -> Any:
     if value is None:
         return dg.MetadataValue.text("none")
     return value
+
+
+def _hash_stability(
+    db: LanceDBResource,
+    table: str,
+    base: Table,
+    spec: PermutationSpec,
+    split: HashSplit,
+    current: Scanned,
+    split_ids: np.ndarray,
+    persisted: dict[str, Any],
+) -> dict[str, Any]:
+    """Compare the split of every hash key with the permutation's previous version.
+
+    Keys are the hash columns' values (not row ids, which compaction renumbers). A key present
+    in both versions must be in the same split; new keys are counted per split.
+    """
+    names = spec.split_names()
+    version = int(persisted["persisted_version"])
+    previous = _previous_permutation(db, table, version)
+    keys = list(split.columns)
+    now = _keyed(base, spec.filter, keys, current.row_ids, split_ids)
+    if previous is None:
+        added = np.bincount(split_ids.astype(np.int64), minlength=len(names))
+        return {
+            "previous_version": None,
+            "rows_moved_between_splits": 0,
+            **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
+            "passed": True,
+        }
+    prev_table, prev_base, prev_filter = previous
+    prev_data = prev_table.to_arrow()
+    before = _keyed(
+        prev_base,
+        prev_filter,
+        keys,
+        prev_data.column("row_id").to_numpy(),
+        prev_data.column("split_id").to_numpy(),
+    )
+    joined = now.join(before, keys=keys, join_type="left outer", right_suffix="_before")
+    split_now = joined.column("split").to_numpy(zero_copy_only=False)
+    was = joined.column("split_before")
+    known = ~np.asarray(was.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    was_values = was.fill_null(0).to_numpy(zero_copy_only=False)
+    moved = int(np.count_nonzero(known & (split_now != was_values)))
+    added = np.bincount(split_now[~known].astype(np.int64), minlength=len(names))
+    return {
+        "previous_version": version - 1,
+        "keys_compared": int(np.count_nonzero(known)),
+        "rows_moved_between_splits": moved,
+        **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
+        "passed": moved == 0,
+    }
+
+
+def _previous_permutation(
+    db: LanceDBResource, table: str, version: int
+) -> tuple[Table, Table, str | None] | None:
+    """The version before ``version`` of ``table`` with its base, if it was a hash split."""
+    if version <= 1:
+        return None
+    try:
+        previous = db.open_table(table, version=version - 1)
+        metadata = previous.schema.metadata or {}
+        spec = PermutationSpec.model_validate_json(metadata[SPEC_KEY.encode()])
+        base = db.open_table(
+            metadata[BASE_TABLE_KEY.encode()].decode(),
+            version=int(metadata[BASE_VERSION_KEY.encode()]),
+        )
+    except (KeyError, ValueError, LookupError):
+        return None  # no comparable previous version (cleaned up, or another kind of table)
+    if not isinstance(spec.split, HashSplit):
+        return None
+    return previous, base, spec.filter
+
+
+def _keyed(
+    base: Table, filter: str | None, keys: list[str], row_ids: np.ndarray, split_ids: np.ndarray
+) -> pa.Table:
+    """One row per distinct key: its split (keys of one hash always share a split)."""
+    values = _aligned(base, filter, keys, row_ids)
+    table = pa.table({**{k: values.columns[k] for k in keys}, "split": pa.array(split_ids)})
+    grouped = table.group_by(keys).aggregate([("split", "min")])
+    return grouped.select([*keys, "split_min"]).rename_columns([*keys, "split"])

@@ -300,3 +300,61 @@ def test_raw_lancedb_builder_output_is_persisted_with_its_metadata(
     assert sorted(
         db_view(db, "raw_perm", "x").to_pylist() + db_view(db, "raw_perm", "y").to_pylist()
     ) == list(range(N))
+
+
+def test_hash_split_check_reports_no_moved_rows_and_rows_added_per_split(
+    run: Runner, db: LanceDBResource
+) -> None:
+    state = {"start": 0}
+
+    @dg.asset(name="growing", metadata={"write_mode": "append"})
+    def growing() -> pa.Table:
+        rows = make_rows(400, start=state["start"])
+        state["start"] += 400
+        return rows
+
+    perm = permutation_asset(
+        "perm",
+        source=growing,
+        split=HashSplit(columns=["id"], weights=[3, 1], split_names=["train", "test"]),
+    )
+    first = run([growing, perm])
+    check = {e.check_name: e for e in first.get_asset_check_evaluations()}
+    stable = check["no_row_moved_between_splits"]
+    assert stable.passed
+    meta = {k: v.value for k, v in stable.metadata.items()}
+    assert meta["rows_added/train"] + meta["rows_added/test"] == 400
+
+    db.connect().open_table("growing").optimize()  # compaction renumbers row ids
+    second = run([growing, perm])
+    check = {e.check_name: e for e in second.get_asset_check_evaluations()}
+    meta = {k: v.value for k, v in check["no_row_moved_between_splits"].metadata.items()}
+    assert check["no_row_moved_between_splits"].passed
+    assert meta["rows_moved_between_splits"] == 0
+    assert meta["keys_compared"] == 400
+    assert meta["rows_added/train"] + meta["rows_added/test"] == 400
+    after = _split_of_each_id(db)
+    added = [i for i in after if i >= 400]
+    assert meta["rows_added/test"] == sum(1 for i in added if after[i] == "test")
+
+
+def test_hash_stability_check_catches_a_changed_assignment(
+    run: Runner, db: LanceDBResource
+) -> None:
+    # Fault injection: new weights re-deal rows between splits; the blocking check must say so.
+    first = permutation_asset(
+        "perm",
+        source=SOURCE,
+        split=HashSplit(columns=["id"], weights=[1, 1], split_names=["train", "test"]),
+    )
+    run([SOURCE, first])
+    result = run(
+        [SOURCE, first],
+        selection=[first],
+        run_config=_config("perm", weights=[1, 3]),
+        raise_on_error=False,
+    )
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    stable = check["no_row_moved_between_splits"]
+    assert not stable.passed
+    assert stable.metadata["rows_moved_between_splits"].value > 0
