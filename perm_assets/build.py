@@ -324,17 +324,21 @@ def read_order(split_ids: np.ndarray, shuffle: Shuffle | None) -> np.ndarray:
     together, as lancedb's clumped shuffle does: fewer, larger reads, less random order.
     """
     n = split_ids.size
+    # Split ids are small: a stable sort of them as uint8 is a radix sort (10M rows: ~50 ms).
+    splits = split_ids.astype(np.uint8) if split_ids.size and split_ids.max() < 256 else split_ids
     if shuffle is None:
-        return np.argsort(split_ids, kind="stable")
+        return np.argsort(splits, kind="stable")
     assert shuffle.seed is not None  # seeds are resolved before building
     rng = np.random.default_rng(shuffle.seed)
     if shuffle.clump_size is None or shuffle.clump_size == 1:
-        key = rng.permutation(n)
+        shuffled = rng.permutation(n)
     else:
         clumps = -(-n // shuffle.clump_size)
         key = rng.permutation(clumps)[np.arange(n) // shuffle.clump_size]
-    # lexsort: last key is primary; position breaks ties inside a clump (kept in table order).
-    return np.lexsort((np.arange(n), key, split_ids))
+        # Stable: rows of one clump stay together, in table order.
+        shuffled = np.argsort(key, kind="stable")
+    # Group by split keeping the shuffled order within each split.
+    return shuffled[np.argsort(splits[shuffled], kind="stable")]
 
 
 def permutation_table(row_ids: np.ndarray, split_ids: np.ndarray, *, base_version: int) -> pa.Table:

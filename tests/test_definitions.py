@@ -38,7 +38,14 @@ def test_definitions_wire_the_demo_assets_and_resources() -> None:
         "digits_folds",
         "digits_cv_model",
         "digits_cv_summary",
+        "digit_batches",
+        "digit_batches_splits",
+        "lance_maintenance",
     }
+    assert [s.name for s in defs.schedules or []] == ["refresh_digit_batches"]
+    sensors = list(defs.sensors or [])
+    assert [s.name for s in sensors] == ["perm_assets_automation"]
+    assert sensors[0].default_status == dg.DefaultSensorStatus.RUNNING
     resources = defs.resources or {}
     assert isinstance(resources["lancedb"], LanceDBResource)
     assert isinstance(resources["io_manager"], LanceDBIOManager)

@@ -84,3 +84,25 @@ def test_demo_cross_validation_trains_each_fold_without_leakage(run: Runner) -> 
     assert summary["accuracy_by_fold"] == accuracies
     assert summary["accuracy_mean"] == pytest.approx(float(np.mean(list(accuracies.values()))))
     assert summary["accuracy_mean"] > 0.9
+
+
+def test_demo_refresh_adds_rows_without_moving_any_and_maintenance_runs(run: Runner) -> None:
+    from perm_assets.demo.refresh import digit_batches, digit_batches_splits, lance_maintenance
+
+    assets = [digit_batches, digit_batches_splits, lance_maintenance]
+    run(assets, selection=[digit_batches, digit_batches_splits])
+    result = run(assets, selection=[digit_batches, digit_batches_splits])
+    splits = run.metadata("digit_batches_splits")
+    assert splits["dagster/row_count"] == 600
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    stable = check["no_row_moved_between_splits"]
+    figures = {k: v.value for k, v in stable.metadata.items()}
+    assert stable.passed and figures["rows_moved_between_splits"] == 0
+    assert figures["keys_compared"] == 300
+    assert figures["rows_added/train"] + figures["rows_added/test"] == 300
+
+    run(assets, selection=[lance_maintenance])
+    maintenance = run.metadata("lance_maintenance")
+    # Two permutation versions, both within keep=3: nothing to retire yet.
+    assert maintenance["pins_retired"] == 0
+    assert maintenance["pins_kept"] > 0

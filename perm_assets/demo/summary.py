@@ -9,7 +9,7 @@ import sys
 
 import dagster as dg
 
-from perm_assets.demo.assets import ASSETS
+from perm_assets.demo import ASSETS
 
 _SHOWN = (
     "lance/version",
