@@ -256,3 +256,18 @@ def test_pinned_versions_are_recorded_in_metadata(run: Runner, db: LanceDBResour
             read_arrow(load_view("splits", db=db, instance=run.instance)).column("id").to_numpy()
         ),
     )
+
+
+def test_retain_command_line_prints_one_line_per_table(
+    run: Runner, db: LanceDBResource, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from perm_assets.__main__ import main
+
+    source, _ = _growing_source()
+    splits = permutation_asset("splits", source=source)
+    run([source, splits])
+    run([source, splits])
+    assert main(["retain", "--uri", db.uri, "--keep", "1", "--days", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["rows", "splits"]
+    assert lines[1].startswith("splits: kept 1 pins, retired 1, removed 1 versions")
