@@ -10,6 +10,7 @@ rows) when a version was cleaned up or the base table was re-created (see `perm_
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +156,7 @@ def _lineage_views(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _reopen(db: LanceDBResource, meta: dict[str, Any]) -> PermutationView:
     asset = str(meta["asset"])
-    if str(meta["uri"]) != db.uri:
+    if _normalised(str(meta["uri"])) != _normalised(db.uri):
         raise LineageError(
             f"the view of asset '{asset}' was read from '{meta['uri']}', not '{db.uri}'; pass "
             "the LanceDBResource of that database"
@@ -189,6 +190,11 @@ def _reopen(db: LanceDBResource, meta: dict[str, Any]) -> PermutationView:
             f"{meta['base_table']}@{meta['base_version']}"
         )
     return refine(view, request, asset=asset)
+
+
+def _normalised(uri: str) -> str:
+    """A local path made absolute (the recorded one may be relative or absolute)."""
+    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
 
 
 def _split_columns(value: object) -> list[str] | None:
