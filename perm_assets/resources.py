@@ -84,11 +84,17 @@ class LanceDBResource(dg.ConfigurableResource):
         )
 
     def table_exists(self, name: str) -> bool:
-        """Whether a table called ``name`` exists in the database."""
+        """Whether a table called ``name`` exists in the database.
+
+        Only lancedb's "not found" counts as absent: a refused or failed request (bad
+        credentials, an unreachable store) raises instead of reading as "no table".
+        """
         try:
             self.connect().open_table(name)
-        except ValueError:
-            return False
+        except ValueError as exc:
+            if _is_not_found(exc):
+                return False
+            raise
         return True
 
     def open_table(self, name: str, *, version: int | None = None) -> Table:
@@ -101,6 +107,8 @@ class LanceDBResource(dg.ConfigurableResource):
         try:
             table = db.open_table(name)
         except ValueError as exc:  # lancedb: "Table 'x' was not found"
+            if not _is_not_found(exc):
+                raise
             raise TableNotFoundError(
                 f"LanceDB table '{name}' does not exist at '{self.uri}'. Materialize the asset "
                 "that writes it first."
@@ -136,3 +144,8 @@ class LanceDBResource(dg.ConfigurableResource):
                     os.environ.pop(BUILDER_MEMORY_ENV, None)
                 else:
                     os.environ[BUILDER_MEMORY_ENV] = previous
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    """lancedb's "Table 'x' was not found", as opposed to a refused or failed request."""
+    return "not found" in str(exc).lower()

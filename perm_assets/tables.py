@@ -8,6 +8,7 @@ and ``perm_assets.spec``.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
@@ -77,21 +78,46 @@ def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -
     A ``RecordBatchReader`` streams batch by batch into the commit; a failure part way leaves the
     previous version as the latest. In-memory data is retried on a commit conflict with jittered
     backoff (another process wrote the same table meanwhile); a consumed stream cannot be.
+
+    The returned table is checked out (read-only) at the version this write committed. A handle
+    left at "latest" on a connection with a read-consistency interval (the resource's default)
+    reports and reads whatever another process committed since, and the caller would record,
+    pin and count that version as its own.
     """
+    log = logging.getLogger(__name__)
     attempts = 1 if isinstance(data, pa.RecordBatchReader) else _MAX_ATTEMPTS
     for attempt in range(1, attempts + 1):
         try:
-            if mode is WriteMode.APPEND:
+            try:
+                # A fresh handle each attempt: one that lost a commit race never sees the winner
+                # when the connection does not re-check (read_consistency_interval=None).
+                table = db.open_table(name)
+            except ValueError:  # no table yet: this write creates it
                 try:
-                    table = db.open_table(name)
-                except ValueError:  # no table yet: the first append creates it
-                    return db.create_table(name, data)
-                table.add(data)
+                    table = db.create_table(name, data)
+                except ValueError as exc:
+                    if "already exists" not in str(exc) or attempt == attempts:
+                        raise
+                    # Another writer created it since our open: the next attempt writes onto it.
+                    log.warning("table %s: created by another writer meanwhile, retrying", name)
+                    continue
+                # Creating returns no version; a new table's own first commit is its version.
+                # (A concurrent creator can commit right after: then this may name its version.)
+                table.checkout(table.version)
                 return table
-            return db.create_table(name, data, mode="overwrite")
+            written = table.add(data, mode=mode.value)  # the version this commit made
+            table.checkout(written.version)
+            return table
         except (RuntimeError, OSError) as exc:
             if attempt == attempts or not _is_conflict(exc):
                 raise
+            log.warning(
+                "table %s: commit conflict on attempt %d of %d, retrying: %s",
+                name,
+                attempt,
+                attempts,
+                str(exc).splitlines()[0],
+            )
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")  # the loop returns or raises
 
