@@ -101,8 +101,9 @@ def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -
                     # Another writer created it since our open: the next attempt writes onto it.
                     log.warning("table %s: created by another writer meanwhile, retrying", name)
                     continue
-                # Creating returns no version; a new table's own first commit is its version.
-                # (A concurrent creator can commit right after: then this may name its version.)
+                # create_table reports no version, so it is read at once. A concurrent creator
+                # committing in between would be named instead: lancedb 0.40 offers no exact
+                # value here (add() does, below).
                 table.checkout(table.version)
                 return table
             written = table.add(data, mode=mode.value)  # the version this commit made

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -96,7 +98,7 @@ def test_demo_refresh_adds_rows_without_moving_any_and_maintenance_runs(run: Run
     assert splits["dagster/row_count"] == 600
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}
     stable = check["no_row_moved_between_splits"]
-    figures = {k: v.value for k, v in stable.metadata.items()}
+    figures: dict[str, Any] = {k: v.value for k, v in stable.metadata.items()}
     assert stable.passed and figures["rows_moved_between_splits"] == 0
     assert figures["keys_compared"] == 300
     assert figures["rows_added/train"] + figures["rows_added/test"] == 300
