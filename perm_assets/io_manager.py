@@ -87,9 +87,15 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
                 ".execute()). Return one of these, or give the asset another io_manager_key."
             )
         mode = self._write_mode(context, asset=asset)
-        before = self._latest_rows(name) if mode is WriteMode.APPEND else 0
         table = write_table(self.db.connect(), name, obj, mode)
         rows = table.count_rows()
+        # Counted against the version just before ours, not a count taken before writing:
+        # another process may have appended in between.
+        before = (
+            self.db.open_table(name, version=table.version - 1).count_rows()
+            if mode is WriteMode.APPEND and table.version > 1
+            else 0
+        )
         context.add_output_metadata(
             {
                 **self._common_metadata(table),
@@ -218,11 +224,6 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             raise SpecError(
                 f"asset '{asset}' has metadata write_mode={raw!r}; allowed: {allowed}"
             ) from None
-
-    def _latest_rows(self, name: str) -> int:
-        if not self.db.table_exists(name):
-            return 0
-        return self.db.open_table(name).count_rows()
 
     def _common_metadata(self, table: Table) -> dict[str, Any]:
         return {

@@ -93,6 +93,14 @@ def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -
                 # when the connection does not re-check (read_consistency_interval=None).
                 table = db.open_table(name)
             except ValueError:  # no table yet: this write creates it
+                if mode is WriteMode.APPEND:
+                    # Two first appends creating the table at once can both commit a version 1
+                    # and lose one's rows (lancedb 0.40). An empty create races harmlessly; the
+                    # append below is then a normal, conflict-retried commit.
+                    table = db.create_table(name, schema=_schema_of(data), exist_ok=True)
+                    written = table.add(data, mode=mode.value)
+                    table.checkout(written.version)
+                    return table
                 try:
                     table = db.create_table(name, data)
                 except ValueError as exc:
@@ -121,6 +129,12 @@ def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -
             )
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _schema_of(data: TableData) -> pa.Schema:
+    if isinstance(data, pd.DataFrame):
+        return pa.Schema.from_pandas(data, preserve_index=False)
+    return data.schema
 
 
 def _is_conflict(exc: BaseException) -> bool:

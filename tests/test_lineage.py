@@ -172,11 +172,16 @@ def test_a_recreated_base_table_fails_instead_of_returning_other_rows(
     run([source, splits])
     version = run.metadata("splits")["lance/version"]
 
+    base_version = run.metadata("splits")["lance/base_version"]
     connection = db.connect()
     connection.drop_table("rows")
-    connection.create_table("rows", make_rows(300, start=5_000))  # version 1 again, other rows
+    # Re-created with other rows, up to the same version number: lancedb alone would read it.
+    table = connection.create_table("rows", make_rows(300, start=5_000))
+    while table.version < base_version:
+        table.add(make_rows(10, start=9_000 + table.version * 10))
     with pytest.raises(
-        LineageError, match=r"asset 'splits' pins version 1 of base table 'rows'.*re-created"
+        LineageError,
+        match=rf"asset 'splits' pins version {base_version} of base table 'rows'.*re-created",
     ):
         open_view(db, asset="splits", table="splits", version=version, request=ViewRequest(split=0))
 
@@ -212,11 +217,13 @@ def test_pins_survive_cleanup_and_retain_retires_the_unneeded_ones(
     trainer = _trainer(splits, seen)
     assets = [source, splits, trainer]
     first_run = run(assets).run_id
-    run(assets)  # base v2, splits v2
+    first_base = run.metadata("splits")["lance/base_version"]
+    run(assets)  # a new base version, a new permutation version
+    second_base = run.metadata("splits")["lance/base_version"]
     base = db.connect().open_table("rows")
-    assert sorted(v["version"] for v in base.tags.list().values()) == [1, 2]
+    assert sorted(v["version"] for v in base.tags.list().values()) == [first_base, second_base]
 
-    # A plain cleanup cannot remove the pinned version 1.
+    # A plain cleanup cannot remove the pinned older version.
     with (
         pytest.warns(UserWarning, match="removes every version except the latest"),
         pytest.raises(RuntimeError, match=r"tagged version"),
@@ -229,7 +236,7 @@ def test_pins_survive_cleanup_and_retain_retires_the_unneeded_ones(
     report = retain(db, keep=1, cleanup_older_than=timedelta(0))
     assert len(report.retired_pins["rows"]) == 1 and len(report.kept_pins["rows"]) == 1
     assert report.versions_removed["rows"] >= 1
-    assert [v["version"] for v in base.tags.list().values()] == [2]
+    assert [v["version"] for v in base.tags.list().values()] == [second_base]
     with pytest.raises(LineageError):
         reproduce_input(db, run.instance, run_id=first_run, input_name="data")
     # The live permutation is untouched.
@@ -248,7 +255,8 @@ def test_pinned_versions_are_recorded_in_metadata(run: Runner, db: LanceDBResour
     run([source, splits])
     pin = run.metadata("splits")["perm_assets/pin"]
     assert pin.startswith("perm_assets.splits.")
-    for table, version in (("rows", 1), ("splits", 1)):
+    meta = run.metadata("splits")
+    for table, version in (("rows", meta["lance/base_version"]), ("splits", meta["lance/version"])):
         assert lancedb.connect(db.uri).open_table(table).tags.get_version(pin) == version
     assert np.array_equal(
         np.arange(300),
