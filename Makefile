@@ -49,7 +49,9 @@ check: $(STAMP) ## ruff, ruff format --check, pyright
 	$(BIN)/pyright
 
 bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench_torch.py
 
 clean: ## Remove the virtualenv, demo data and Dagster history
 	rm -rf $(VENV) data .dagster_home

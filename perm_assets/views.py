@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, cast, get_args
+from typing import IO, Any, Literal, cast, get_args
 
+import dagster as dg
 import pyarrow as pa
-from lancedb.permutation import Permutation
+from lancedb.permutation import Permutation, Transforms
 from lancedb.table import Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -123,6 +127,19 @@ class PermutationView(Permutation):
     """A `Permutation` of an asset's stored rows, pinned to the versions in `lineage`."""
 
     lineage: ViewLineage
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The process whose lancedb runtime holds this view's table handles (_build_reader).
+        self._home_pid = os.getpid()
+
+    async def _build_reader(self) -> Any:
+        # lancedb 0.40 is not fork-safe: in a forked child (DataLoader's default on Linux)
+        # reads hung or crashed in about one worker in ten here, and opening tables in one in
+        # two. A forked child reads through a fresh interpreter instead (_ForkedReader).
+        if self.__dict__.get("_home_pid", os.getpid()) != os.getpid():
+            return _ForkedReader(self.__getstate__())
+        return await super()._build_reader()
 
     def __copy__(self) -> PermutationView:
         # lancedb's with_* methods call copy.copy, which would otherwise go through
@@ -277,6 +294,9 @@ class WorkerConnection:
         public: list[tuple[str, str]] = []
         from_env: list[tuple[str, str]] = []
         for key, value in sorted(storage_options.items()):
+            if isinstance(value, dg.EnvVar):  # an unresolved resource (outside a Dagster run)
+                from_env.append((key, value.env_var_name))
+                continue
             if key.lower() in PUBLIC_STORAGE_OPTIONS or value == "":
                 public.append((key, value))
                 continue
@@ -324,6 +344,119 @@ def _storage_options_of(table: Table) -> Mapping[str, str]:
     # lancedb keeps the options on the table's connection and has no public accessor.
     connection = getattr(table, "_conn", None)
     return getattr(connection, "storage_options", None) or {}
+
+
+class _ForkedReader:
+    """lancedb's ``PermutationReader`` interface, answered by a helper interpreter.
+
+    The helper (`_serve_forked_reads`) unpickles the view, which reopens its pinned tables in a
+    process whose lancedb runtime was never forked, and answers one request at a time over its
+    stdin and stdout (Arrow batches pickle as Arrow IPC buffers). It exits when this process
+    closes the pipe or exits. Starting it costs one interpreter's imports (~2-3 s) per worker.
+    """
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        # Batches come back as Arrow; this process applies the view's own transform.
+        state = {**state, "transform_fn": Transforms.arrow2arrow}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import perm_assets.views as v; v._serve_forked_reads()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        # One request at a time: num_rows calls count_rows from the caller's thread, the rest
+        # arrive on lancedb's event-loop thread.
+        self._lock = threading.Lock()
+        self._send(state)
+
+    def _send(self, message: object) -> None:
+        stdin = cast(IO[bytes], self._process.stdin)
+        pickle.dump(message, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        stdin.flush()
+
+    def _call(self, *request: Any) -> Any:
+        try:
+            with self._lock:
+                self._send(request)
+                kind, value = pickle.load(cast(IO[bytes], self._process.stdout))
+        except EOFError:
+            raise RuntimeError(
+                f"the read helper (pid {self._process.pid}) of forked process {os.getpid()} "
+                f"exited with code {self._process.wait()}; its error is on stderr"
+            ) from None
+        if kind == "error":
+            raise value
+        return value
+
+    async def take_offsets(
+        self, offsets: list[int], *, selection: dict[str, str] | None = None
+    ) -> pa.RecordBatch:
+        return self._call("take", list(offsets), selection)
+
+    async def output_schema(self, selection: dict[str, str] | None = None) -> pa.Schema:
+        return self._call("schema", selection)
+
+    def count_rows(self) -> int:
+        return self._call("count")
+
+    async def read(self, selection: dict[str, str], *, batch_size: int) -> _ForkedBatches:
+        self._call("read", batch_size, selection)
+        return _ForkedBatches(self)
+
+
+class _ForkedBatches:
+    """The batches of one `_ForkedReader.read`, pulled one request at a time."""
+
+    def __init__(self, reader: _ForkedReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _ForkedBatches:
+        return self
+
+    async def __anext__(self) -> pa.RecordBatch:
+        batch = self._reader._call("next")
+        if batch is None:
+            raise StopAsyncIteration
+        return batch
+
+
+def _serve_forked_reads() -> None:
+    """Main loop of a `_ForkedReader` helper: a view's pickled state, then requests, on stdin."""
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a library's print must not corrupt the reply stream
+    view = object.__new__(PermutationView)
+    view.__setstate__(pickle.load(requests))  # reopens the pinned tables, here
+    stream: Iterator[Any] = iter(())
+    while True:
+        try:
+            kind, *args = pickle.load(requests)
+        except EOFError:  # the forked worker closed the pipe or exited
+            return
+        try:
+            if kind == "count":
+                reply = view.num_rows
+            elif kind == "next":
+                reply = next(stream, None)
+            else:
+                selected = view._with_selection(
+                    args[-1] if args[-1] is not None else view.selection
+                )
+                if kind == "take":
+                    reply = selected.take_offsets(args[0])
+                elif kind == "schema":
+                    reply = selected.schema
+                else:  # "read"
+                    stream, reply = selected.iter(args[0], skip_last_batch=False), None
+            message: tuple[str, Any] = ("ok", reply)
+        except Exception as exc:
+            message = ("error", exc)
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an exception that does not pickle travels as its text
+            data = pickle.dumps(("error", RuntimeError(repr(message[1]))))
+        replies.write(data)
+        replies.flush()
 
 
 def _reopen_with_factory(factory: Callable[[str], Table], lineage: ViewLineage) -> PermutationView:

@@ -1,0 +1,443 @@
+"""Training-side helpers for views: rank shards, read-ahead batch loading, tensor batches.
+
+Three ways to feed a training loop from a `PermutationView` (or any lancedb `Permutation`):
+
+- ``torch.utils.data.DataLoader(view, batch_size=256, num_workers=2)``: the view is a map-style
+  dataset (``__len__``, ``__getitems__``). Workers started with ``spawn`` or ``forkserver``
+  receive a pickle of under 1 KB and reopen the pinned tables themselves (see
+  `PermutationView.__getstate__`). Under ``fork`` (the default on Linux) lancedb 0.40 hangs or
+  crashes in some children, so each forked worker reads through a helper interpreter that
+  reopens the view the same way (2-3 s of start-up per worker). Formats ``torch`` and
+  ``torch_row`` work with the default collate; ``torch_col``, ``arrow`` and ``numpy`` return
+  whole batches, so pass ``collate_fn=torch.utils.data.default_convert``. Each batch is one
+  random-access read of ``batch_size`` rows: about 55k rows/s per worker at 1,024 rows on a
+  shuffled 8M-row split.
+- `BatchLoader`: one process reads ahead in large I/O batches sized in bytes on a background
+  thread and re-slices them into training batches of any size, in the view's exact order.
+  Measured on 2 cores, shuffled 8M-row split of a 10M-row table, 1,024-row batches
+  (``make bench`` runs ``bench/bench_torch.py``): 748k rows/s, against 60k for lancedb's
+  ``Permutation.iter(1024)``, 37k for ``StreamingDataset`` and 391k for Hugging Face
+  ``datasets`` shuffled (1.9x).
+- `shard`: rank ``r`` of ``world_size``'s rows of a split for one epoch, for either of the two.
+
+Speed against randomness: ``RandomSplit(clump_size=c)`` with ``Shuffle(clump_size=c)`` keeps
+runs of ``c`` consecutive rows. Same bench, rows/s with `BatchLoader` / ``iter(1024)``:
+c=1 691k / 61k (uniform order), c=64 818k / 408k, c=1024 899k / 666k (98.4% and 99.9% of
+adjacent rows are table neighbours). With `BatchLoader`, row-level shuffling costs little.
+
+Example (one rank of a DDP job):
+    ``for epoch in range(3): for batch in BatchLoader(shard(train, rank=r, world_size=w,
+    seed=7, epoch=epoch), batch_size=512): ...``
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, Literal, cast
+
+import numpy as np
+import pyarrow as pa
+import torch
+from lancedb.permutation import Permutation, Transforms
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DEFAULT_IO_BYTES",
+    "BatchLoader",
+    "Remainder",
+    "Shard",
+    "shard",
+    "shard_length",
+    "shard_offsets",
+    "to_tensors",
+]
+
+Remainder = Literal["drop", "pad"]
+"""What `shard` does with the ``n % world_size`` rows that do not divide evenly."""
+
+DEFAULT_IO_BYTES = 4 * 1024 * 1024
+"""Bytes per read-ahead I/O batch: 262,144 rows of two 8-byte columns (fastest here: 2-8 MiB)."""
+
+_PROBE_ROWS = 1024  # rows read once to measure bytes per row (variable-width columns vary)
+
+
+def shard_length(num_rows: int, world_size: int, remainder: Remainder = "drop") -> int:
+    """Rows every rank gets: ``num_rows // world_size`` ('drop') or rounded up ('pad')."""
+    if remainder == "drop":
+        return num_rows // world_size
+    return -(-num_rows // world_size)
+
+
+def shard_offsets(
+    num_rows: int,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    remainder: Remainder = "drop",
+) -> np.ndarray:
+    """Offsets (positions in a split of ``num_rows``) that rank ``rank`` reads, in order.
+
+    Exactly the indices of ``torch.utils.data.DistributedSampler(dataset, world_size, rank,
+    shuffle, seed, drop_last=remainder == "drop")`` after ``set_epoch(epoch)``, computed as
+    arrays: ``torch.randperm`` seeded with ``seed + epoch`` (so seed 1 epoch 0 equals seed 0
+    epoch 1, as in torch), then every ``world_size``-th offset from ``rank``.
+
+    Args:
+        num_rows: rows in the split (``len(view)``).
+        rank: this rank, ``0 <= rank < world_size``.
+        world_size: number of ranks.
+        seed: shuffle seed shared by every rank.
+        epoch: epoch number; each epoch gives another order.
+        shuffle: False keeps the split's stored order (already shuffled if the asset shuffled).
+        remainder: 'drop' leaves out the last ``num_rows % world_size`` offsets of the order;
+            'pad' repeats the first ones until every rank has ``ceil(num_rows / world_size)``.
+
+    Returns:
+        int64 array of ``shard_length(num_rows, world_size, remainder)`` offsets.
+
+    Raises:
+        ValueError: a negative row count, ``world_size < 1``, or a rank out of range.
+    """
+    if num_rows < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"shard needs num_rows >= 0, world_size >= 1 and 0 <= rank < world_size; got "
+            f"num_rows={num_rows}, rank={rank}, world_size={world_size}"
+        )
+    if remainder not in ("drop", "pad"):
+        raise ValueError(f"remainder must be 'drop' or 'pad', not {remainder!r}")
+    total = shard_length(num_rows, world_size, remainder) * world_size
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(num_rows, generator=generator).numpy()
+    else:
+        order = np.arange(num_rows, dtype=np.int64)
+    if total > num_rows:  # 'pad': np.resize repeats the order cyclically, as torch pads
+        order = np.resize(order, total)
+    return order[rank:total:world_size]
+
+
+class Shard(Dataset[Any]):
+    """One rank's rows of a view for one epoch: a map-style dataset. Build it with `shard`.
+
+    Pickles to the view's state (under 1 KB) plus seven numbers; a worker recomputes the
+    offsets instead of receiving them (8 bytes a row).
+    """
+
+    def __init__(
+        self,
+        view: Permutation,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        remainder: Remainder,
+    ) -> None:
+        self.view = view
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle = shuffle
+        self.remainder: Remainder = remainder
+        self.split_rows = view.num_rows
+        self._offsets: np.ndarray | None = None
+        # Fail on a bad rank or remainder now, not in a worker process.
+        shard_offsets(0, rank=rank, world_size=world_size, remainder=remainder)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Positions in the view that this shard reads, in order (computed once)."""
+        if self._offsets is None:
+            self._offsets = shard_offsets(
+                self.split_rows,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.seed,
+                epoch=self.epoch,
+                shuffle=self.shuffle,
+                remainder=self.remainder,
+            )
+        return self._offsets
+
+    def with_epoch(self, epoch: int) -> Shard:
+        """The same rank's shard for another epoch (a new order; nothing is re-materialized)."""
+        return Shard(
+            self.view,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            remainder=self.remainder,
+        )
+
+    def __len__(self) -> int:
+        return shard_length(self.split_rows, self.world_size, self.remainder)
+
+    def __getitem__(self, index: int) -> Any:
+        """Row ``index`` of the shard, in the view's format (lancedb: a one-row batch)."""
+        return self.view.take_offsets([int(self.offsets[index])])
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        """Rows at ``indices`` in one read; DataLoader calls this once per batch."""
+        return self.view.take_offsets(self.offsets[indices].tolist())
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every row in batches of the view's batch size (the last one shorter)."""
+        return iter(BatchLoader(self, self.view.batch_size))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_offsets": None}
+
+
+def shard(
+    view: Permutation,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    remainder: Remainder = "drop",
+) -> Shard:
+    """Rank ``rank`` of ``world_size``'s share of ``view`` for ``epoch``.
+
+    Shards are disjoint and equally long, so a synchronous all-reduce never waits on a rank
+    that ran out: with 'drop' they cover the split except at most ``world_size - 1`` rows
+    (which ones changes with the epoch when shuffled); with 'pad' they cover all of it and up
+    to ``world_size - 1`` rows appear twice. A new ``epoch`` reorders rows from the persisted
+    permutation in memory: the asset is never re-materialized. The result works with
+    `BatchLoader` (fast) and as a map-style DataLoader dataset.
+
+    Why not the existing pieces:
+    - ``torch.utils.data.DistributedSampler`` defines the assignment used here, offset for
+      offset (`shard_offsets`), but yields one Python int per row and leaves reading to the
+      DataLoader, one random-access read per training batch. `Shard` keeps its offsets as a
+      numpy array, so `BatchLoader` reads them in large I/O batches. Passing the sampler to a
+      DataLoader over the view still works and gives the same rows.
+    - ``lancedb.streaming.StreamingDataset`` (elastic sharding, epoch reshuffle, resumable
+      ``state_dict``) builds its own permutation of a table from a filter and a seed: it cannot
+      read a persisted split (lancedb issue 4016), so it would lose the asset's split, pinned
+      versions and lineage, and it yields rows one by one to the DataLoader.
+    - ``Permutation.with_skip``/``with_take`` give contiguous blocks of the stored order: no
+      per-epoch reshuffle and no padding, so offsets into the split are used instead.
+
+    Args:
+        view: the split to shard (every rank must pass the same view).
+        rank, world_size, seed, epoch, shuffle, remainder: see `shard_offsets`.
+
+    Raises:
+        ValueError: a rank out of ``[0, world_size)`` or an unknown ``remainder``.
+    """
+    return Shard(
+        view,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        remainder=remainder,
+    )
+
+
+class BatchLoader:
+    """Training batches of any size from a view or shard, read ahead in large I/O batches.
+
+    A background thread reads ``io_rows`` rows at a time (about ``io_bytes``, measured on the
+    first rows) while the training loop computes on the previous batch; each I/O batch is
+    sliced (zero-copy) into ``batch_size``-row training batches, in exactly the source's
+    order, and passed through the view's format (``with_format``/``with_transform``). Memory
+    stays below about ``(prefetch + 2) * io_bytes``: ``prefetch`` batches queued, one being
+    read, one being sliced.
+
+    Re-iterable: each ``for batch in loader`` starts a fresh pass (and a fresh thread).
+
+    Args:
+        source: a view (any lancedb `Permutation`) or a `Shard` of one.
+        batch_size: rows per training batch.
+        io_bytes: target bytes per I/O batch; at least one training batch is read at once.
+        prefetch: I/O batches read ahead of the training loop.
+        drop_last: leave out a last batch shorter than ``batch_size``.
+
+    Raises:
+        ValueError: ``batch_size``, ``io_bytes`` or ``prefetch`` below 1.
+
+    Example:
+        ``for batch in BatchLoader(view.with_format("arrow"), 1024): train_step(batch)``
+    """
+
+    def __init__(
+        self,
+        source: Permutation | Shard,
+        batch_size: int,
+        *,
+        io_bytes: int = DEFAULT_IO_BYTES,
+        prefetch: int = 2,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1 or io_bytes < 1 or prefetch < 1:
+            raise ValueError(
+                f"BatchLoader needs batch_size, io_bytes and prefetch >= 1; got "
+                f"batch_size={batch_size}, io_bytes={io_bytes}, prefetch={prefetch}"
+            )
+        view = source.view if isinstance(source, Shard) else source
+        self.source = source
+        self.batch_size = batch_size
+        self.prefetch = prefetch
+        self.drop_last = drop_last
+        # lancedb annotates transform_fn as ``Callable[pa.RecordBatch, Any]``, which is invalid.
+        self._transform = cast(Callable[[pa.RecordBatch], Any], view.transform_fn)
+        self._arrow = _arrow_view(view)
+        self._offsets = source.offsets if isinstance(source, Shard) else None
+        self.num_rows = len(source)
+        self.row_bytes = self._measure_row_bytes()
+        # Whole training batches per I/O batch: slices then never straddle two reads.
+        self.io_rows = max(1, io_bytes // (self.row_bytes * batch_size)) * batch_size
+
+    def __len__(self) -> int:
+        """Training batches per pass."""
+        if self.drop_last:
+            return self.num_rows // self.batch_size
+        return -(-self.num_rows // self.batch_size)
+
+    def __iter__(self) -> Generator[Any, None, None]:
+        if self.num_rows == 0:
+            return
+        reads = _Prefetcher(self._read(), depth=self.prefetch)
+        try:
+            for batch in _reslice(reads, self.batch_size, drop_last=self.drop_last):
+                yield self._transform(batch)
+        finally:
+            reads.close()
+
+    def _read(self) -> Iterator[pa.RecordBatch]:
+        """I/O batches of ``io_rows`` rows in source order (runs on the prefetch thread)."""
+        if self._offsets is None:
+            yield from self._arrow.iter(self.io_rows, skip_last_batch=False)
+            return
+        for start in range(0, len(self._offsets), self.io_rows):
+            yield self._arrow.take_offsets(self._offsets[start : start + self.io_rows].tolist())
+
+    def _measure_row_bytes(self) -> int:
+        rows = min(self.num_rows, _PROBE_ROWS)
+        if rows == 0:
+            return 1
+        head = list(range(rows)) if self._offsets is None else self._offsets[:rows].tolist()
+        probe: pa.RecordBatch = self._arrow.take_offsets(head)
+        return max(1, -(-probe.nbytes // rows))
+
+
+def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
+    """A batch as one tensor per column, zero-copy: ``{"x": tensor([...]), ...}``.
+
+    The shape DataLoader's default collate builds from format ``torch``, without its per-row
+    dicts; for ``view.with_transform(to_tensors)`` with `BatchLoader`. Numeric columns without
+    nulls only (as lancedb's torch formats).
+    """
+    return {
+        name: torch.from_dlpack(column)
+        for name, column in zip(batch.schema.names, batch.columns, strict=True)
+    }
+
+
+def _arrow_view(view: Permutation) -> Permutation:
+    """``view`` yielding Arrow batches, without lancedb's ``copy.copy``.
+
+    lancedb copies through ``__getstate__``, which reads the whole permutation table for a
+    plain `Permutation`; a shallow copy shares the reader instead, as `PermutationView` does.
+    """
+    arrow = object.__new__(type(view))
+    arrow.__dict__.update(view.__dict__)
+    arrow.__dict__["transform_fn"] = Transforms.arrow2arrow  # lancedb's annotation is invalid
+    return arrow
+
+
+def _reslice(
+    reads: Iterable[pa.RecordBatch], batch_size: int, *, drop_last: bool
+) -> Iterator[pa.RecordBatch]:
+    """Batches of exactly ``batch_size`` rows (the last shorter unless dropped), in order.
+
+    Zero-copy slices; rows carried over a read boundary (when a read is not a multiple of
+    ``batch_size``) are concatenated once.
+    """
+    carry: list[pa.RecordBatch] = []
+    carried = 0
+    for batch in reads:
+        start = 0
+        if carried:
+            start = min(batch_size - carried, batch.num_rows)
+            carry.append(batch.slice(0, start))
+            carried += start
+            if carried < batch_size:
+                continue
+            yield pa.concat_batches(carry)
+            carry, carried = [], 0
+        end = start + (batch.num_rows - start) // batch_size * batch_size
+        for offset in range(start, end, batch_size):
+            yield batch.slice(offset, batch_size)
+        if end < batch.num_rows:
+            carry, carried = [batch.slice(end)], batch.num_rows - end
+    if carried and not drop_last:
+        yield pa.concat_batches(carry)
+
+
+class _Prefetcher:
+    """Iterates ``source`` on a daemon thread, at most ``depth`` items ahead of the consumer."""
+
+    def __init__(self, source: Iterator[pa.RecordBatch], *, depth: int) -> None:
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=self._run, args=(source,), name="perm-assets-read-ahead", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, source: Iterator[pa.RecordBatch]) -> None:
+        try:
+            for item in source:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(("error", exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        # A timeout, not a blocking put: a consumer that stopped early must not strand the thread.
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        if self._done:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        self._done = True
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop reading ahead and wait for the thread (at most one in-flight read)."""
+        self._stop.set()
+        self._thread.join()
