@@ -26,19 +26,15 @@ from perm_assets.folds import FOLDS_KIND, FoldsData, build_folds
 from perm_assets.io_manager import KIND_KEY
 from perm_assets.resources import LanceDBResource
 from perm_assets.specs import (
-    CalculatedSplit,
     Folds,
     FoldsSpec,
     GroupSplit,
-    HashSplit,
     PermutationSpec,
     RandomSplit,
-    SequentialSplit,
     Shuffle,
     Split,
     StratifiedSplit,
     TimeSeriesFolds,
-    TimeSplit,
 )
 from perm_assets.tables import table_name
 
@@ -177,7 +173,7 @@ def folds_asset(
         config: dg.Config,
         source: Table,
     ) -> Iterator[dg.Output[FoldsData] | dg.AssetCheckResult]:
-        run_spec = _apply_folds_config(label, spec, config).resolve_seeds()
+        run_spec = _apply_config(label, spec, config).resolve_seeds()
         data = build_folds(source, run_spec, asset=label)
         if data.small_classes:
             context.log.warning(
@@ -194,7 +190,7 @@ def folds_asset(
     asset = _asset(
         key=key,
         source_key=source_key,
-        config_cls=_folds_config_class(name, spec),
+        config_cls=_config_class(name, spec),
         materialize=materialize,
         check_specs=check_specs(key, checks),
         kind=FOLDS_KIND,
@@ -348,50 +344,35 @@ def _source_key(source: SourceLike, *, asset: str, io_manager_key: str) -> dg.As
 
 
 # ------------------------------------------------------------------------ launchpad config
-def _config_class(name: str, spec: PermutationSpec) -> type[dg.Config]:
-    """A `dg.Config` holding the re-split knobs, defaulting to the factory's values."""
+def _config_class(name: str, spec: PermutationSpec | FoldsSpec) -> type[dg.Config]:
+    """A `dg.Config` holding the re-split knobs, defaulting to the factory's values.
+
+    Permutations: filter, the split's seed and sizes (or hash weights, or expression), the
+    shuffle seed. Folds: filter, the fold seed, the shuffle seed (k fixes the partitions).
+    """
     fields: dict[str, Any] = {
         "filter": (
             str | None,
             Field(default=spec.filter, description="SQL predicate selecting rows; null: all."),
         )
     }
-    split = spec.split
-    if isinstance(split, RandomSplit | StratifiedSplit | GroupSplit):
+    inner = spec.split if isinstance(spec, PermutationSpec) else spec.folds
+    if isinstance(inner, RandomSplit | StratifiedSplit | GroupSplit) or (
+        isinstance(spec, FoldsSpec) and not isinstance(inner, TimeSeriesFolds)
+    ):
         fields["seed"] = (
             int | None,
-            Field(default=split.seed, description="Seed of the random split; null: a fresh one."),
+            Field(default=getattr(inner, "seed", None), description="Seed; null: a fresh one."),
         )
-    if isinstance(split, StratifiedSplit | GroupSplit | TimeSplit):
-        fields["ratios"] = (
-            list[float],
-            Field(default=list(split.ratios), description="Fraction of rows per split."),
-        )
-    if isinstance(split, RandomSplit | SequentialSplit):
-        if split.ratios is not None:
-            fields["ratios"] = (
-                list[float],
-                Field(default=list(split.ratios), description="Fraction of rows per split."),
-            )
-        if split.counts is not None:
-            fields["counts"] = (
-                list[int],
-                Field(default=list(split.counts), description="Rows per split."),
-            )
-    if isinstance(split, HashSplit):
-        fields["weights"] = (
-            list[int],
-            Field(default=list(split.weights), description="Relative size of each split."),
-        )
-        fields["discard_weight"] = (
-            int,
-            Field(default=split.discard_weight, description="Relative share of rows left out."),
-        )
-    if isinstance(split, CalculatedSplit):
-        fields["expression"] = (
-            str,
-            Field(default=split.expression, description="SQL expression giving the split index."),
-        )
+    sizes = {"ratios": "Fraction of rows per split.", "counts": "Rows per split."}
+    sizes |= {"weights": "Relative size of each split.", "expression": "SQL split index."}
+    sizes |= {"discard_weight": "Relative share of rows left out."}
+    for field, description in sizes.items():
+        value = getattr(inner, field, None)
+        if value is not None and not isinstance(spec, FoldsSpec):
+            kind = type(value) if not isinstance(value, list) else list[type(value[0])]
+            default = list(value) if isinstance(value, list) else value
+            fields[field] = (kind, Field(default=default, description=description))
     if spec.shuffle is not None:
         fields["shuffle_seed"] = (
             int | None,
@@ -401,59 +382,19 @@ def _config_class(name: str, spec: PermutationSpec) -> type[dg.Config]:
     return create_model(class_name, __base__=dg.Config, **fields)
 
 
-def _apply_config(label: str, spec: PermutationSpec, config: dg.Config) -> PermutationSpec:
+def _apply_config(label: str, spec: SpecT, config: dg.Config) -> SpecT:
     """The factory spec with the run's config values, validated again."""
     values = config.model_dump()
     raw = spec.model_dump(exclude_none=True)
     raw["filter"] = values.get("filter")
-    if spec.split is not None:
-        split = dict(raw["split"])
-        for field in ("seed", "ratios", "counts", "weights", "discard_weight", "expression"):
-            if field in values:
-                split[field] = values[field]
-        raw["split"] = split
+    inner = "split" if isinstance(spec, PermutationSpec) else "folds"
+    if inner in raw:
+        knobs = ("seed", "ratios", "counts", "weights", "discard_weight", "expression")
+        raw[inner] = {**raw[inner], **{k: values[k] for k in knobs if k in values}}
     if spec.shuffle is not None:
         raw["shuffle"] = {**raw["shuffle"], "seed": values.get("shuffle_seed")}
     try:
-        return PermutationSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(
-            f"permutation asset '{label}', run config {values}: {_explain(exc)}"
-        ) from exc
-
-
-def _folds_config_class(name: str, spec: FoldsSpec) -> type[dg.Config]:
-    """Re-fold knobs for the launchpad: filter, fold seed, shuffle seed (k fixes the partitions)."""
-    fields: dict[str, Any] = {
-        "filter": (
-            str | None,
-            Field(default=spec.filter, description="SQL predicate selecting rows; null: all."),
-        )
-    }
-    if not isinstance(spec.folds, TimeSeriesFolds):
-        fields["seed"] = (
-            int | None,
-            Field(default=spec.folds.seed, description="Seed of the fold assignment; null: fresh."),
-        )
-    if spec.shuffle is not None:
-        fields["shuffle_seed"] = (
-            int | None,
-            Field(default=spec.shuffle.seed, description="Seed of the shuffle; null: fresh."),
-        )
-    class_name = "".join(part.title() for part in name.split("_")) + "Config"
-    return create_model(class_name, __base__=dg.Config, **fields)
-
-
-def _apply_folds_config(label: str, spec: FoldsSpec, config: dg.Config) -> FoldsSpec:
-    values = config.model_dump()
-    raw = spec.model_dump(exclude_none=True)
-    raw["filter"] = values.get("filter")
-    if "seed" in values:
-        raw["folds"] = {**raw["folds"], "seed": values["seed"]}
-    if spec.shuffle is not None:
-        raw["shuffle"] = {**raw["shuffle"], "seed": values.get("shuffle_seed")}
-    try:
-        return FoldsSpec.model_validate(raw)
+        return type(spec).model_validate(raw)
     except ValidationError as exc:
         raise SpecError(
             f"permutation asset '{label}', run config {values}: {_explain(exc)}"
