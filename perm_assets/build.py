@@ -61,6 +61,7 @@ class PermutationData:
     split_names: tuple[str, ...]
     split_rows: tuple[int, ...]
     spec: PermutationSpec | FoldsSpec | None = None
+    filtered_rows: int | None = None
 
     @property
     def num_rows(self) -> int:
@@ -104,6 +105,7 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
         split_names=tuple(names),
         split_rows=tuple(int(r) for r in rows),
         spec=spec,
+        filtered_rows=expected,
     )
 
 
