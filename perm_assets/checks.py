@@ -151,10 +151,9 @@ def run_permutation_checks(
     if Check.SIZES in checks:
         yield _result(Check.SIZES, _sizes(split, np.asarray(data.split_rows, dtype=np.int64)))
     if isinstance(split, HashSplit):
-        current = Scanned(row_ids=row_ids, columns={})
         yield _result(
             Check.HASH_STABLE,
-            _hash_stability(db, table, base, spec, split, current, split_ids, figures),
+            _hash_stability(db, table, base, spec, split, row_ids, split_ids, figures),
         )
     columns = _needed(split)
     if not columns:
@@ -411,7 +410,7 @@ def _hash_stability(
     base: Table,
     spec: PermutationSpec,
     split: HashSplit,
-    current: Scanned,
+    row_ids: np.ndarray,
     split_ids: np.ndarray,
     persisted: dict[str, Any],
 ) -> dict[str, Any]:
@@ -424,7 +423,7 @@ def _hash_stability(
     version = int(persisted["persisted_version"])
     previous = _previous_permutation(db, table, version)
     keys = list(split.columns)
-    now = _keyed(base, spec.filter, keys, current.row_ids, split_ids)
+    now = _keyed(base, spec.filter, keys, row_ids, split_ids)
     if previous is None:
         added = np.bincount(split_ids.astype(np.int64), minlength=len(names))
         return {

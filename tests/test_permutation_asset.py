@@ -247,15 +247,14 @@ def test_bad_launchpad_ratios_fail_the_run_and_keep_the_previous_version(
     assert _stored(db, "perm").equals(before)
 
 
-def test_hash_split_keeps_rows_in_their_split_when_the_source_grows(
-    run: Runner, db: LanceDBResource
-) -> None:
+def _growing_hash_split(rows_per_run: int) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
+    """A source that appends ``rows_per_run`` new ids per run, and a 3:1 hash split of it."""
     state = {"start": 0}
 
     @dg.asset(name="growing", metadata={"write_mode": "append"})
     def growing() -> pa.Table:
-        rows = make_rows(500, start=state["start"])
-        state["start"] += 500
+        rows = make_rows(rows_per_run, start=state["start"])
+        state["start"] += rows_per_run
         return rows
 
     perm = permutation_asset(
@@ -263,6 +262,13 @@ def test_hash_split_keeps_rows_in_their_split_when_the_source_grows(
         source=growing,
         split=HashSplit(columns=["id"], weights=[3, 1], split_names=["train", "test"]),
     )
+    return growing, perm
+
+
+def test_hash_split_keeps_rows_in_their_split_when_the_source_grows(
+    run: Runner, db: LanceDBResource
+) -> None:
+    growing, perm = _growing_hash_split(500)
     run([growing, perm])
     before = _split_of_each_id(db)
     run([growing, perm])
@@ -305,19 +311,7 @@ def test_raw_lancedb_builder_output_is_persisted_with_its_metadata(
 def test_hash_split_check_reports_no_moved_rows_and_rows_added_per_split(
     run: Runner, db: LanceDBResource
 ) -> None:
-    state = {"start": 0}
-
-    @dg.asset(name="growing", metadata={"write_mode": "append"})
-    def growing() -> pa.Table:
-        rows = make_rows(400, start=state["start"])
-        state["start"] += 400
-        return rows
-
-    perm = permutation_asset(
-        "perm",
-        source=growing,
-        split=HashSplit(columns=["id"], weights=[3, 1], split_names=["train", "test"]),
-    )
+    growing, perm = _growing_hash_split(400)
     first = run([growing, perm])
     check = {e.check_name: e for e in first.get_asset_check_evaluations()}
     stable = check["no_row_moved_between_splits"]
