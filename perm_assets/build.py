@@ -38,6 +38,7 @@ from perm_assets.tables import (
     BASE_VERSION_KEY,
     SPEC_KEY,
     SPLIT_NAMES_KEY,
+    read_all,
 )
 
 
@@ -89,7 +90,7 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
     else:
         builder = _configure(permutation_builder(table), spec)
         try:
-            result = builder.execute().to_arrow()
+            result = read_all(builder.execute())
         except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
             raise SpecError(
                 f"asset '{asset}': lancedb could not build the permutation of table "
@@ -302,7 +303,7 @@ def scan_columns(table: Table, filter: str | None, columns: list[str], *, asset:
     query = table.search().select(list(dict.fromkeys(columns))).with_row_id(True)
     if filter is not None:
         query = query.where(filter)
-    data = query.to_arrow()
+    data = read_all(query)
     scanned = Scanned(
         row_ids=data.column("_rowid").to_numpy(),
         columns={c: data.column(c).combine_chunks() for c in columns},

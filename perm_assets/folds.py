@@ -4,14 +4,24 @@ A `Permutation` reads exactly one ``split_id``, so "train on every fold but one"
 split of the folds table itself. A folds asset therefore persists:
 
 - the **folds table** (named after the asset): one split per validation fold, ``fold_0`` ...
-  ``fold_{k-1}``; every filtered row is in exactly one (time-series folds: the earliest block,
-  which is never validated, is in none);
-- the **training table** (``<name>__train``): split ``i`` holds the training rows of fold ``i``
-  (for k-fold, the complement of ``fold_i``). It is written first; the folds table records its
-  name and Lance version, so one folds version always pins the training sets it was built with.
+  ``fold_{k-1}``, stored fold after fold; every filtered row is in exactly one (time-series
+  folds: the earliest block, which is never validated, is in none);
+- the **training table** (``<name>__train``, one split ``train``): a sequence of row ids in
+  which fold ``i``'s training rows are one contiguous range, read with `Permutation`'s
+  skip/take. For k-fold kinds it is the folds table rotated: folds 1..k-1 then 0..k-2, so the
+  complement of fold ``i`` (folds i+1..k-1, 0..i-1) is contiguous. For time-series folds it is
+  the rows in time order, and fold ``i`` trains on a prefix (or, with ``max_train_size``, a
+  window) of it.
 
-For k folds over n rows the two hold ``n + (k - 1) n`` row ids of 16 bytes: 800 MB at 10M rows
-and k = 5, against the tens of GB of the base table they select from.
+It is written first; the folds table records its name, Lance version and the ``(offset, rows)``
+range of every fold, so one folds version always pins the training sets it was built with.
+For k folds over n rows the two hold ``n + (2 - 2/k) n`` row ids (2.6n for k = 5; 416 MB of
+uint64 pairs at 10M rows), not the ``k n`` of one training copy per fold.
+
+The training order of fold ``i`` is fold after fold, each in the folds table's order (table
+order, or the shuffle). For shuffled k-fold this is a uniformly random order of the training
+rows, since each fold is a random subset shuffled on its own; stratified folds read
+stratified blocks. DataLoader samplers reshuffle per epoch regardless.
 """
 
 from __future__ import annotations
@@ -41,25 +51,39 @@ from perm_assets.specs import (
     StratifiedKFold,
     TimeSeriesFolds,
 )
-from perm_assets.tables import KIND_META_KEY, TRAIN_TABLE_KEY, TRAIN_VERSION_KEY
+from perm_assets.tables import (
+    KIND_META_KEY,
+    TRAIN_RANGES_KEY,
+    TRAIN_TABLE_KEY,
+    TRAIN_VERSION_KEY,
+)
 
 TRAIN_SUFFIX = "__train"
+TRAIN_SPLIT = "train"
+"""The training table's one split."""
 FOLDS_KIND = "folds"
+TRAIN_KIND = "folds_train"
 
 
 @dataclass(frozen=True)
 class FoldsData:
-    """Validation folds and the matching training sets, in memory, ready to persist.
+    """Validation folds and the training sequence, in memory, ready to persist.
 
     Attributes:
-        validation: the folds table (split ``i`` = validation rows of fold ``i``).
-        train: the training table (split ``i`` = training rows of fold ``i``), same metadata.
+        validation: the folds table (split ``i`` = validation rows of fold ``i``), fold after
+            fold.
+        train: the training table: one split, ``train``; fold ``i`` trains on its rows
+            ``train_ranges[i]``. For k-fold kinds its columns are zero-copy slices of
+            ``validation``'s.
+        train_ranges: ``(offset, rows)`` of each fold's training rows in ``train``.
+        rotated: ``train`` is ``validation`` rotated (k-fold kinds), not a time order.
         small_classes: classes with fewer rows than k (stratified k-fold), as ``{label: rows}``.
     """
 
     validation: PermutationData
     train: pa.Table
-    train_split_rows: tuple[int, ...]
+    train_ranges: tuple[tuple[int, int], ...]
+    rotated: bool
     small_classes: dict[str, int]
 
     @property
@@ -68,14 +92,18 @@ class FoldsData:
 
     def train_rows(self) -> dict[str, int]:
         """Training rows per fold name."""
-        return dict(zip(self.validation.split_names, self.train_split_rows, strict=True))
+        return {
+            name: rows
+            for name, (_, rows) in zip(self.validation.split_names, self.train_ranges, strict=True)
+        }
 
     def with_train_table(self, name: str, version: int) -> pa.Table:
-        """The folds table with the persisted training table's name and version recorded."""
+        """The folds table with the persisted training table's name, version and ranges."""
         data = self.validation.data
         metadata = dict(data.schema.metadata or {})
         metadata[TRAIN_TABLE_KEY.encode()] = name.encode()
         metadata[TRAIN_VERSION_KEY.encode()] = str(version).encode()
+        metadata[TRAIN_RANGES_KEY.encode()] = json.dumps(self.train_ranges).encode()
         return data.replace_schema_metadata(metadata)
 
 
@@ -92,29 +120,39 @@ def build_folds(table: Table, spec: FoldsSpec, *, asset: str) -> FoldsData:
     small: dict[str, int] = {}
     try:
         if isinstance(folds, TimeSeriesFolds):
-            validation_pos, train_pos = _time_series(scanned, folds, spec)
+            validation, train, ranges = _time_series(scanned, folds, spec, table.version)
+            rows = np.bincount(
+                validation.column("split_id").to_numpy().astype(np.intp), minlength=folds.k
+            )
         else:
-            fold_ids = _fold_ids(scanned, folds)
+            fold_ids = _fold_ids(scanned, folds).astype(np.min_scalar_type(folds.k))
             if isinstance(folds, StratifiedKFold):
                 small = _small_classes(scanned.columns[folds.label], folds.k)
-            validation_pos, train_pos = _complements(fold_ids, folds.k, spec)
+            rows = np.bincount(fold_ids, minlength=folds.k)
+            order = read_order(fold_ids, spec.shuffle)
+            # Fold after fold: the ids of the table in this order are runs, not a gather.
+            validation = permutation_table(
+                scanned.row_ids[order],
+                np.repeat(np.arange(folds.k, dtype=np.uint64), rows),
+                base_version=table.version,
+            )
+            train, ranges = None, ()
     except ValueError as exc:
         raise SpecError(f"asset '{asset}', table '{table.name}': {exc}") from exc
 
     names = spec.split_names()
-    validation = _as_table(scanned, validation_pos, table.version)
-    train = _as_table(scanned, train_pos, table.version)
-    validation, train = (
-        _as_folds(with_permutation_metadata(t, base_table=table.name, split_names=names, spec=spec))
-        for t in (validation, train)
-    )
-    rows = np.bincount(validation.column("split_id").to_numpy().astype(np.int64), minlength=folds.k)
     empty = [name for name, r in zip(names, rows.tolist(), strict=True) if r == 0]
     if empty:
         raise SpecError(
             f"asset '{asset}': fold(s) {empty} would be empty ({n} rows for k={folds.k}); "
             "use fewer folds or loosen the filter"
         )
+    if train is None:
+        train, ranges = _rotated(validation, rows)
+    validation, train = (
+        _of_kind(with_permutation_metadata(t, base_table=table.name, split_names=s, spec=spec), k)
+        for t, s, k in ((validation, names, FOLDS_KIND), (train, [TRAIN_SPLIT], TRAIN_KIND))
+    )
     return FoldsData(
         validation=PermutationData(
             data=validation,
@@ -123,11 +161,40 @@ def build_folds(table: Table, spec: FoldsSpec, *, asset: str) -> FoldsData:
             split_names=tuple(names),
             split_rows=tuple(int(r) for r in rows),
             spec=spec,
+            filtered_rows=n,
         ),
         train=train,
-        train_split_rows=tuple(int(p.size) for p in train_pos),
+        train_ranges=tuple(ranges),
+        rotated=not isinstance(folds, TimeSeriesFolds),
         small_classes=small,
     )
+
+
+def _rotated(validation: pa.Table, rows: np.ndarray) -> tuple[pa.Table, list[tuple[int, int]]]:
+    """The training sequence of k-fold kinds: folds 1..k-1 then 0..k-2 (zero-copy slices).
+
+    Fold ``i`` is stored at ``starts[i]``; its complement starts with fold ``i + 1``, at
+    ``starts[i + 1] - rows[0]`` in the sequence, and runs ``n - rows[i]`` rows.
+    """
+    n = validation.num_rows
+    starts = np.r_[0, np.cumsum(rows)]
+    ids = validation.column("row_id")
+    head, tail = ids.slice(int(rows[0])), ids.slice(0, n - int(rows[-1]))
+    row_ids = pa.chunked_array(head.chunks + tail.chunks, type=pa.uint64())
+    train = pa.table(
+        {"row_id": row_ids, "split_id": _zeros(len(row_ids))},
+        schema=validation.schema,
+    )
+    ranges = [(int(starts[i + 1] - rows[0]), int(n - rows[i])) for i in range(rows.size)]
+    return train, ranges
+
+
+def _zeros(length: int, chunk: int = 1 << 20) -> pa.ChunkedArray:
+    """``length`` uint64 zeros as slices of one shared chunk (split ids of a one-split table)."""
+    zeros = pa.array(np.zeros(min(length, chunk), dtype=np.uint64))
+    full, rest = divmod(length, chunk)
+    chunks = [zeros] * full + ([zeros.slice(0, rest)] if rest else [])
+    return pa.chunked_array(chunks, type=pa.uint64())
 
 
 def _needed_columns(folds: KFold | StratifiedKFold | GroupKFold | TimeSeriesFolds) -> list[str]:
@@ -160,23 +227,14 @@ def _fold_ids(scanned: Scanned, folds: KFold | StratifiedKFold | GroupKFold) -> 
     return assign.kfold(scanned.num_rows, folds.k, seed=seed, shuffle=folds.shuffle)
 
 
-def _complements(
-    fold_ids: np.ndarray, k: int, spec: FoldsSpec
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per fold: validation positions and training positions (every other fold), in read order."""
-    order = read_order(np.zeros(fold_ids.size, dtype=np.uint8), spec.shuffle)
-    if order.size < 2**31:  # 32-bit positions halve the memory traffic of the 2k gathers
-        order = order.astype(np.int32)
-    in_order = fold_ids[order].astype(np.uint8)
-    validation = [order[in_order == i] for i in range(k)]
-    train = [order[in_order != i] for i in range(k)]
-    return validation, train
-
-
 def _time_series(
-    scanned: Scanned, folds: TimeSeriesFolds, spec: FoldsSpec
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per fold: validation and training positions; time order unless a shuffle is asked."""
+    scanned: Scanned, folds: TimeSeriesFolds, spec: FoldsSpec, base_version: int
+) -> tuple[pa.Table, pa.Table, list[tuple[int, int]]]:
+    """Validation folds, the training sequence (time order) and each fold's training range.
+
+    A shuffle reorders rows only within the segments between range boundaries, so every
+    training range still holds exactly its rows, and no later row slips into it.
+    """
     result = assign.time_series_folds(
         scanned.orderable(folds.column),
         folds.k,
@@ -184,12 +242,24 @@ def _time_series(
         test_size=folds.test_size,
         max_train_size=folds.max_train_size,
     )
-    validation = [fold.test() for fold in result]
-    train = [fold.train() for fold in result]
+    tests = [fold.test() for fold in result]
     if spec.shuffle is not None:
-        validation = [_shuffled(pos, spec) for pos in validation]
-        train = [_shuffled(pos, spec) for pos in train]
-    return validation, train
+        tests = [_shuffled(pos, spec) for pos in tests]
+    positions = np.concatenate(tests)
+    fold_ids = np.repeat(np.arange(len(tests), dtype=np.uint64), [t.size for t in tests])
+    validation = permutation_table(scanned.row_ids[positions], fold_ids, base_version=base_version)
+
+    end = max(fold.train_end for fold in result)
+    sequence = result[0].order[:end]
+    if spec.shuffle is not None:
+        bounds = sorted({0, end} | {b for f in result for b in (f.train_start, f.train_end)})
+        segments = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+        sequence = sequence[read_order(segments, spec.shuffle)]
+    train = permutation_table(
+        scanned.row_ids[sequence], np.zeros(end, dtype=np.uint64), base_version=base_version
+    )
+    ranges = [(f.train_start, f.train_end - f.train_start) for f in result]
+    return validation, train, ranges
 
 
 def _shuffled(positions: np.ndarray, spec: FoldsSpec) -> np.ndarray:
@@ -203,24 +273,9 @@ def _small_classes(labels: pa.Array, k: int) -> dict[str, int]:
     return {str(v): int(c) for v, c in zip(values, sizes, strict=True) if c < k}
 
 
-def _as_table(scanned: Scanned, positions: list[np.ndarray], base_version: int) -> pa.Table:
-    """One Arrow chunk per fold (no concatenated copy of the k * n positions)."""
-    chunks = [
-        permutation_table(
-            scanned.row_ids[p], np.full(p.size, i, dtype=np.uint64), base_version=base_version
-        )
-        for i, p in enumerate(positions)
-    ]
-    if not chunks:
-        return permutation_table(
-            np.empty(0, np.uint64), np.empty(0, np.uint64), base_version=base_version
-        )
-    return pa.concat_tables(chunks)
-
-
-def _as_folds(data: pa.Table) -> pa.Table:
+def _of_kind(data: pa.Table, kind: str) -> pa.Table:
     metadata = dict(data.schema.metadata or {})
-    metadata[KIND_META_KEY.encode()] = FOLDS_KIND.encode()
+    metadata[KIND_META_KEY.encode()] = kind.encode()
     return data.replace_schema_metadata(metadata)
 
 

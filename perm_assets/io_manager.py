@@ -42,6 +42,7 @@ from perm_assets.tables import (
     SOURCE_TABLE_KEY,
     WriteMode,
     is_permutation_schema,
+    read_all,
     table_name,
     write_table,
 )
@@ -130,6 +131,7 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
             "perm_assets/k": folds.k,
             "perm_assets/train_table": train.name,
             "lance/train_version": train.version,
+            "perm_assets/train_table_rows": folds.train.num_rows,
         }
         metadata.update({f"train_rows/{n}": r for n, r in folds.train_rows().items()})
         if folds.small_classes:
@@ -188,7 +190,7 @@ class LanceDBIOManager(dg.ConfigurableIOManager):
         if isinstance(obj, PermutationData):
             return obj
         if isinstance(obj, LanceTable):
-            data = obj.to_arrow()
+            data = read_all(obj)
         elif isinstance(obj, pa.Table):
             data = cast(pa.Table, obj)
         else:

@@ -189,7 +189,13 @@ def _reopen(db: LanceDBResource, meta: dict[str, Any]) -> PermutationView:
             f"{view.lineage.base_table}@{view.lineage.base_version}, but the run read "
             f"{meta['base_table']}@{meta['base_version']}"
         )
+    if meta.get("offset") is not None or meta.get("limit") is not None:  # a fold's training range
+        view = view.restricted(_int_or_none(meta.get("offset")), _int_or_none(meta.get("limit")))
     return refine(view, request, asset=asset)
+
+
+def _int_or_none(value: object) -> int | None:
+    return None if value is None else int(str(value))
 
 
 def _normalised(uri: str) -> str:

@@ -18,6 +18,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 from lancedb.db import DBConnection
+from lancedb.query import LanceQueryBuilder
 from lancedb.table import Table
 
 SPLIT_NAMES_KEY = "split_names"
@@ -28,6 +29,8 @@ SPEC_KEY = "perm_assets.spec"
 KIND_META_KEY = "perm_assets.kind"
 TRAIN_TABLE_KEY = "perm_assets.train_table"
 TRAIN_VERSION_KEY = "perm_assets.train_version"
+# JSON [[offset, rows], ...]: fold i trains on rows offset .. offset + rows of the training table.
+TRAIN_RANGES_KEY = "perm_assets.train_ranges"
 # Asset metadata naming the LanceDB table of an observed source (default: from the key).
 SOURCE_TABLE_KEY = "perm_assets/table"
 # The Lance tag that pins the base version (see perm_assets.pins).
@@ -70,6 +73,19 @@ def is_permutation_schema(schema: pa.Schema) -> bool:
 
 
 TableData = pa.Table | pa.RecordBatchReader | pd.DataFrame
+
+READ_BATCH_ROWS = 1 << 20
+"""Rows per batch when a table or scan is read into Arrow.
+
+lancedb 0.40's ``to_arrow()`` reads in small batches: a 9M-row permutation table took 1.5 s
+that way and 0.2 s in 1M-row batches; one int64 column of 10M rows, 1.9 s against 0.1 s.
+"""
+
+
+def read_all(source: Table | LanceQueryBuilder) -> pa.Table:
+    """All rows of a table or query, in stored order, with the table's schema metadata."""
+    query = source.search() if isinstance(source, Table) else source
+    return query.to_batches(batch_size=READ_BATCH_ROWS).read_all()
 
 
 def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -> Table:

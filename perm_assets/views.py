@@ -8,6 +8,7 @@ it carries its `ViewLineage`: which asset, table versions, split and columns it 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -20,6 +21,7 @@ from typing import IO, Any, Literal, cast, get_args
 
 import dagster as dg
 import pyarrow as pa
+from lancedb.background_loop import LOOP
 from lancedb.permutation import Permutation, Transforms
 from lancedb.table import Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +36,7 @@ from perm_assets.tables import (
     KIND_META_KEY,
     PIN_KEY,
     SPLIT_NAMES_KEY,
+    TRAIN_RANGES_KEY,
     TRAIN_TABLE_KEY,
     TRAIN_VERSION_KEY,
     is_permutation_schema,
@@ -114,6 +117,8 @@ class ViewLineage:
     split_index: int
     format: str | None = None
     batch_size: int | None = None
+    offset: int | None = None
+    limit: int | None = None
 
     def as_metadata(self, columns: list[str] | None = None) -> dict[str, Any]:
         """Flat ``lineage/*`` entries for a Dagster materialization."""
@@ -215,6 +220,31 @@ class PermutationView(Permutation):
         if self.offset is not None or self.limit is not None:
             # lancedb's _ensure_open rebuilds the reader, with skip and take, on first use.
             self._pid = None
+
+    def restricted(self, offset: int | None, limit: int | None) -> PermutationView:
+        """This view limited to rows ``offset`` .. ``offset + limit`` of its split (absolute,
+        as recorded in `ViewLineage`), e.g. one fold's range of a folds training table."""
+        self._ensure_open()
+        new = copy.copy(self)
+        new.offset, new.limit = offset, limit
+        new.reader = LOOP.run(new._build_reader())
+        new._pid = os.getpid()
+        new.lineage = replace(self.lineage, offset=offset, limit=limit)
+        return new
+
+    def with_skip(self, skip: int) -> PermutationView:
+        """Skip the first ``skip`` rows of this view.
+
+        lancedb's ``with_skip`` replaces the offset; here it is relative to the view, so a
+        fold's training view (a range of its table) never widens to other rows.
+        """
+        offset = (self.offset or 0) + skip
+        limit = None if self.limit is None else max(self.limit - skip, 0)
+        return self.restricted(offset, limit)
+
+    def with_take(self, limit: int) -> PermutationView:
+        """At most ``limit`` rows of this view (after any skip), never more than it has."""
+        return self.restricted(self.offset, limit if self.limit is None else min(limit, self.limit))
 
     def __iter__(self) -> Iterator[Any]:
         # lancedb's __iter__ skips a short last batch; a training view must not lose rows.
@@ -563,32 +593,34 @@ def _open_split(
     fold: str | int | None = None,
 ) -> PermutationView:
     if is_permutation_schema(stored.schema):
-        role = None
+        role, fold_name, rows = None, "", None
         if split in FOLD_SPLITS and _kind_of(stored.schema) == FOLDS_KIND:
             role = str(split)
-            stored, split = _fold_table(db, stored, role, fold, asset=asset)
+            fold_name, stored, split, rows = _fold_table(db, stored, role, fold, asset=asset)
         view, lineage = _permutation_view(db, asset=asset, stored=stored, split=split)
         if role is not None:  # e.g. "fold_2/train": fold 2's training rows
-            lineage = replace(lineage, split=f"{lineage.split}/{role}")
-    else:
-        if split not in (None, 0):
-            raise SpecError(
-                f"split {split!r} was asked of asset '{asset}', which is a table, not a "
-                "permutation: it has one implicit split; drop 'split' or read a permutation asset"
-            )
-        view = PermutationView.from_tables(stored, None, None)
-        lineage = ViewLineage(
-            asset=asset,
-            uri=db.uri,
-            table=stored.name,
-            table_version=stored.version,
-            base_table=stored.name,
-            base_version=stored.version,
-            split=None,
-            split_index=0,
+            lineage = replace(lineage, split=f"{fold_name}/{role}")
+        view = _as_view(view)
+        view.lineage = lineage
+        if rows is not None:
+            view = view.restricted(*rows)
+        return view
+    if split not in (None, 0):
+        raise SpecError(
+            f"split {split!r} was asked of asset '{asset}', which is a table, not a "
+            "permutation: it has one implicit split; drop 'split' or read a permutation asset"
         )
-    view = _as_view(view)
-    view.lineage = lineage
+    view = _as_view(PermutationView.from_tables(stored, None, None))
+    view.lineage = ViewLineage(
+        asset=asset,
+        uri=db.uri,
+        table=stored.name,
+        table_version=stored.version,
+        base_table=stored.name,
+        base_version=stored.version,
+        split=None,
+        split_index=0,
+    )
     return view
 
 
@@ -603,8 +635,9 @@ def _kind_of(schema: pa.Schema) -> str | None:
 
 def _fold_table(
     db: LanceDBResource, stored: Table, split: str, fold: str | int | None, *, asset: str
-) -> tuple[Table, int]:
-    """The table and split index holding fold ``fold``'s ``split`` rows of a folds table."""
+) -> tuple[str, Table, int, tuple[int, int] | None]:
+    """Where fold ``fold``'s ``split`` rows of a folds table are: the fold's name, the table,
+    its split index and, for training rows, their ``(offset, rows)`` range in that split."""
     names = split_names_of(stored.schema)
     if fold is None:
         raise SpecError(
@@ -614,11 +647,15 @@ def _fold_table(
         )
     index = fold_index(fold, len(names), asset=asset)
     if split == "validation":
-        return stored, index
+        return names[index], stored, index, None
     metadata = stored.schema.metadata or {}
     train_name = metadata[TRAIN_TABLE_KEY.encode()].decode()
-    train_version = int(metadata[TRAIN_VERSION_KEY.encode()])
-    return db.open_table(train_name, version=train_version), index
+    train = db.open_table(train_name, version=int(metadata[TRAIN_VERSION_KEY.encode()]))
+    ranges = metadata.get(TRAIN_RANGES_KEY.encode())
+    if ranges is None:  # an older folds table: split i of the training table is fold i's
+        return names[index], train, index, None
+    offset, rows = json.loads(ranges)[index]
+    return names[index], train, 0, (int(offset), int(rows))
 
 
 def refine(view: PermutationView, request: ViewRequest, *, asset: str) -> PermutationView:

@@ -5,6 +5,7 @@ and joined to the base table's columns), and compared with scikit-learn where it
 same guarantee.
 """
 
+import pickle
 from typing import Any
 
 import dagster as dg
@@ -17,6 +18,7 @@ from sklearn.model_selection import TimeSeriesSplit
 
 from perm_assets import LanceDBResource, SpecError, permutation_asset
 from perm_assets.factories import fold_partitions, folds_asset
+from perm_assets.lineage import reproduce_input
 from perm_assets.specs import (
     GroupKFold,
     GroupSplit,
@@ -236,6 +238,133 @@ def test_time_series_folds_equal_scikit_learns_on_distinct_times(run: Runner) ->
         assert validation[f"fold_{i}"][0] == test_idx.tolist()
         assert previous <= set(train_idx.tolist())
         previous = set(train_idx.tolist())
+
+
+def test_shuffled_time_series_folds_keep_scikit_learns_sets_with_gap_and_window(
+    run: Runner,
+) -> None:
+    n, k, gap, window = 300, 4, 3, 90
+    source = _source(n)
+    folds = folds_asset(
+        "folds",
+        source=source,
+        folds=TimeSeriesFolds(k=k, column="id", gap=gap, max_train_size=window),
+        shuffle=Shuffle(seed=5),
+    )
+    train: dict[str, Any] = {}
+    validation: dict[str, Any] = {}
+    readers = [
+        _fold_consumer(folds, "train", train),
+        _fold_consumer(folds, "validation", validation),
+    ]
+    result = run([source, folds])
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    for i in range(k):
+        run([source, folds, *readers], selection=readers, partition_key=f"fold_{i}")
+    expected = TimeSeriesSplit(k, gap=gap, max_train_size=window).split(np.zeros(n))
+    for i, (train_idx, test_idx) in enumerate(expected):
+        ids = train[f"fold_{i}"][0]
+        # The shuffle reorders within the window only: the same rows, never a later one.
+        assert sorted(ids) == train_idx.tolist() and ids != sorted(ids)
+        assert sorted(validation[f"fold_{i}"][0]) == test_idx.tolist()
+
+
+def test_a_fold_training_view_stays_in_its_range_under_skip_take_pickle_and_lineage(
+    run: Runner, db: LanceDBResource
+) -> None:
+    source = _source(1003)
+    folds = folds_asset("folds", source=source, folds=KFold(k=5, seed=3))
+    got: dict[str, Any] = {}
+    reader = _fold_consumer(folds, "train", got)
+    run([source, folds])
+    result = run([source, folds, reader], selection=[reader], partition_key="fold_2")
+    ids, lineage = got["fold_2"]
+    validation = _split_of(db, "folds", ["fold_2"], "id")["fold_2"]
+    assert sorted(ids + validation) == list(range(1003)) and len(ids) == 1003 - len(validation)
+    # The training table holds folds 1..4 then 0..3: fold 2 trains on folds 3, 4, 0 and 1.
+    sizes = run.metadata("folds")
+    assert (lineage.offset, lineage.limit) == (sizes["rows/fold_1"] + sizes["rows/fold_2"], len(ids))
+
+    view = open_view(
+        db,
+        asset="folds",
+        table="folds",
+        version=None,
+        request=ViewRequest(split="train", fold="fold_2", columns=["id"]),
+    )
+
+    def read(v: Permutation) -> list[int]:
+        return read_arrow(v).column("id").to_pylist()
+
+    # Relative to the fold's rows: lancedb's own with_skip would restart at the table's row 0.
+    assert read(view.with_skip(10).with_take(50)) == ids[10:60]
+    assert read(view.with_take(10**6)) == ids
+    assert read(view.with_skip(len(ids) - 3)) == ids[-3:]
+    assert read(pickle.loads(pickle.dumps(view.with_skip(7)))) == ids[7:]
+    again = reproduce_input(db, run.instance, run_id=result.run_id, input_name="data")
+    assert read(again) == ids
+
+
+def test_a_misplaced_training_range_fails_the_leakage_check_and_blocks_training(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: every fold's training range starts one row late, into its own fold.
+    from perm_assets import folds as folds_module
+
+    rotated = folds_module._rotated
+
+    def off_by_one(validation: pa.Table, rows: np.ndarray) -> Any:
+        train, ranges = rotated(validation, rows)
+        return train, [(offset + 1, length) for offset, length in ranges[:-1]] + ranges[-1:]
+
+    monkeypatch.setattr(folds_module, "_rotated", off_by_one)
+    source = _source(500)
+    folds = folds_asset("folds", source=source, folds=StratifiedKFold(k=5, label="label", seed=1))
+    trained: list[bool] = []
+
+    @dg.asset(
+        partitions_def=fold_partitions(folds),
+        ins={"data": dg.AssetIn(key=folds.key, metadata={"split": "train"})},
+    )
+    def model(data: Permutation) -> None:
+        del data
+        trained.append(True)
+
+    result = run([source, folds, model], raise_on_error=False, partition_key="fold_0")
+    checks = _checks(result)
+    leak = checks["train_and_validation_disjoint"]
+    assert not leak.passed
+    # Fold 0..3 each take in one row of their own fold and lose one row of the next.
+    assert leak.metadata["train_rows_in_own_validation_fold"].value == [1, 1, 1, 1, 0]
+    assert leak.metadata["rows_missing_per_fold"].value == [1, 1, 1, 1, 0]
+    assert checks["splits_disjoint_and_complete"].passed
+    assert trained == [] and not result.success
+
+
+def test_a_row_in_two_folds_fails_the_cover_check_and_is_not_stratified_blindly(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the folds table lists one row twice and drops another.
+    from perm_assets import folds as folds_module
+
+    table_of = folds_module.permutation_table
+
+    def duplicated(row_ids: np.ndarray, split_ids: np.ndarray, *, base_version: int) -> pa.Table:
+        row_ids = row_ids.copy()
+        row_ids[1] = row_ids[0]
+        return table_of(row_ids, split_ids, base_version=base_version)
+
+    monkeypatch.setattr(folds_module, "permutation_table", duplicated)
+    source = _source(400)
+    folds = folds_asset("folds", source=source, folds=StratifiedKFold(k=4, label="label", seed=2))
+    result = run([source, folds], raise_on_error=False)
+    checks = _checks(result)
+    cover = checks["splits_disjoint_and_complete"]
+    assert not cover.passed
+    figures = {k: cover.metadata[k].value for k in ("duplicate_rows", "missing_rows", "extra_rows")}
+    assert figures == {"duplicate_rows": 1, "missing_rows": 1, "extra_rows": 0}
+    stratified = checks["class_proportions_within_one_row"]
+    assert not stratified.passed and stratified.metadata["evaluated"].value is False
 
 
 def test_a_folds_view_without_a_fold_says_how_to_pick_one(run: Runner) -> None:
