@@ -146,9 +146,17 @@ def run_permutation_checks(
     drops = (
         isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard)
     ) or (isinstance(split, HashSplit) and split.discard_weight > 0)
-    figures = assign.check_disjoint_cover(
-        split_ids, expected, num_splits=num_splits, row_ids=row_ids
-    )
+    columns = _needed(split)
+    cover: _Cover | None = None
+    scanned: Scanned | None = None
+    if columns:  # the project's own splits: check membership against a fresh scan
+        scanned = scan_columns(base, spec.filter, columns, asset=table)
+        cover = _cover(scanned.row_ids, row_ids, split_ids, num_splits)
+        figures = cover.figures
+    else:  # lancedb's splits: the build counted the filtered rows at the pinned version
+        figures = assign.check_disjoint_cover(
+            split_ids, expected, num_splits=num_splits, row_ids=row_ids
+        )
     figures = _persisted(db, table, data.num_rows, figures)
     if drops:  # rows were left out on purpose: only duplicates and stray ids are errors
         figures["passed"] = (
@@ -166,19 +174,27 @@ def run_permutation_checks(
             Check.HASH_STABLE,
             _hash_stability(db, table, base, spec, split, row_ids, split_ids, figures),
         )
-    columns = _needed(split)
-    if not columns:
+    if cover is None or scanned is None:
         return
-    values = _aligned(base, spec.filter, columns, row_ids)
+    by_row = cover.split_of_scanned
     if isinstance(split, StratifiedSplit):
+        labels = scanned.codes(split.label)
         yield _result(
             Check.STRATIFIED,
-            assign.check_stratified(split_ids, values.codes(split.label), split.ratios),
+            _no_cover()
+            if by_row is None
+            else assign.check_stratified(by_row, labels, split.ratios),
         )
     if isinstance(split, GroupSplit):
-        yield _result(Check.GROUPS, assign.check_groups(split_ids, values.codes(split.group)))
+        groups = scanned.codes(split.group)
+        yield _result(
+            Check.GROUPS, _no_cover() if by_row is None else assign.check_groups(by_row, groups)
+        )
     if isinstance(split, TimeSplit):
-        yield _result(Check.TIME_ORDER, _time_order(values.orderable(split.column), split_ids))
+        times = scanned.orderable(split.column)
+        yield _result(
+            Check.TIME_ORDER, _no_cover() if by_row is None else _time_order(times, by_row)
+        )
 
 
 def run_folds_checks(
