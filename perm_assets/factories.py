@@ -57,6 +57,9 @@ def permutation_asset(
     resource_key: str = "lancedb",
     automation_condition: dg.AutomationCondition | None = None,
     tags: Mapping[str, str] | None = None,
+    retry_policy: dg.RetryPolicy | None = None,
+    op_tags: Mapping[str, Any] | None = None,
+    pool: str | None = None,
 ) -> dg.AssetsDefinition:
     """An asset whose every materialization is a new version of a persisted permutation table.
 
@@ -75,6 +78,12 @@ def permutation_asset(
         shuffle: a `Shuffle` of the read order within each split.
         io_manager_key: key of the `LanceDBIOManager` that persists it (and the source).
         resource_key: key of the `LanceDBResource` (the builder's memory limit).
+        retry_policy: re-run a failed materialization, e.g. ``dg.RetryPolicy(max_retries=3,
+            delay=10)`` against object-store hiccups; safe, as each attempt reads the base table
+            at the version recorded upstream and writes one new version or none.
+        op_tags: tags of the step, e.g. ``{"dagster-k8s/config": {...}}`` for its pod size.
+        pool: concurrency pool of the step (``concurrency: {pools: ...}`` in dagster.yaml), to
+            bound how many builds share a machine's memory.
 
     Example:
         ``permutation_asset("digits_splits", source=digits, split=RandomSplit(ratios=[0.8,
@@ -118,6 +127,9 @@ def permutation_asset(
         resource_key=resource_key,
         automation_condition=automation_condition,
         tags=tags,
+        retry_policy=retry_policy,
+        op_tags=op_tags,
+        pool=pool,
     )
 
 
@@ -135,17 +147,21 @@ def folds_asset(
     resource_key: str = "lancedb",
     automation_condition: dg.AutomationCondition | None = None,
     tags: Mapping[str, str] | None = None,
+    retry_policy: dg.RetryPolicy | None = None,
+    op_tags: Mapping[str, Any] | None = None,
+    pool: str | None = None,
 ) -> dg.AssetsDefinition:
     """Cross-validation folds of a LanceDB table asset, persisted as permutation tables.
 
     Every materialization writes the folds table (splits ``fold_0`` ... ``fold_{k-1}``, the
-    validation rows of each fold) and its training table (the training rows of each fold), as
-    new Lance versions; no row data is copied. A training asset partitioned by
-    `fold_partitions` (the fold names) asks ``dg.AssetIn(metadata={"split": "train"})`` or
-    ``{"split": "validation"}`` and receives, for partition ``fold_i``, a view over fold ``i``'s
-    training rows or its validation rows. Blocking asset checks verify, with every
-    materialization, that no fold trains on its own validation rows, that no group spans two
-    folds (group k-fold) and that training precedes validation (time series).
+    validation rows of each fold) and its training table (each fold's training rows as one
+    range of it, see `perm_assets.folds`), as new Lance versions; no row data is copied. A
+    training asset partitioned by `fold_partitions` (the fold names) asks
+    ``dg.AssetIn(metadata={"split": "train"})`` or ``{"split": "validation"}`` and receives,
+    for partition ``fold_i``, a view over fold ``i``'s training rows or its validation rows.
+    Blocking asset checks verify, with every materialization, that no fold trains on its own
+    validation rows, that no group spans two folds (group k-fold) and that training precedes
+    validation (time series).
 
     Args:
         name: asset name; the tables are ``<key>`` and ``<key>__train``.
@@ -155,6 +171,7 @@ def folds_asset(
         filter: SQL predicate applied before folding, e.g. ``"label IS NOT NULL"``.
         shuffle: read order of every training set and validation fold; None: table order
             (time order for time-series folds).
+        retry_policy, op_tags, pool: as for `permutation_asset`.
 
     Example:
         ``folds_asset("digits_folds", source=digits, folds=StratifiedKFold(k=5, label="label",
@@ -201,6 +218,9 @@ def folds_asset(
         resource_key=resource_key,
         automation_condition=automation_condition,
         tags=tags,
+        retry_policy=retry_policy,
+        op_tags=op_tags,
+        pool=pool,
         extra_metadata={FOLDS_K_KEY: spec.folds.k},
     )
     return asset
@@ -234,6 +254,9 @@ def _asset(
     resource_key: str,
     automation_condition: dg.AutomationCondition | None,
     tags: Mapping[str, str] | None,
+    retry_policy: dg.RetryPolicy | None,
+    op_tags: Mapping[str, Any] | None,
+    pool: str | None,
     extra_metadata: Mapping[str, Any] | None = None,
 ) -> dg.AssetsDefinition:
     """The Dagster asset around ``materialize``: source input, run config, checks, metadata."""
@@ -255,6 +278,9 @@ def _asset(
         automation_condition=automation_condition,
         tags=dict(tags or {}),
         check_specs=check_specs,
+        retry_policy=retry_policy,
+        op_tags=dict(op_tags) if op_tags is not None else None,
+        pool=pool,
     )
     def _permutation(
         context: dg.AssetExecutionContext,

@@ -283,7 +283,10 @@ def test_a_fold_training_view_stays_in_its_range_under_skip_take_pickle_and_line
     assert sorted(ids + validation) == list(range(1003)) and len(ids) == 1003 - len(validation)
     # The training table holds folds 1..4 then 0..3: fold 2 trains on folds 3, 4, 0 and 1.
     sizes = run.metadata("folds")
-    assert (lineage.offset, lineage.limit) == (sizes["rows/fold_1"] + sizes["rows/fold_2"], len(ids))
+    assert (lineage.offset, lineage.limit) == (
+        sizes["rows/fold_1"] + sizes["rows/fold_2"],
+        len(ids),
+    )
 
     view = open_view(
         db,

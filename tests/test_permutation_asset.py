@@ -355,3 +355,49 @@ def test_hash_stability_check_catches_a_changed_assignment(
     assert not stable.passed
     moved: Any = stable.metadata["rows_moved_between_splits"].value
     assert moved > 0
+
+
+def test_retry_policy_op_tags_and_pool_reach_the_step_and_a_retry_writes_one_version(
+    run: Runner, db: LanceDBResource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from perm_assets import factories
+    from perm_assets.specs import KFold
+
+    real_build = factories.build_permutation
+    attempts: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) == 1:  # a transient object-store error on the first attempt
+            raise OSError("connection reset by peer")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(factories, "build_permutation", flaky)
+    perm = permutation_asset(
+        "perm",
+        source=SOURCE,
+        split=RandomSplit(ratios=[0.5, 0.5], seed=1),
+        retry_policy=dg.RetryPolicy(max_retries=1),
+        op_tags={"team": "ml"},
+        pool="lance_builds",
+    )
+    folds = factories.folds_asset(
+        "folds", source=SOURCE, folds=KFold(k=3, seed=0), op_tags={"team": "ml"}, pool="cv"
+    )
+    assert (perm.op.retry_policy, perm.op.tags["team"], perm.op.pool) == (
+        dg.RetryPolicy(max_retries=1),
+        "ml",
+        "lance_builds",
+    )
+    assert (folds.op.tags["team"], folds.op.pool, folds.op.retry_policy) == ("ml", "cv", None)
+    run([SOURCE])
+    result = run([SOURCE, perm], selection=[perm])
+    assert result.success and attempts == [1, 2]
+    retried = [
+        e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ]
+    assert len(retried) == 1
+    # The failed attempt wrote nothing: one version, holding every row once.
+    assert db.open_table("perm").version == run.metadata("perm")["lance/version"]
+    ids = _stored(db, "perm").column("row_id").to_pylist()
+    assert len(ids) == len(set(ids)) == N
