@@ -485,3 +485,47 @@ def test_small_classes_warn_or_fail_as_configured(run: Runner) -> None:
     )
     with pytest.raises(SpecError, match=r"asset 'folds'.*fewer"):
         run([source, fail], selection=[fail])
+
+
+def test_an_older_folds_table_with_one_training_split_per_fold_still_reads(
+    run: Runner, db: LanceDBResource
+) -> None:
+    # Folds tables written before the rotated layout had no ranges: split i of the training
+    # table held fold i's training rows. Rewrite the latest version in that layout.
+    from perm_assets.tables import TRAIN_RANGES_KEY, TRAIN_VERSION_KEY, WriteMode, write_table
+
+    source = _source(103)
+    folds = folds_asset("folds", source=source, folds=KFold(k=3, seed=1))
+    run([source, folds])
+    stored = db.open_table("folds").to_arrow()
+    ids, fold_of = stored.column("row_id").to_numpy(), stored.column("split_id").to_numpy()
+    train_ids = np.concatenate([ids[fold_of != i] for i in range(3)])
+    train_splits = np.repeat(
+        np.arange(3, dtype=np.uint64), [(fold_of != i).sum() for i in range(3)]
+    )
+    old_train = pa.table(
+        {"row_id": pa.array(train_ids), "split_id": pa.array(train_splits)},
+        schema=stored.schema,
+    ).replace_schema_metadata(  # as the folds table's: split names fold_0 ... fold_2
+        {k: v for k, v in (stored.schema.metadata or {}).items() if b"train" not in k}
+    )
+    train = write_table(db.connect(), "folds__train", old_train, WriteMode.OVERWRITE)
+    metadata = dict(stored.schema.metadata or {})
+    del metadata[TRAIN_RANGES_KEY.encode()]
+    metadata[TRAIN_VERSION_KEY.encode()] = str(train.version).encode()
+    write_table(
+        db.connect(), "folds", stored.replace_schema_metadata(metadata), WriteMode.OVERWRITE
+    )
+
+    for i in range(3):
+        view = open_view(
+            db,
+            asset="folds",
+            table="folds",
+            version=None,
+            request=ViewRequest(split="train", fold=i, columns=["id"]),
+        )
+        got = read_arrow(view).column("id").to_pylist()
+        # One fragment of 103 rows: row id == row position == id.
+        assert got == ids[fold_of != i].tolist()
+        assert (view.offset, view.limit, view.lineage.split_index) == (None, None, i)
