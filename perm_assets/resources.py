@@ -79,9 +79,35 @@ class LanceDBResource(dg.ConfigurableResource):
         )
         return lancedb.connect(
             self.uri,
-            storage_options=dict(self.storage_options) or None,
+            storage_options=self.resolved_storage_options() or None,
             read_consistency_interval=interval,
         )
+
+    def resolved_storage_options(self) -> dict[str, str]:
+        """The storage options with every ``dg.EnvVar`` read from the environment.
+
+        Dagster resolves them when a run starts; a resource built and used directly (a
+        notebook, a script, ``python -m perm_assets``) still holds the variables' *names*, which
+        lancedb would send as credentials.
+
+        Raises:
+            ValueError: a named environment variable is not set (the message names it, never
+                a value).
+        """
+        resolved: dict[str, str] = {}
+        for key, value in self.storage_options.items():
+            if isinstance(value, dg.EnvVar):
+                found = value.get_value()
+                if found is None:
+                    raise ValueError(
+                        f"LanceDB storage option '{key}' reads environment variable "
+                        f"'{value.env_var_name}', which is not set; set it or pass the option "
+                        "another way"
+                    )
+                resolved[key] = found
+            else:
+                resolved[key] = value
+        return resolved
 
     def table_exists(self, name: str) -> bool:
         """Whether a table called ``name`` exists in the database.

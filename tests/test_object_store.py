@@ -276,6 +276,25 @@ def test_env_var_storage_options_resolve_inside_runs(
         lancedb.connect(s3_uri, storage_options=names_as_keys).open_table("rows")
 
 
+def test_env_var_storage_options_resolve_outside_runs_too(
+    run: Runner, s3_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @dg.asset(name="rows")
+    def rows() -> pa.Table:
+        return make_rows(10)
+
+    run([rows])
+    # Built and used directly, as in a notebook: no run ever resolves the fields.
+    direct = LanceDBResource(uri=s3_uri, storage_options=env_storage_options())
+    assert dict(direct.storage_options) == {**ENV, "allow_http": "true"}
+    assert direct.open_table("rows").count_rows() == 10
+    monkeypatch.delenv(ENV["aws_secret_access_key"])
+    with pytest.raises(
+        ValueError, match=rf"'aws_secret_access_key'.*'{ENV['aws_secret_access_key']}'.*not set"
+    ):
+        direct.open_table("rows")
+
+
 def test_table_asset_lives_in_the_bucket_at_its_recorded_versions(
     run: Runner, db: LanceDBResource, s3: S3Server, s3_uri: str
 ) -> None:
