@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.db import DBConnection
 from lancedb.permutation import Permutation, Transforms, permutation_builder
+from lancedb.table import LanceTable
 from sklearn import __version__ as sklearn_version
 from sklearn.model_selection import StratifiedKFold as SklearnStratifiedKFold
 
@@ -370,14 +371,7 @@ class SizeBench:
         """(a): lancedb's builder and ``create_table``, nothing else."""
         with baseline_memory_limit():
             conn = self._connect()
-            table = conn.open_table(self.source_table)
-            result = (
-                permutation_builder(table)
-                .filter(FILTER)
-                .split_random(ratios=RATIOS, seed=SPLIT_SEED, split_names=SPLIT_NAMES)
-                .shuffle(seed=SHUFFLE_SEED)
-                .execute()
-            )
+            result = self._direct_permutation(conn)
             conn.create_table(DIRECT_PERM_TABLE, result.to_arrow(), mode="overwrite")
         return self.size
 
@@ -387,17 +381,18 @@ class SizeBench:
         reads it)."""
         with baseline_memory_limit():
             conn = self._connect()
-            table = conn.open_table(self.source_table)
-            result = (
-                permutation_builder(table)
-                .filter(FILTER)
-                .split_random(ratios=RATIOS, seed=SPLIT_SEED, split_names=SPLIT_NAMES)
-                .shuffle(seed=SHUFFLE_SEED)
-                .execute()
-            )
-            batches = result.search().to_batches(batch_size=1 << 20)
+            batches = self._direct_permutation(conn).search().to_batches(batch_size=1 << 20)
             conn.create_table(DIRECT_PERM_TABLE + "_batched", batches, mode="overwrite")
         return self.size
+
+    def _direct_permutation(self, conn: DBConnection) -> LanceTable:
+        return (
+            permutation_builder(conn.open_table(self.source_table))
+            .filter(FILTER)
+            .split_random(ratios=RATIOS, seed=SPLIT_SEED, split_names=SPLIT_NAMES)
+            .shuffle(seed=SHUFFLE_SEED)
+            .execute()
+        )
 
     def build_project_no_dagster(self) -> int:
         """The project's build and write functions without Dagster (attributes (b)'s time)."""

@@ -148,6 +148,24 @@ def _fold_consumer(folds: dg.AssetsDefinition, role: str, got: dict[str, Any]):
     return reader
 
 
+def _read_every_fold(
+    run: Runner, source: dg.AssetsDefinition, folds: dg.AssetsDefinition, k: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Materialize ``folds`` (every check must pass), then read each fold's training and
+    validation ids: ``{"fold_i": (ids, lineage)}`` for each."""
+    train: dict[str, Any] = {}
+    validation: dict[str, Any] = {}
+    readers = [
+        _fold_consumer(folds, "train", train),
+        _fold_consumer(folds, "validation", validation),
+    ]
+    result = run([source, folds])
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    for i in range(k):
+        run([source, folds, *readers], selection=readers, partition_key=f"fold_{i}")
+    return train, validation
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_kfold_training_views_are_the_complement_of_each_validation_fold(
     run: Runner, shuffle: bool
@@ -221,16 +239,7 @@ def test_time_series_folds_equal_scikit_learns_on_distinct_times(run: Runner) ->
     n, k, gap = 300, 4, 3
     source = _source(n)
     folds = folds_asset("folds", source=source, folds=TimeSeriesFolds(k=k, column="id", gap=gap))
-    train: dict[str, Any] = {}
-    validation: dict[str, Any] = {}
-    readers = [
-        _fold_consumer(folds, "train", train),
-        _fold_consumer(folds, "validation", validation),
-    ]
-    result = run([source, folds])
-    assert all(e.passed for e in result.get_asset_check_evaluations())
-    for i in range(k):
-        run([source, folds, *readers], selection=readers, partition_key=f"fold_{i}")
+    train, validation = _read_every_fold(run, source, folds, k)
     expected = list(TimeSeriesSplit(k, gap=gap).split(np.zeros(n)))
     previous: set[int] = set()
     for i, (train_idx, test_idx) in enumerate(expected):
@@ -251,16 +260,7 @@ def test_shuffled_time_series_folds_keep_scikit_learns_sets_with_gap_and_window(
         folds=TimeSeriesFolds(k=k, column="id", gap=gap, max_train_size=window),
         shuffle=Shuffle(seed=5),
     )
-    train: dict[str, Any] = {}
-    validation: dict[str, Any] = {}
-    readers = [
-        _fold_consumer(folds, "train", train),
-        _fold_consumer(folds, "validation", validation),
-    ]
-    result = run([source, folds])
-    assert all(e.passed for e in result.get_asset_check_evaluations())
-    for i in range(k):
-        run([source, folds, *readers], selection=readers, partition_key=f"fold_{i}")
+    train, validation = _read_every_fold(run, source, folds, k)
     expected = TimeSeriesSplit(k, gap=gap, max_train_size=window).split(np.zeros(n))
     for i, (train_idx, test_idx) in enumerate(expected):
         ids = train[f"fold_{i}"][0]
@@ -487,6 +487,7 @@ def test_small_classes_warn_or_fail_as_configured(run: Runner) -> None:
         run([source, fail], selection=[fail])
 
 
+# ------------------------------------------------------------------------- compatibility
 def test_an_older_folds_table_with_one_training_split_per_fold_still_reads(
     run: Runner, db: LanceDBResource
 ) -> None:
