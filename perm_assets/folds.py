@@ -150,8 +150,10 @@ def build_folds(table: Table, spec: FoldsSpec, *, asset: str) -> FoldsData:
     if train is None:
         train, ranges = _rotated(validation, rows)
     validation, train = (
-        _of_kind(with_permutation_metadata(t, base_table=table.name, split_names=s, spec=spec), k)
-        for t, s, k in ((validation, names, FOLDS_KIND), (train, [TRAIN_SPLIT], TRAIN_KIND))
+        _of_kind(
+            with_permutation_metadata(data, base_table=table.name, split_names=s, spec=spec), kind
+        )
+        for data, s, kind in ((validation, names, FOLDS_KIND), (train, [TRAIN_SPLIT], TRAIN_KIND))
     )
     return FoldsData(
         validation=PermutationData(
