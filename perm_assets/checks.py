@@ -383,15 +383,9 @@ def _cover(
     rows take ~0.15 s against ~1 s.
     """
     out_of_range = int(np.count_nonzero(split_ids >= num_splits))
-    bits = max(1, (num_splits - 1).bit_length())
-    if out_of_range == 0 and (row_ids.size == 0 or int(row_ids.max()) >> (64 - bits) == 0):
-        shift = np.uint64(bits)
-        keys = row_ids.astype(np.uint64, copy=False) << shift
-        keys |= split_ids.astype(np.uint64, copy=False)
-        keys.sort()
-        splits = (keys & np.uint64((1 << bits) - 1)).astype(np.min_scalar_type(num_splits))
-        keys >>= shift
-        by_id = keys
+    packed = _sorted_pairs(row_ids, split_ids, num_splits) if out_of_range == 0 else None
+    if packed is not None:
+        by_id, splits = packed
     else:
         order = np.argsort(row_ids, kind="stable")
         by_id, splits = row_ids[order], split_ids[order]
@@ -427,6 +421,26 @@ def _cover(
         },
         split_of_scanned=split_of_scanned,
     )
+
+
+def _sorted_pairs(
+    values: np.ndarray, tags: np.ndarray, num_tags: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``values`` ascending with their ``tags`` (each < ``num_tags``) alongside, by one sort of
+    the pairs packed into uint64; None when a value does not leave room for the tag's bits.
+
+    10M pairs take ~0.15 s, against ~1 s for an argsort and two gathers.
+    """
+    bits = max(1, (num_tags - 1).bit_length())
+    if values.size and int(values.max()) >> (64 - bits):
+        return None
+    shift = np.uint64(bits)
+    packed = values.astype(np.uint64) << shift
+    packed |= tags.astype(np.uint64, copy=False)
+    packed.sort()
+    sorted_tags = (packed & np.uint64((1 << bits) - 1)).astype(np.min_scalar_type(num_tags))
+    packed >>= shift
+    return packed, sorted_tags
 
 
 def _persisted_training(db: LanceDBResource, table: str) -> tuple[Table, list[list[int]]]:
@@ -585,8 +599,6 @@ def _hash_stability(
     names = spec.split_names()
     version = int(persisted["persisted_version"])
     previous = _previous_permutation(db, table, version)
-    keys = list(split.columns)
-    now = _keyed(base, spec.filter, keys, row_ids, split_ids)
     if previous is None:
         added = np.bincount(split_ids.astype(np.int64), minlength=len(names))
         return {
@@ -597,18 +609,28 @@ def _hash_stability(
         }
     prev_table, prev_base, prev_filter = previous
     prev_data = read_all(prev_table)
-    before = _keyed(
-        prev_base,
-        prev_filter,
-        keys,
-        prev_data.column("row_id").to_numpy(),
-        prev_data.column("split_id").to_numpy(),
-    )
-    joined = now.join(before, keys=keys, join_type="left outer", right_suffix="_before")
-    split_now = joined.column("split").to_numpy(zero_copy_only=False)
-    was = joined.column("split_before")
-    known = ~np.asarray(was.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    was_values = was.fill_null(0).to_numpy(zero_copy_only=False)
+    prev_rows = prev_data.column("row_id").to_numpy()
+    prev_splits = prev_data.column("split_id").to_numpy()
+    keys = list(split.columns)
+    now = _key_splits(base, spec.filter, keys, row_ids, split_ids, len(names))
+    before = _key_splits(prev_base, prev_filter, keys, prev_rows, prev_splits, len(names))
+    if now is not None and before is not None:
+        (keys_now, split_now), (keys_before, split_before) = now, before
+        known, was_values = np.zeros(keys_now.size, dtype=bool), split_now
+        if keys_before.size:
+            at = np.minimum(np.searchsorted(keys_before, keys_now), keys_before.size - 1)
+            known, was_values = keys_before[at] == keys_now, split_before[at]
+    else:  # several or non-integer key columns: group and join in Arrow
+        joined = _keyed(base, spec.filter, keys, row_ids, split_ids).join(
+            _keyed(prev_base, prev_filter, keys, prev_rows, prev_splits),
+            keys=keys,
+            join_type="left outer",
+            right_suffix="_before",
+        )
+        split_now = joined.column("split").to_numpy(zero_copy_only=False)
+        was = joined.column("split_before")
+        known = ~np.asarray(was.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        was_values = was.fill_null(0).to_numpy(zero_copy_only=False)
     moved = int(np.count_nonzero(known & (split_now != was_values)))
     added = np.bincount(split_now[~known].astype(np.int64), minlength=len(names))
     return {
@@ -618,6 +640,40 @@ def _hash_stability(
         **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
         "passed": moved == 0,
     }
+
+
+def _key_splits(
+    base: Table,
+    filter: str | None,
+    keys: list[str],
+    row_ids: np.ndarray,
+    split_ids: np.ndarray,
+    num_splits: int,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Distinct values of one integer key column among the permutation's rows (ascending) and
+    each one's split (the smallest, as one hash sends all its rows to one split); None for
+    other keys. Two packed sorts, no argsort or join: 10M rows in ~0.5 s against ~2 s."""
+    if len(keys) != 1:
+        return None
+    scanned = scan_columns(base, filter, keys, asset=base.name)
+    values = scanned.columns[keys[0]]
+    if not pa.types.is_integer(values.type) or pa.types.is_uint64(values.type):
+        return None
+    by_id = _sorted_pairs(row_ids, split_ids, num_splits)
+    if by_id is None:
+        return None
+    ids, splits = by_id
+    row_keys = values.to_numpy().astype(np.int64, copy=False)
+    if not (ids.size == scanned.num_rows and np.array_equal(ids, scanned.row_ids)):
+        row_keys = row_keys[_positions(scanned.row_ids, ids)]  # a discard or a filter
+    low = int(row_keys.min()) if row_keys.size else 0
+    by_key = _sorted_pairs((row_keys - low).astype(np.uint64), splits, num_splits)
+    if by_key is None:
+        return None
+    sorted_keys, key_splits = by_key
+    first = np.ones(sorted_keys.size, dtype=bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return sorted_keys[first].astype(np.int64) + low, key_splits[first]
 
 
 def _previous_permutation(

@@ -247,7 +247,9 @@ def test_bad_launchpad_ratios_fail_the_run_and_keep_the_previous_version(
     assert _stored(db, "perm").equals(before)
 
 
-def _growing_hash_split(rows_per_run: int) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
+def _growing_hash_split(
+    rows_per_run: int, columns: tuple[str, ...] = ("id",)
+) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
     """A source that appends ``rows_per_run`` new ids per run, and a 3:1 hash split of it."""
     state = {"start": 0}
 
@@ -260,7 +262,7 @@ def _growing_hash_split(rows_per_run: int) -> tuple[dg.AssetsDefinition, dg.Asse
     perm = permutation_asset(
         "perm",
         source=growing,
-        split=HashSplit(columns=["id"], weights=[3, 1], split_names=["train", "test"]),
+        split=HashSplit(columns=list(columns), weights=[3, 1], split_names=["train", "test"]),
     )
     return growing, perm
 
@@ -276,6 +278,14 @@ def test_hash_split_keeps_rows_in_their_split_when_the_source_grows(
     assert len(before) == 500 and len(after) == 1000
     assert {i: after[i] for i in before} == before
     assert {"train", "test"} == set(after.values())
+
+
+def _with_keys(db: LanceDBResource, version: int, columns: tuple[str, ...]) -> pa.Table:
+    """``split_id`` and the key ``columns`` of every row of permutation ``perm`` at ``version``."""
+    perm = db.open_table("perm", version=version).to_arrow()
+    base = db.open_table("rows").search().with_row_id(True).to_arrow()
+    joined = perm.join(base, keys="row_id", right_keys="_rowid")
+    return joined.select(["split_id", *columns])
 
 
 def _split_of_each_id(db: LanceDBResource) -> dict[int, str]:
@@ -308,10 +318,15 @@ def test_raw_lancedb_builder_output_is_persisted_with_its_metadata(
     ) == list(range(N))
 
 
+# One integer key takes the packed-sort path; strings and several columns group in Arrow.
+HASH_KEYS = [("id",), ("name",), ("group", "id")]
+
+
+@pytest.mark.parametrize("columns", HASH_KEYS)
 def test_hash_split_check_reports_no_moved_rows_and_rows_added_per_split(
-    run: Runner, db: LanceDBResource
+    run: Runner, db: LanceDBResource, columns: tuple[str, ...]
 ) -> None:
-    growing, perm = _growing_hash_split(400)
+    growing, perm = _growing_hash_split(400, columns)
     first = run([growing, perm])
     check = {e.check_name: e for e in first.get_asset_check_evaluations()}
     stable = check["no_row_moved_between_splits"]
@@ -334,14 +349,15 @@ def test_hash_split_check_reports_no_moved_rows_and_rows_added_per_split(
     assert meta["rows_added/test"] == sum(1 for i in added if after[i] == "test")
 
 
+@pytest.mark.parametrize("columns", HASH_KEYS)
 def test_hash_stability_check_catches_a_changed_assignment(
-    run: Runner, db: LanceDBResource
+    run: Runner, db: LanceDBResource, columns: tuple[str, ...]
 ) -> None:
     # Fault injection: new weights re-deal rows between splits; the blocking check must say so.
     first = permutation_asset(
         "perm",
         source=SOURCE,
-        split=HashSplit(columns=["id"], weights=[1, 1], split_names=["train", "test"]),
+        split=HashSplit(columns=list(columns), weights=[1, 1], split_names=["train", "test"]),
     )
     run([SOURCE, first])
     result = run(
@@ -354,7 +370,17 @@ def test_hash_stability_check_catches_a_changed_assignment(
     stable = check["no_row_moved_between_splits"]
     assert not stable.passed
     moved: Any = stable.metadata["rows_moved_between_splits"].value
-    assert moved > 0
+    # Recount by hand from the two persisted versions: keys whose split changed.
+    version = db.open_table("perm").version
+    before, after = (
+        {
+            tuple(row[c] for c in columns): row["split_id"]
+            for row in _with_keys(db, v, columns).to_pylist()
+        }
+        for v in (version - 1, version)
+    )
+    assert moved == sum(1 for key, split in after.items() if before[key] != split) > 0
+    assert stable.metadata["keys_compared"].value == len(after) == len(before)
 
 
 def test_retry_policy_op_tags_and_pool_reach_the_step_and_a_retry_writes_one_version(
