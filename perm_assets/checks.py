@@ -40,6 +40,7 @@ from perm_assets.specs import (
     StratifiedSplit,
     TimeSeriesFolds,
     TimeSplit,
+    key_columns,
 )
 from perm_assets.tables import (
     BASE_TABLE_KEY,
@@ -146,7 +147,7 @@ def run_permutation_checks(
     drops = (
         isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard)
     ) or (isinstance(split, HashSplit) and split.discard_weight > 0)
-    columns = _needed(split)
+    columns = key_columns(split)
     cover: _Cover | None = None
     scanned: Scanned | None = None
     if columns:  # the project's own splits: check membership against a fresh scan
@@ -211,7 +212,7 @@ def run_folds_checks(
     k = folds.k
     base = db.open_table(data.validation.base_table, version=data.validation.base_version)
     row_ids, fold_ids = _columns(data.validation.data)
-    scanned = scan_columns(base, spec.filter, _needed(folds), asset=table)
+    scanned = scan_columns(base, spec.filter, key_columns(folds), asset=table)
     cover = _cover(scanned.row_ids, row_ids, fold_ids, k)
 
     figures = _persisted(db, table, data.validation.num_rows, cover.figures)
@@ -286,17 +287,6 @@ def _persisted(
 
 def _columns(data: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return data.column("row_id").to_numpy(), data.column("split_id").to_numpy()
-
-
-def _needed(split: object) -> list[str]:
-    """The column a split or folds kind is checked on: label, group or time."""
-    if isinstance(split, StratifiedSplit | StratifiedKFold):
-        return [split.label]
-    if isinstance(split, GroupSplit | GroupKFold):
-        return [split.group]
-    if isinstance(split, TimeSplit | TimeSeriesFolds):
-        return [split.column]
-    return []
 
 
 def _aligned(base: Table, filter: str | None, columns: list[str], row_ids: np.ndarray) -> Scanned:

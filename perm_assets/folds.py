@@ -50,6 +50,7 @@ from perm_assets.specs import (
     KFold,
     StratifiedKFold,
     TimeSeriesFolds,
+    key_columns,
 )
 from perm_assets.tables import (
     KIND_META_KEY,
@@ -110,7 +111,7 @@ class FoldsData:
 def build_folds(table: Table, spec: FoldsSpec, *, asset: str) -> FoldsData:
     """Assign the filtered rows of ``table`` to folds as ``spec`` says (seeds resolved)."""
     folds = spec.folds
-    scanned = scan_columns(table, spec.filter, _needed_columns(folds), asset=asset)
+    scanned = scan_columns(table, spec.filter, key_columns(folds), asset=asset)
     n = scanned.num_rows
     if n == 0:
         raise SpecError(
@@ -197,16 +198,6 @@ def _zeros(length: int, chunk: int = 1 << 20) -> pa.ChunkedArray:
     full, rest = divmod(length, chunk)
     chunks = [zeros] * full + ([zeros.slice(0, rest)] if rest else [])
     return pa.chunked_array(chunks, type=pa.uint64())
-
-
-def _needed_columns(folds: KFold | StratifiedKFold | GroupKFold | TimeSeriesFolds) -> list[str]:
-    if isinstance(folds, StratifiedKFold):
-        return [folds.label]
-    if isinstance(folds, GroupKFold):
-        return [folds.group]
-    if isinstance(folds, TimeSeriesFolds):
-        return [folds.column]
-    return []
 
 
 def _fold_ids(scanned: Scanned, folds: KFold | StratifiedKFold | GroupKFold) -> np.ndarray:

@@ -474,6 +474,20 @@ class FoldsSpec(_Spec):
         return self.model_copy(update=update) if update else self
 
 
+def key_columns(
+    part: Split | KFold | StratifiedKFold | GroupKFold | TimeSeriesFolds | None,
+) -> list[str]:
+    """The column a split or folds kind stratifies, groups or orders by (none for the rest):
+    what its assignment and its checks read besides row ids."""
+    if isinstance(part, StratifiedSplit | StratifiedKFold):
+        return [part.label]
+    if isinstance(part, GroupSplit | GroupKFold):
+        return [part.group]
+    if isinstance(part, TimeSplit | TimeSeriesFolds):
+        return [part.column]
+    return []
+
+
 def _draw_seed() -> int:
     return secrets.randbelow(2**31)
 
