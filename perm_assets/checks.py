@@ -225,14 +225,24 @@ def run_folds_checks(
         )
     yield _result(Check.DISJOINT_COMPLETE, figures)
 
-    train, ranges = _persisted_training(db, table)
+    train, ranges = _persisted_training(db, table, int(figures["persisted_version"]))
     sizes = np.bincount(fold_ids.astype(np.min_scalar_type(k)), minlength=k)
     train_ids = None
     if data.rotated:
         training = _rotated_training(row_ids, fold_ids, sizes, train, ranges)
     else:
+        assert isinstance(folds, TimeSeriesFolds)  # the one kind that is not rotated
         train_ids = read_all(train.search().select(["row_id"])).column("row_id").to_numpy()
-        training = _ranged_training(row_ids, fold_ids, train_ids, ranges)
+        expected = assign.time_series_folds(
+            scanned.orderable(folds.column),
+            k,
+            gap=folds.gap,
+            test_size=folds.test_size,
+            max_train_size=folds.max_train_size,
+        )
+        training = _time_series_training(
+            scanned.row_ids, expected, row_ids, fold_ids, train_ids, ranges
+        )
     yield _result(Check.TRAIN_VALIDATION, training)
     if Check.SIZES in checks:
         spread = int(sizes.max() - sizes.min())
@@ -422,8 +432,8 @@ def _sorted_pairs(
     10M pairs take ~0.15 s, against ~1 s for an argsort and two gathers.
     """
     bits = max(1, (num_tags - 1).bit_length())
-    if values.size and int(values.max()) >> (64 - bits):
-        return None
+    if values.size and (int(values.max()) >> (64 - bits) or int(tags.max()) >= num_tags):
+        return None  # a tag would spill into its value
     shift = np.uint64(bits)
     packed = values.astype(np.uint64) << shift
     packed |= tags.astype(np.uint64, copy=False)
@@ -433,9 +443,11 @@ def _sorted_pairs(
     return packed, sorted_tags
 
 
-def _persisted_training(db: LanceDBResource, table: str) -> tuple[Table, list[list[int]]]:
-    """The training table that the latest folds version pins, and each fold's range in it."""
-    metadata = db.open_table(table).schema.metadata or {}
+def _persisted_training(
+    db: LanceDBResource, table: str, version: int
+) -> tuple[Table, list[list[int]]]:
+    """The training table that folds ``version`` pins, and each fold's range in it."""
+    metadata = db.open_table(table, version=version).schema.metadata or {}
     train = db.open_table(
         metadata[TRAIN_TABLE_KEY.encode()].decode(),
         version=int(metadata[TRAIN_VERSION_KEY.encode()]),
@@ -491,21 +503,35 @@ def _rotated_training(
     }
 
 
-def _ranged_training(
-    row_ids: np.ndarray, fold_ids: np.ndarray, train_ids: np.ndarray, ranges: list[list[int]]
+def _time_series_training(
+    scanned_ids: np.ndarray,
+    expected: list[assign.TimeFold],
+    row_ids: np.ndarray,
+    fold_ids: np.ndarray,
+    train_ids: np.ndarray,
+    ranges: list[list[int]],
 ) -> dict[str, Any]:
-    """Time-series folds: no fold's training range holds one of its own validation rows."""
+    """Time-series folds: each fold's persisted training range and validation rows hold
+    exactly the rows its time order gives (``expected``, from a fresh scan): never a gap row,
+    a later row or a row past the table's end."""
     # Sorts and searchsorted only: numpy 2.4's hash-based np.unique/np.isin are ~100x slower.
-    overlap = []
-    for i, (offset, rows) in enumerate(ranges):
+    overlap, wrong_train, wrong_validation, outside = [], 0, 0, 0
+    for i, ((offset, rows), fold) in enumerate(zip(ranges, expected, strict=True)):
         validation = np.sort(row_ids[fold_ids == i])
-        train = train_ids[offset : offset + rows]
+        if offset < 0 or offset + rows > train_ids.size:
+            outside += 1
+        train = np.sort(train_ids[max(offset, 0) : offset + rows])
         overlap.append(int(np.count_nonzero(_member(validation, train))))
+        wrong_train += not np.array_equal(train, np.sort(scanned_ids[fold.train()]))
+        wrong_validation += not np.array_equal(validation, np.sort(scanned_ids[fold.test()]))
     return {
         "training_table_rows": int(train_ids.size),
         "train_rows": [rows for _, rows in ranges],
         "train_rows_in_own_validation_fold": overlap,
-        "passed": not any(overlap),
+        "folds_with_other_training_rows": int(wrong_train),
+        "folds_with_other_validation_rows": int(wrong_validation),
+        "ranges_outside_training_table": outside,
+        "passed": not any(overlap) and wrong_train == wrong_validation == outside == 0,
     }
 
 

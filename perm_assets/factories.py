@@ -80,7 +80,9 @@ def permutation_asset(
         resource_key: key of the `LanceDBResource` (the builder's memory limit).
         retry_policy: re-run a failed materialization, e.g. ``dg.RetryPolicy(max_retries=3,
             delay=10)`` against object-store hiccups; safe, as each attempt reads the base table
-            at the version recorded upstream and writes one new version or none.
+            at the version recorded upstream and writes one new version or none (a folds
+            attempt that fails may leave a training-table version that no folds version pins,
+            so nothing reads it).
         op_tags: tags of the step, e.g. ``{"dagster-k8s/config": {...}}`` for its pod size.
         pool: concurrency pool of the step (``concurrency: {pools: ...}`` in dagster.yaml), to
             bound how many builds share a machine's memory.

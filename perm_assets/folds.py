@@ -18,10 +18,11 @@ range of every fold, so one folds version always pins the training sets it was b
 For k folds over n rows the two hold ``n + (2 - 2/k) n`` row ids (2.6n for k = 5; 416 MB of
 uint64 pairs at 10M rows), not the ``k n`` of one training copy per fold.
 
-The training order of fold ``i`` is fold after fold, each in the folds table's order (table
-order, or the shuffle). For shuffled k-fold this is a uniformly random order of the training
-rows, since each fold is a random subset shuffled on its own; stratified folds read
-stratified blocks. DataLoader samplers reshuffle per epoch regardless.
+The training order of fold ``i`` is fold after fold, each in the folds table's order: table
+order, or the spec's read ``Shuffle``. With that shuffle (no ``clump_size``) and random k-fold
+it is a uniformly random order of the training rows, since each fold is a random subset
+shuffled on its own; stratified folds read stratified blocks. Without it, each fold's block is
+in table order. DataLoader samplers reshuffle per epoch regardless.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from typing import IO, Any, Literal, cast, get_args
 
 import dagster as dg
 import pyarrow as pa
-from lancedb.background_loop import LOOP
 from lancedb.permutation import Permutation, Transforms
 from lancedb.table import Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -224,12 +223,16 @@ class PermutationView(Permutation):
     def restricted(self, offset: int | None, limit: int | None) -> PermutationView:
         """This view limited to rows ``offset`` .. ``offset + limit`` of its split (absolute,
         as recorded in `ViewLineage`), e.g. one fold's range of a folds training table."""
-        self._ensure_open()
+        if (offset is not None and offset < 0) or (limit is not None and limit < 0):
+            raise ValueError(f"offset={offset} and limit={limit} must be >= 0 rows")
         new = copy.copy(self)
         new.offset, new.limit = offset, limit
-        new.reader = LOOP.run(new._build_reader())
-        new._pid = os.getpid()
-        new.lineage = replace(self.lineage, offset=offset, limit=limit)
+        # lancedb's _ensure_open builds the reader, with skip and take, on first use: one
+        # reader (in a forked worker, one helper process) per view actually read.
+        new._pid = None
+        lineage: ViewLineage | None = self.__dict__.get("lineage")
+        if lineage is not None:
+            new.lineage = replace(lineage, offset=offset, limit=limit)
         return new
 
     def with_skip(self, skip: int) -> PermutationView:
@@ -238,12 +241,16 @@ class PermutationView(Permutation):
         lancedb's ``with_skip`` replaces the offset; here it is relative to the view, so a
         fold's training view (a range of its table) never widens to other rows.
         """
+        if skip < 0:
+            raise ValueError(f"skip={skip} must be >= 0 rows")
         offset = (self.offset or 0) + skip
         limit = None if self.limit is None else max(self.limit - skip, 0)
         return self.restricted(offset, limit)
 
     def with_take(self, limit: int) -> PermutationView:
         """At most ``limit`` rows of this view (after any skip), never more than it has."""
+        if limit < 0:
+            raise ValueError(f"take={limit} must be >= 0 rows")
         return self.restricted(self.offset, limit if self.limit is None else min(limit, self.limit))
 
     def __iter__(self) -> Iterator[Any]:

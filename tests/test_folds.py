@@ -304,6 +304,14 @@ def test_a_fold_training_view_stays_in_its_range_under_skip_take_pickle_and_line
     assert read(view.with_take(10**6)) == ids
     assert read(view.with_skip(len(ids) - 3)) == ids[-3:]
     assert read(pickle.loads(pickle.dumps(view.with_skip(7)))) == ids[7:]
+    # A negative skip would reach back into the rows before the range: fold 2's own.
+    with pytest.raises(ValueError, match=r"skip=-5 must be >= 0"):
+        view.with_skip(-5)
+    with pytest.raises(ValueError, match=r"take=-1 must be >= 0"):
+        view.with_take(-1)
+    # A view without lineage (built by hand) skips and takes too.
+    plain = PermutationView.from_tables(db.open_table("rows"), None, None).with_format("arrow")
+    assert read(plain.with_skip(1000).with_take(2)) == [1000, 1001]
     again = reproduce_input(db, run.instance, run_id=result.run_id, input_name="data")
     assert read(again) == ids
 
@@ -342,6 +350,38 @@ def test_a_misplaced_training_range_fails_the_leakage_check_and_blocks_training(
     assert leak.metadata["rows_missing_per_fold"].value == [1, 1, 1, 1, 0]
     assert checks["splits_disjoint_and_complete"].passed
     assert trained == [] and not result.success
+
+
+@pytest.mark.parametrize("fault", ["into_the_gap", "past_the_table"])
+def test_a_time_series_training_range_with_other_rows_fails_the_leakage_check(
+    run: Runner, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    # Fault injection: ranges that take in the gap rows, or run past the training table's end.
+    from perm_assets import folds as folds_module
+
+    time_series = folds_module._time_series
+
+    def faulty(*args: Any, **kwargs: Any) -> Any:
+        validation, train, ranges = time_series(*args, **kwargs)
+        if fault == "into_the_gap":
+            return validation, train, [(offset, rows + 3) for offset, rows in ranges]
+        return validation, train, [*ranges[:-1], (ranges[-1][0], ranges[-1][1] + 1000)]
+
+    monkeypatch.setattr(folds_module, "_time_series", faulty)
+    source = _source(300)
+    folds = folds_asset("folds", source=source, folds=TimeSeriesFolds(k=4, column="id", gap=3))
+    result = run([source, folds], raise_on_error=False)
+    check = _checks(result)["train_and_validation_disjoint"]
+    assert not check.passed
+    figures = {k: v.value for k, v in check.metadata.items()}
+    if fault == "into_the_gap":  # folds 0..2 take gap rows; fold 3's range runs past the end
+        wrong = (
+            figures["folds_with_other_training_rows"],
+            figures["ranges_outside_training_table"],
+        )
+        assert wrong == (3, 1)
+    else:
+        assert figures["ranges_outside_training_table"] == 1
 
 
 def test_a_row_in_two_folds_fails_the_cover_check_and_is_not_stratified_blindly(

@@ -427,3 +427,25 @@ def test_retry_policy_op_tags_and_pool_reach_the_step_and_a_retry_writes_one_ver
     assert db.open_table("perm").version == run.metadata("perm")["lance/version"]
     ids = _stored(db, "perm").column("row_id").to_pylist()
     assert len(ids) == len(set(ids)) == N
+
+
+@pytest.mark.parametrize("columns", HASH_KEYS)
+def test_hash_stability_compares_every_key_when_the_number_of_splits_changes(
+    run: Runner, columns: tuple[str, ...]
+) -> None:
+    # Split ids 0..2 of the previous version against 0..1 now: no id may spill into its key.
+    perm = permutation_asset(
+        "perm", source=SOURCE, split=HashSplit(columns=list(columns), weights=[1, 1, 1])
+    )
+    run([SOURCE, perm])
+    result = run(
+        [SOURCE, perm],
+        selection=[perm],
+        run_config=_config("perm", weights=[1, 1]),
+        raise_on_error=False,
+    )
+    stable = {e.check_name: e for e in result.get_asset_check_evaluations()}[
+        "no_row_moved_between_splits"
+    ]
+    assert not stable.passed
+    assert stable.metadata["keys_compared"].value == N
