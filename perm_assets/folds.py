@@ -11,7 +11,8 @@ split of the folds table itself. A folds asset therefore persists:
   skip/take. For k-fold kinds it is the folds table rotated: folds 1..k-1 then 0..k-2, so the
   complement of fold ``i`` (folds i+1..k-1, 0..i-1) is contiguous. For time-series folds it is
   the rows in time order, and fold ``i`` trains on a prefix (or, with ``max_train_size``, a
-  window) of it.
+  window) of it; with a read ``Shuffle``, each fold's training set shuffled on its own, one
+  after another (about ``k n / 2`` rows for expanding windows).
 
 It is written first; the folds table records its name, Lance version and the ``(offset, rows)``
 range of every fold, so one folds version always pins the training sets it was built with.
@@ -224,10 +225,12 @@ def _fold_ids(scanned: Scanned, folds: KFold | StratifiedKFold | GroupKFold) -> 
 def _time_series(
     scanned: Scanned, folds: TimeSeriesFolds, spec: FoldsSpec, base_version: int
 ) -> tuple[pa.Table, pa.Table, list[tuple[int, int]]]:
-    """Validation folds, the training sequence (time order) and each fold's training range.
+    """Validation folds, the training sequence and each fold's training range in it.
 
-    A shuffle reorders rows only within the segments between range boundaries, so every
-    training range still holds exactly its rows, and no later row slips into it.
+    Without a shuffle the sequence is the time order and fold ``i`` trains on a prefix (or a
+    window) of it. A shuffle must not move a later row into an earlier range, and one shared
+    sequence could only be shuffled within blocks (oldest block first); so each fold's training
+    set is stored shuffled on its own instead, one after another.
     """
     result = assign.time_series_folds(
         scanned.orderable(folds.column),
@@ -243,16 +246,19 @@ def _time_series(
     fold_ids = np.repeat(np.arange(len(tests), dtype=np.uint64), [t.size for t in tests])
     validation = permutation_table(scanned.row_ids[positions], fold_ids, base_version=base_version)
 
-    end = max(fold.train_end for fold in result)
-    sequence = result[0].order[:end]
-    if spec.shuffle is not None:
-        bounds = sorted({0, end} | {b for f in result for b in (f.train_start, f.train_end)})
-        segments = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
-        sequence = sequence[read_order(segments, spec.shuffle)]
+    if spec.shuffle is None:
+        sequence = result[0].order[: max(fold.train_end for fold in result)]
+        ranges = [(f.train_start, f.train_end - f.train_start) for f in result]
+    else:
+        parts = [_shuffled(fold.train(), spec) for fold in result]
+        sequence = np.concatenate(parts)
+        starts = np.r_[0, np.cumsum([p.size for p in parts])]
+        ranges = [(int(starts[i]), int(p.size)) for i, p in enumerate(parts)]
     train = permutation_table(
-        scanned.row_ids[sequence], np.zeros(end, dtype=np.uint64), base_version=base_version
+        scanned.row_ids[sequence],
+        np.zeros(sequence.size, dtype=np.uint64),
+        base_version=base_version,
     )
-    ranges = [(f.train_start, f.train_end - f.train_start) for f in result]
     return validation, train, ranges
 
 
