@@ -171,8 +171,9 @@ def folds_asset(
         folds: a `KFold`, `StratifiedKFold`, `GroupKFold` or `TimeSeriesFolds` (or a dict with
             ``kind``).
         filter: SQL predicate applied before folding, e.g. ``"label IS NOT NULL"``.
-        shuffle: read order of every training set and validation fold; None: table order
-            (time order for time-series folds).
+        shuffle: read order within every validation fold and training set; None: table
+            order (time order for time-series folds). A k-fold training set is read fold block
+            by fold block, starting with the fold after its own.
         retry_policy, op_tags, pool: as for `permutation_asset`.
 
     Example:

@@ -450,7 +450,11 @@ class FoldsSpec(_Spec):
     folds: Folds = Field(description="How rows are divided into folds.")
     shuffle: Shuffle | None = Field(
         default=None,
-        description="Read order of every training set and validation fold; None: table order.",
+        description=(
+            "Read order within every validation fold and training set; None: table order. "
+            "A k-fold training set is read fold block by fold block, starting with the fold "
+            "after its own (each block in this order)."
+        ),
     )
 
     @model_validator(mode="after")
