@@ -75,7 +75,8 @@ _DESCRIPTIONS = {
     Check.HASH_STABLE: "Against the previous version: every key still present keeps its split "
     "(a refresh never moves a test row into training); rows added per split.",
     Check.TRAIN_VALIDATION: "No fold trains on its own validation rows; k-fold: train plus "
-    "validation is every row.",
+    "validation is every row; time series: training holds exactly the rows of its window, gap "
+    "excluded. Checked on the persisted training table.",
 }
 _BLOCKING = {
     Check.DISJOINT_COMPLETE,
