@@ -11,8 +11,8 @@ split of the folds table itself. A folds asset therefore persists:
   skip/take. For k-fold kinds it is the folds table rotated: folds 1..k-1 then 0..k-2, so the
   complement of fold ``i`` (folds i+1..k-1, 0..i-1) is contiguous. For time-series folds it is
   the rows in time order, and fold ``i`` trains on a prefix (or, with ``max_train_size``, a
-  window) of it; with a read ``Shuffle``, each fold's training set shuffled on its own, one
-  after another (about ``k n / 2`` rows for expanding windows).
+  window) of it; with a read ``Shuffle`` it holds each fold's training set instead, shuffled
+  on its own, one after another (about ``k n / 2`` rows for expanding windows).
 
 It is written first; the folds table records its name, Lance version and the ``(offset, rows)``
 range of every fold, so one folds version always pins the training sets it was built with.
