@@ -229,10 +229,9 @@ def run_folds_checks(
     train, ranges = _persisted_training(db, table, int(figures["persisted_version"]))
     sizes = np.bincount(fold_ids.astype(np.min_scalar_type(k)), minlength=k)
     train_ids = None
-    if data.rotated:
+    if not isinstance(folds, TimeSeriesFolds):  # k-fold kinds: the folds table rotated
         training = _rotated_training(row_ids, fold_ids, sizes, train, ranges)
     else:
-        assert isinstance(folds, TimeSeriesFolds)  # the one kind that is not rotated
         train_ids = read_all(train.search().select(["row_id"])).column("row_id").to_numpy()
         expected = assign.time_series_folds(
             scanned.orderable(folds.column),
@@ -394,13 +393,12 @@ def _cover(
     if scanned_ids.size > 1 and not bool(np.all(scanned_ids[1:] > scanned_ids[:-1])):
         scan_order = np.argsort(scanned_ids, kind="stable")  # scans are ascending in practice
         scanned_ids = scanned_ids[scan_order]
-    distinct = _distinct(by_id)
+    first = _run_starts(by_id)
+    distinct = int(np.count_nonzero(first))
     exact = by_id.size == scanned_ids.size and bool(np.array_equal(by_id, scanned_ids))
     if exact:
         missing = extra = 0
     else:
-        first = np.ones(by_id.size, dtype=bool)
-        first[1:] = by_id[1:] != by_id[:-1]
         found = int(np.count_nonzero(_member(scanned_ids, by_id[first])))
         missing, extra = scanned_ids.size - found, distinct - found
     duplicates = int(row_ids.size - distinct)
@@ -544,11 +542,11 @@ def _member(sorted_haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
     return sorted_haystack[at] == needles
 
 
-def _distinct(sorted_values: np.ndarray) -> int:
-    """Number of distinct values in a sorted array."""
-    if sorted_values.size == 0:
-        return 0
-    return 1 + int(np.count_nonzero(sorted_values[1:] != sorted_values[:-1]))
+def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in a sorted array (its distinct values)."""
+    first = np.ones(sorted_values.size, dtype=bool)
+    first[1:] = sorted_values[1:] != sorted_values[:-1]
+    return first
 
 
 def _fold_time_order(
@@ -688,8 +686,7 @@ def _key_splits(
     if by_key is None:
         return None
     sorted_keys, key_splits = by_key
-    first = np.ones(sorted_keys.size, dtype=bool)
-    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    first = _run_starts(sorted_keys)
     return sorted_keys[first].astype(np.int64) + low, key_splits[first]
 
 

@@ -79,14 +79,12 @@ class FoldsData:
             ``train_ranges[i]``. For k-fold kinds its columns are zero-copy slices of
             ``validation``'s.
         train_ranges: ``(offset, rows)`` of each fold's training rows in ``train``.
-        rotated: ``train`` is ``validation`` rotated (k-fold kinds), not a time order.
         small_classes: classes with fewer rows than k (stratified k-fold), as ``{label: rows}``.
     """
 
     validation: PermutationData
     train: pa.Table
     train_ranges: tuple[tuple[int, int], ...]
-    rotated: bool
     small_classes: dict[str, int]
 
     @property
@@ -170,7 +168,6 @@ def build_folds(table: Table, spec: FoldsSpec, *, asset: str) -> FoldsData:
         ),
         train=train,
         train_ranges=tuple(ranges),
-        rotated=not isinstance(folds, TimeSeriesFolds),
         small_classes=small,
     )
 
