@@ -6,6 +6,11 @@ from __future__ import annotations
 class SpecError(ValueError):
     """A permutation spec, config or input request that can never produce correct rows."""
 
+    detail: str | None = None
+    """For a spec's own validation error: the problems without the spec's class name."""
+    parts: list[str] | None = None
+    """For a spec's own validation error: one ``field value: message`` entry per problem."""
+
 
 class TableNotFoundError(LookupError):
     """A LanceDB table, or the version of it that an asset recorded, is not there."""

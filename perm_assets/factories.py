@@ -5,6 +5,7 @@ No ``from __future__ import annotations`` here: Dagster reads the asset function
 """
 
 import hashlib
+import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from perm_assets.checks import (
 )
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, FoldsData, build_folds
-from perm_assets.io_manager import KIND_KEY
+from perm_assets.io_manager import KIND_KEY, LanceDBIOManager
 from perm_assets.resources import LanceDBResource
 from perm_assets.specs import (
     Folds,
@@ -35,8 +36,10 @@ from perm_assets.specs import (
     Split,
     StratifiedSplit,
     TimeSeriesFolds,
+    explain,
 )
 from perm_assets.tables import table_name
+from perm_assets.wiring import RESOURCE_KEY_META, SPLIT_NAMES_META
 
 FOLDS_K_KEY = "perm_assets/folds_k"
 SpecT = TypeVar("SpecT", PermutationSpec, FoldsSpec)
@@ -106,13 +109,14 @@ def permutation_asset(
         config: dg.Config,
         source: Table,
     ) -> Iterator[dg.Output[PermutationData] | dg.AssetCheckResult]:
-        run_spec = _apply_config(label, spec, config).resolve_seeds()
+        configured = _apply_config(label, spec, config)
+        run_spec = configured.resolve_seeds()
         with resource.builder_memory():
             data = build_permutation(source, run_spec, asset=label)
         context.log.info(
             f"{label}: {data.rows_by_split()} rows of {data.base_table}@{data.base_version}"
         )
-        yield _output(data)
+        yield _output(data, overrides=_overrides(spec, configured))
         # The IO manager has persisted the output by now: check what was written.
         yield from run_permutation_checks(resource, table_name(key), data, checks)
 
@@ -132,6 +136,7 @@ def permutation_asset(
         retry_policy=retry_policy,
         op_tags=op_tags,
         pool=pool,
+        split_names=spec.split_names(),
     )
 
 
@@ -193,7 +198,8 @@ def folds_asset(
         config: dg.Config,
         source: Table,
     ) -> Iterator[dg.Output[FoldsData] | dg.AssetCheckResult]:
-        run_spec = _apply_config(label, spec, config).resolve_seeds()
+        configured = _apply_config(label, spec, config)
+        run_spec = configured.resolve_seeds()
         data = build_folds(source, run_spec, asset=label)
         if data.small_classes:
             context.log.warning(
@@ -204,7 +210,7 @@ def folds_asset(
             f"{label}: validation rows {data.validation.rows_by_split()}, training rows "
             f"{data.train_rows()} of {data.validation.base_table}@{data.validation.base_version}"
         )
-        yield _output(data.validation, value=data)
+        yield _output(data.validation, value=data, overrides=_overrides(spec, configured))
         yield from run_folds_checks(resource, table_name(key), data, checks)
 
     asset = _asset(
@@ -224,6 +230,7 @@ def folds_asset(
         retry_policy=retry_policy,
         op_tags=op_tags,
         pool=pool,
+        split_names=spec.split_names(),
         extra_metadata={FOLDS_K_KEY: spec.folds.k},
     )
     return asset
@@ -260,14 +267,19 @@ def _asset(
     retry_policy: dg.RetryPolicy | None,
     op_tags: Mapping[str, Any] | None,
     pool: str | None,
+    split_names: list[str],
     extra_metadata: Mapping[str, Any] | None = None,
 ) -> dg.AssetsDefinition:
     """The Dagster asset around ``materialize``: source input, run config, checks, metadata."""
     label = key.to_user_string()
+    description += (
+        " The run config (launchpad) overrides the filter, seeds and sizes for one run only; "
+        "the next run without config uses these defaults again."
+    )
 
     @dg.asset(
         key=key,
-        ins={"source": dg.AssetIn(key=source_key)},
+        ins={"source": dg.AssetIn(key=source_key, dagster_type=LANCE_TABLE)},
         io_manager_key=io_manager_key,
         required_resource_keys={resource_key},
         group_name=group_name,
@@ -275,6 +287,8 @@ def _asset(
         metadata={
             KIND_KEY: kind,
             "perm_assets/source": source_key.to_user_string(),
+            SPLIT_NAMES_META: json.dumps(split_names),
+            RESOURCE_KEY_META: resource_key,
             **(extra_metadata or {}),
         },
         kinds={"lancedb"},
@@ -290,6 +304,7 @@ def _asset(
         config: config_cls,  # pyright: ignore[reportInvalidTypeForm]
         source: Table,
     ) -> Iterator[Any]:
+        _require_lancedb_io_manager(context, io_manager_key, asset=label)
         resource = getattr(context.resources, resource_key)
         if not isinstance(resource, LanceDBResource):
             raise TypeError(
@@ -301,13 +316,86 @@ def _asset(
     return _permutation
 
 
-def _output(data: PermutationData, value: object = None) -> dg.Output[Any]:
+def _check_lance_table(_: Any, value: object) -> dg.TypeCheck:
+    if isinstance(value, Table):
+        return dg.TypeCheck(success=True)
+    return dg.TypeCheck(
+        success=False,
+        description=(
+            "a permutation asset reads its source as a lancedb Table, but the source's IO "
+            f"manager returned {type(value).__module__}.{type(value).__name__}: store the source "
+            "with LanceDBIOManager (resources={'io_manager': LanceDBIOManager(db=...)}); "
+            "perm_assets.check_definitions finds this when the definitions load"
+        ),
+    )
+
+
+LANCE_TABLE = dg.DagsterType(
+    type_check_fn=_check_lance_table,
+    name="LanceDBTable",
+    typing_type=Table,
+    description="A LanceDB table, as LanceDBIOManager loads a table asset.",
+)
+"""The source input's type: one name per job, so one object for every permutation asset."""
+
+
+def _require_lancedb_io_manager(
+    context: dg.AssetExecutionContext, io_manager_key: str, *, asset: str
+) -> None:
+    """Fail before building when the output would not land in LanceDB (Dagster's default
+    ``fs_io_manager`` would pickle it, and every consumer would fail later)."""
+    bound = getattr(context.resources, io_manager_key, None)
+    if bound is not None and not isinstance(bound, LanceDBIOManager):
+        raise SpecError(
+            f"permutation asset '{asset}' must be stored by LanceDBIOManager, but IO manager key "
+            f"'{io_manager_key}' is bound to {type(bound).__name__}; bind resources="
+            f"{{'{io_manager_key}': LanceDBIOManager(db=...)}}"
+        )
+
+
+def _output(
+    data: PermutationData, value: object = None, *, overrides: dict[str, Any]
+) -> dg.Output[Any]:
+    """The output with its data version, and what the run config changed from the code's
+    defaults (so a re-split from the launchpad is visible on the materialization)."""
+    metadata = {
+        OVERRIDES_META: dg.MetadataValue.json(overrides)
+        if overrides
+        else "none: the code's defaults"
+    }
     with warnings.catch_warnings():
         # Output(data_version=...) is the documented way to set it; Dagster flags it beta.
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.Output(
-            data if value is None else value, data_version=permutation_data_version(data)
+            data if value is None else value,
+            data_version=permutation_data_version(data),
+            metadata=metadata,
         )
+
+
+OVERRIDES_META = "perm_assets/run_config_overrides"
+"""Materialization metadata: the spec fields a run's config changed from the code's defaults."""
+
+
+def _overrides(default: SpecT, configured: SpecT) -> dict[str, Any]:
+    """``{"split.seed": {"default": 42, "run": 123}, ...}`` for every field that differs."""
+    before = _flat(default.model_dump(mode="json"))
+    after = _flat(configured.model_dump(mode="json"))
+    return {
+        key: {"default": before.get(key), "run": after.get(key)}
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    }
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def permutation_data_version(data: PermutationData) -> dg.DataVersion:
@@ -324,17 +412,10 @@ def permutation_data_version(data: PermutationData) -> dg.DataVersion:
 def _validated(label: str, model: type[SpecT], fields: dict[str, Any]) -> SpecT:
     try:
         return model.model_validate(fields)
+    except SpecError as exc:
+        raise SpecError(f"permutation asset '{label}': {exc.detail or exc}") from None
     except ValidationError as exc:
-        raise SpecError(f"permutation asset '{label}': {_explain(exc)}") from exc
-
-
-def _explain(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
+        raise SpecError(f"permutation asset '{label}': {explain(exc)}") from None
 
 
 def _source_key(source: SourceLike, *, asset: str, io_manager_key: str) -> dg.AssetKey:
@@ -424,7 +505,11 @@ def _apply_config(label: str, spec: SpecT, config: dg.Config) -> SpecT:
         raw["shuffle"] = {**raw["shuffle"], "seed": values.get("shuffle_seed")}
     try:
         return type(spec).model_validate(raw)
+    except SpecError as exc:
+        raise SpecError(
+            f"permutation asset '{label}', run config {values}: {exc.detail or exc}"
+        ) from None
     except ValidationError as exc:
         raise SpecError(
-            f"permutation asset '{label}', run config {values}: {_explain(exc)}"
-        ) from exc
+            f"permutation asset '{label}', run config {values}: {explain(exc)}"
+        ) from None

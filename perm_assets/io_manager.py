@@ -316,9 +316,35 @@ def _stored_table(context: dg.InputContext) -> str:
 
 
 def _record_lineage(context: dg.InputContext, metadata: dict[str, Any]) -> None:
-    """Record the view on the consumer's LOADED_INPUT event (see `reproduce_input`)."""
-    if context.has_asset_key:
-        context.add_input_metadata(metadata, description="perm_assets view")
+    """Record the view on the consumer's LOADED_INPUT event (see `reproduce_input`).
+
+    Lineage belongs to the consumer's run. Dagster's ``add_input_metadata`` also writes it as an
+    observation *of the upstream asset*, whose Events tab then opens on a downstream read; so
+    the entries go onto the LOADED_INPUT event alone, through the attribute that
+    ``add_input_metadata`` fills (Dagster 1.13 has no public way to do only that). Should the
+    attribute go away, the observation is written, labelled as a downstream read.
+    """
+    if not context.has_asset_key:
+        return
+    pending = getattr(context, "_user_generated_metadata", None)
+    if isinstance(pending, dict):
+        values = {k: _metadata_value(v) for k, v in metadata.items()}
+        context._user_generated_metadata = {**pending, **values}  # type: ignore[attr-defined]
+        return
+    context.add_input_metadata(
+        metadata,
+        description="lineage of a downstream step's read, not this asset's own event",
+    )
+
+
+def _metadata_value(value: object) -> dg.MetadataValue:
+    if isinstance(value, bool):
+        return dg.MetadataValue.bool(value)
+    if isinstance(value, float):
+        return dg.MetadataValue.float(value)
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    return dg.MetadataValue.text(str(value))
 
 
 def _base_table_of(context: dg.OutputContext, schema: pa.Schema, *, asset: str) -> str:

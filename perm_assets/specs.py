@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from perm_assets.errors import SpecError
 
 # Tolerance for ratios that are meant to sum to 1 but were written as e.g. [0.7, 0.2, 0.1].
 _RATIO_TOLERANCE = 1e-9
@@ -20,6 +22,53 @@ _MAX_SEED = 2**63 - 1
 
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        # pydantic's ValidationError is ~10 lines per problem with links; a spec mistake gets
+        # one line naming the spec, the field, the value and what is allowed. A factory names
+        # the asset too (`perm_assets.factories`). pydantic calls this for nested specs as well,
+        # so an inner spec's SpecError reaches the outer one as a value error (see `explain`).
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            detail = explain(exc)
+            error = SpecError(f"{type(self).__name__}: {detail}")
+            error.detail = detail
+            error.parts = problems(exc)
+            raise error from None
+
+
+# Tags of the discriminated unions: pydantic puts them in an error's location ("split.random").
+_UNION_PARENTS = ("split", "folds")
+
+
+def explain(exc: ValidationError) -> str:
+    """pydantic's errors as one line, e.g. ``split.ratios [0.8, 0.3] sum to 1.1, above 1;
+    they must sum to 1``; several problems joined by `` | ``."""
+    return " | ".join(problems(exc))
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """One ``field value: message`` entry per problem, nested specs' fields in full."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) >= 2 and loc[-2] in _UNION_PARENTS:
+            loc = loc[:-1]  # the union's tag, not a field
+        where = ".".join(loc)
+        nested = (err.get("ctx") or {}).get("error")
+        if isinstance(nested, SpecError) and nested.parts:
+            # A nested spec's own SpecError: its parts already name their fields.
+            parts += [f"{where}.{part}" if where else part for part in nested.parts]
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        shown = f" {err.get('input')!r}"
+        if err["type"] in ("model_type", "missing", "value_error", "extra_forbidden"):
+            shown = ""  # our validators name the value themselves
+        parts.append(f"{where}{shown}: {message}" if where else message)
+    return parts
 
 
 class _Names(_Spec):

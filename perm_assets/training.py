@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -42,6 +42,8 @@ import pyarrow as pa
 import torch
 from lancedb.permutation import Permutation, Transforms
 from torch.utils.data import Dataset
+
+from perm_assets.batches import reslice
 
 __all__ = [
     "DEFAULT_IO_BYTES",
@@ -312,7 +314,7 @@ class BatchLoader:
             return
         reads = _Prefetcher(self._read(), depth=self.prefetch)
         try:
-            for batch in _reslice(reads, self.batch_size, drop_last=self.drop_last):
+            for batch in reslice(reads, self.batch_size, drop_last=self.drop_last):
                 yield self._transform(batch)
         finally:
             reads.close()
@@ -357,35 +359,6 @@ def _arrow_view(view: Permutation) -> Permutation:
     arrow.__dict__.update(view.__dict__)
     arrow.__dict__["transform_fn"] = Transforms.arrow2arrow  # lancedb's annotation is invalid
     return arrow
-
-
-def _reslice(
-    reads: Iterable[pa.RecordBatch], batch_size: int, *, drop_last: bool
-) -> Iterator[pa.RecordBatch]:
-    """Batches of exactly ``batch_size`` rows (the last shorter unless dropped), in order.
-
-    Zero-copy slices; rows carried over a read boundary (when a read is not a multiple of
-    ``batch_size``) are concatenated once.
-    """
-    carry: list[pa.RecordBatch] = []
-    carried = 0
-    for batch in reads:
-        start = 0
-        if carried:
-            start = min(batch_size - carried, batch.num_rows)
-            carry.append(batch.slice(0, start))
-            carried += start
-            if carried < batch_size:
-                continue
-            yield pa.concat_batches(carry)
-            carry, carried = [], 0
-        end = start + (batch.num_rows - start) // batch_size * batch_size
-        for offset in range(start, end, batch_size):
-            yield batch.slice(offset, batch_size)
-        if end < batch.num_rows:
-            carry, carried = [batch.slice(end)], batch.num_rows - end
-    if carried and not drop_last:
-        yield pa.concat_batches(carry)
 
 
 class _Prefetcher:

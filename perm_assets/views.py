@@ -9,6 +9,7 @@ it carries its `ViewLineage`: which asset, table versions, split and columns it 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import pickle
@@ -17,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import IO, Any, Literal, cast, get_args
+from typing import IO, Any, cast
 
 import dagster as dg
 import pyarrow as pa
@@ -25,6 +26,7 @@ from lancedb.permutation import Permutation, Transforms
 from lancedb.table import Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from perm_assets.batches import OWN_TRANSFORMS, VIEW_FORMATS, ViewFormat, reslice
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, fold_index
 from perm_assets.pins import verify_pin
@@ -41,13 +43,6 @@ from perm_assets.tables import (
     is_permutation_schema,
 )
 
-ViewFormat = Literal[
-    "numpy", "python", "python_col", "pandas", "arrow", "torch", "torch_row", "torch_col", "polars"
-]
-"""Batch formats of `Permutation.with_format`."""
-
-VIEW_FORMATS: tuple[str, ...] = get_args(ViewFormat)
-
 
 class ViewRequest(BaseModel):
     """What a downstream asset asks of an upstream: ``dg.AssetIn(metadata={...})``.
@@ -55,7 +50,8 @@ class ViewRequest(BaseModel):
     Example: ``{"split": "train", "columns": ["image", "label"], "format": "arrow"}``.
     """
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # A misspelt key ("colums") must fail: ignored, it would hand over every column silently.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     split: str | int | list[str | int] | None = Field(
         default=None,
@@ -75,27 +71,61 @@ class ViewRequest(BaseModel):
         default=None, min_length=1, description="Columns to read; None reads all of them."
     )
     format: ViewFormat | None = Field(
-        default=None, description="Batch format (`Permutation.with_format`); None: 'python'."
+        default=None,
+        description=(
+            "Batch format: 'numpy_dict' / 'torch_dict' (a dict of one array or tensor per "
+            "column, the fast path), 'arrow', or another of `perm_assets.batches`; None: "
+            "'python' (a list of row dicts)."
+        ),
     )
     batch_size: int | None = Field(
-        default=None, ge=1, description="Rows per batch when iterating; None: lancedb's 100."
+        default=None,
+        ge=1,
+        description=(
+            "Rows per batch when iterating: exactly this many in every batch but the last, on "
+            "every split, fold and shard. None: lancedb's 100."
+        ),
     )
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise SpecError(explain_request(exc)) from None
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], *, asset: str) -> ViewRequest:
-        """Parse input metadata, naming the asset and the allowed values on error."""
+        """Parse input metadata, naming the asset, the offending key or value and what is
+        allowed.
+
+        Keys that are not view settings are refused, except namespaced ones (any key with a
+        ``/``, e.g. ``dagster/...``), which other tools put on inputs.
+        """
+        mine = {str(k): v for k, v in metadata.items() if "/" not in str(k)}
         try:
-            return cls.model_validate(dict(metadata))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise SpecError(
-                f"input from asset '{asset}': invalid view request ({problems}). Allowed: "
-                "split (name or index), fold (for folds assets), columns (list of names), "
-                f"format (one of {', '.join(VIEW_FORMATS)}), batch_size (>= 1)"
-            ) from exc
+            return cls(**mine)
+        except SpecError as exc:
+            raise SpecError(f"input from asset '{asset}': {exc}") from None
+
+
+VIEW_KEYS_HELP = (
+    "split (name, index or list), fold (for folds assets), columns (list of names), format (one "
+    f"of {', '.join(VIEW_FORMATS)}), batch_size (>= 1)"
+)
+
+
+def explain_request(exc: ValidationError) -> str:
+    """One line per problem of a view request, and the keys and values that are allowed."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(where, list(ViewRequest.model_fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"unknown key '{where}'{hint}")
+        else:
+            problems.append(f"{where}={err.get('input')!r}: {err['msg']}")
+    return f"invalid view request: {'; '.join(problems)}. Allowed keys: {VIEW_KEYS_HELP}"
 
 
 @dataclass(frozen=True)
@@ -256,6 +286,39 @@ class PermutationView(Permutation):
     def __iter__(self) -> Iterator[Any]:
         # lancedb's __iter__ skips a short last batch; a training view must not lose rows.
         return self.iter(self.batch_size, skip_last_batch=False)
+
+    def iter(self, batch_size: int, skip_last_batch: bool = False) -> Iterator[Any]:
+        """Every row in view order, in batches of exactly ``batch_size`` rows but the last.
+
+        lancedb's own ``iter`` yields misaligned batches on a split that does not start at a
+        multiple of ``batch_size`` (205 then 793 rows at 1,024); training code relies on the
+        size it asked for (batch norm, equal DDP batches), so the reads are re-sliced here.
+
+        Args:
+            batch_size: rows per batch (>= 1).
+            skip_last_batch: leave out a last batch shorter than ``batch_size``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1 rows")
+        transform = cast(Callable[[pa.RecordBatch], Any], self.transform_fn)
+        arrow = copy.copy(self)
+        arrow.transform_fn = Transforms.arrow2arrow
+        reads = cast(Iterator[pa.RecordBatch], Permutation.iter(arrow, batch_size, False))
+        try:
+            for batch in reslice(reads, batch_size, drop_last=skip_last_batch):
+                yield transform(batch)
+        finally:
+            reads.close()  # type: ignore[attr-defined]  # a generator: ends lancedb's stream
+
+    def with_format(self, format: ViewFormat) -> PermutationView:  # type: ignore[override]
+        """Batches in ``format``: lancedb's formats plus ``numpy_dict`` and ``torch_dict``
+        (one array or tensor per named column); see `perm_assets.batches` for every shape."""
+        if format not in VIEW_FORMATS:
+            raise ValueError(f"format {format!r} is not one of {', '.join(VIEW_FORMATS)}")
+        own = OWN_TRANSFORMS.get(format)
+        if own is not None:
+            return _as_view(self.with_transform(cast(Any, own)))
+        return _as_view(super().with_format(format))  # type: ignore[arg-type]
 
     @property
     def selected_columns(self) -> list[str]:

@@ -268,9 +268,20 @@ def test_iterating_a_view_yields_every_row_even_with_a_short_last_batch(run: Run
         (
             {"split": "train", "format": "parquet"},
             SpecError,
-            r"input from asset 'splits': invalid view request \(format='parquet'.*one of numpy",
+            r"input from asset 'splits': invalid view request: format='parquet'.*one of numpy",
         ),
         ({"split": "train", "batch_size": 0}, SpecError, r"batch_size=0"),
+        (
+            {"split": "train", "colums": ["id"]},
+            SpecError,
+            r"input from asset 'splits': invalid view request: unknown key 'colums' \(did you "
+            r"mean 'columns'\?\)\. Allowed keys: split .*columns",
+        ),
+        (
+            {"split": "train", "fromat": "arrow"},
+            SpecError,
+            r"unknown key 'fromat' \(did you mean 'format'\?\)",
+        ),
     ],
 )
 def test_bad_view_requests_name_the_asset_and_the_choices(

@@ -58,7 +58,7 @@ def _define(**kwargs) -> dg.AssetsDefinition:
             r"contains ';'",
         ),
         ({"kind": "bogus", "ratios": [0.5, 0.5]}, r"kind"),
-        ({"kind": "stratified", "ratios": [0.5, 0.5]}, r"split\.stratified\.label: Field required"),
+        ({"kind": "stratified", "ratios": [0.5, 0.5]}, r"split\.label: Field required"),
     ],
 )
 def test_bad_split_fails_at_definition(split: dict, message: str) -> None:

@@ -40,9 +40,9 @@ from torch.utils.data import (
 )
 
 from perm_assets import LanceDBResource, PermutationView, RandomSplit, Shuffle, permutation_asset
+from perm_assets.batches import reslice
 from perm_assets.training import (
     BatchLoader,
-    _reslice,
     shard,
     shard_length,
     shard_offsets,
@@ -227,13 +227,14 @@ def test_unpickled_view_keeps_skip_take_format_and_batch_size(run: Runner) -> No
 
     batches: list[pa.RecordBatch] = list(clone)
     original: list[pa.RecordBatch] = list(narrowed)
-    # lancedb aligns a skipped view's batches to the unskipped grid: 10 % 7 = 3, so 4 first.
-    assert [b.num_rows for b in batches] == [4] + [7] * 13 + [5]
-    assert [b.num_rows for b in original] == [4] + [7] * 13 + [5]
+    # lancedb aligns a skipped view's reads to the unskipped grid (10 % 7 = 3, so 4 rows
+    # first); the view re-slices them into batches of exactly the size asked for.
+    assert [b.num_rows for b in batches] == [7] * 14 + [2]
+    assert [b.num_rows for b in original] == [7] * 14 + [2]
     rows = pa.Table.from_batches(batches)
     assert rows.equals(pa.Table.from_batches(original))
     assert rows.column_names == COLUMNS and len(clone) == 100
-    # BatchLoader re-slices across those uneven reads into exact batches, same rows.
+    # BatchLoader gives the same exact batches, same rows.
     exact = list(BatchLoader(clone, 7, io_bytes=7 * 16))
     assert [b.num_rows for b in exact] == [7] * 14 + [2]
     assert pa.Table.from_batches(exact).equals(rows)
@@ -512,7 +513,7 @@ def test_reslice_concatenates_across_uneven_reads(
         for a, b in itertools.pairwise(starts)
     ]
 
-    out = list(_reslice(batches, batch_size, drop_last=drop_last))
+    out = list(reslice(batches, batch_size, drop_last=drop_last))
 
     total = int(starts[-1])
     full, rest = divmod(total, batch_size)
