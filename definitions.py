@@ -8,14 +8,17 @@ from pathlib import Path
 
 import dagster as dg
 
-from perm_assets import LanceDBIOManager, LanceDBResource
+from perm_assets import LanceDBIOManager, LanceDBResource, check_definitions
 from perm_assets.demo import ASSETS, SCHEDULES, SENSORS
 
 _lancedb = LanceDBResource(uri=str(Path(__file__).resolve().parent / "data" / "lancedb"))
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    schedules=SCHEDULES,
-    sensors=SENSORS,
-    resources={"lancedb": _lancedb, "io_manager": LanceDBIOManager(db=_lancedb)},
+# check_definitions: wiring mistakes (IO manager, split names, input metadata) fail on load.
+defs = check_definitions(
+    dg.Definitions(
+        assets=ASSETS,
+        schedules=SCHEDULES,
+        sensors=SENSORS,
+        resources={"lancedb": _lancedb, "io_manager": LanceDBIOManager(db=_lancedb)},
+    )
 )

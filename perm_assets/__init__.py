@@ -32,6 +32,7 @@ from perm_assets.specs import (
 )
 from perm_assets.tables import WriteMode, table_name
 from perm_assets.views import PermutationView, ViewLineage, ViewRequest, open_view
+from perm_assets.wiring import check_definitions
 
 __all__ = [
     "CalculatedSplit",
@@ -59,6 +60,7 @@ __all__ = [
     "ViewRequest",
     "WriteMode",
     "build_permutation",
+    "check_definitions",
     "fold_partitions",
     "folds_asset",
     "open_view",

@@ -467,9 +467,7 @@ def test_a_failing_leakage_check_blocks_downstream_training(
 
 # ---------------------------------------------------------------------------- bad input
 def test_k_below_two_fails_at_definition() -> None:
-    with pytest.raises(
-        SpecError, match=r"folds\.k 1: Input should be greater than or equal to 2"
-    ):
+    with pytest.raises(SpecError, match=r"folds\.k 1: Input should be greater than or equal to 2"):
         folds_asset("folds", source="rows", folds={"kind": "kfold", "k": 1})
 
 
