@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
-FOLDS := fold_0 fold_1 fold_2 fold_3 fold_4
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run ui test check bench clean
@@ -23,17 +22,9 @@ venv: $(STAMP) ## Create .venv and install the project with its dev tools
 run: $(STAMP) ## Materialize the demo pipeline into data/lancedb and print a summary
 	@mkdir -p $(DAGSTER_HOME)
 	@test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/dagster.sqlite.yaml $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -f definitions.py --select 'group:digits or key:digits_folds'
-	@# One run per fold: the cross-validated model is partitioned by fold.
-	for fold in $(FOLDS); do \
-	  $(BIN)/dagster asset materialize -f definitions.py --select digits_cv_model --partition $$fold || exit 1; \
-	done
-	$(BIN)/dagster asset materialize -f definitions.py --select digits_cv_summary
-	@# Two refreshes of the growing table: the hash split adds rows and moves none.
-	$(BIN)/dagster asset materialize -f definitions.py --select 'group:digit_batches'
-	$(BIN)/dagster asset materialize -f definitions.py --select 'group:digit_batches'
-	$(BIN)/dagster asset materialize -f definitions.py --select lance_maintenance
-	$(BIN)/python -m perm_assets.demo.summary
+	@# One process: the digits group and folds, each fold partition, two refreshes of the
+	@# growing table, maintenance; then the summary (see perm_assets/demo/run.py for why).
+	$(BIN)/python -m perm_assets.demo.run definitions.py
 
 ui: $(STAMP) ## Start the Dagster webserver and daemon on 127.0.0.1:3000
 	@mkdir -p $(DAGSTER_HOME)

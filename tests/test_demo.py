@@ -108,3 +108,39 @@ def test_demo_refresh_adds_rows_without_moving_any_and_maintenance_runs(run: Run
     # Two permutation versions, both within keep=3: nothing to retire yet.
     assert maintenance["pins_retired"] == 0
     assert maintenance["pins_kept"] > 0
+
+
+def test_make_run_runner_prints_a_readable_summary_and_no_warnings(tmp_path) -> None:
+    """``make run``'s in-process runner, in a real process on a copy of definitions.py (its
+    database lands beside the copy) and a fresh Dagster home."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "definitions.py", tmp_path / "definitions.py")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(root / "deploy" / "dagster.sqlite.yaml", home / "dagster.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", "perm_assets.demo.run", str(tmp_path / "definitions.py")],
+        env={**__import__("os").environ, "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    for noise in ("Warning", "DEBUG", "superseded", "deprecated"):
+        assert noise not in output, output
+    assert (tmp_path / "data" / "lancedb" / "digits_splits.lance").is_dir()
+    lines = done.stdout.splitlines()
+    folds = [line for line in lines if line.strip().startswith("digits_cv_model[fold_")]
+    assert len(folds) == 5, done.stdout
+    for line in folds:
+        accuracy = line.split("accuracy ")[1].split(",")[0]
+        assert len(accuracy.split(".")[1]) == 3 and float(accuracy) > 0.9, line
+    maintenance = next(line for line in lines if line.strip().startswith("lance_maintenance"))
+    assert "pins kept" in maintenance and "versions removed" in maintenance, maintenance
