@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, cast, get_origin
+from typing import Any, ClassVar, cast, get_origin
 
 import dagster as dg
 import pandas as pd
@@ -34,7 +34,7 @@ from perm_assets.errors import SpecError
 from perm_assets.folds import TRAIN_SUFFIX, FoldsData
 from perm_assets.lineage import lineage_of, recorded_version
 from perm_assets.pins import new_pin, pin
-from perm_assets.resources import LanceDBResource
+from perm_assets.resources import LanceDBResource, StrictFields
 from perm_assets.tables import (
     BASE_TABLE_KEY,
     BASE_VERSION_KEY,
@@ -59,12 +59,41 @@ KIND_KEY = "perm_assets/kind"
 WRITE_MODE_KEY = "write_mode"
 
 
-class LanceDBIOManager(dg.ConfigurableIOManager):
-    """Stores asset outputs as LanceDB tables and hands inputs back as pinned views."""
+class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
+    """Stores asset outputs as LanceDB tables and hands inputs back as pinned views.
+
+    ``LanceDBIOManager(db=lancedb)`` shares a `LanceDBResource` with the ``lancedb`` key;
+    ``LanceDBIOManager(uri="data/lancedb", storage_options={...})`` is the shortcut that builds
+    one (as dagster-deltalake's ``root_uri``). Exactly one of ``db`` and ``uri``.
+    """
+
+    _SHORTCUTS: ClassVar[frozenset[str]] = frozenset({"uri", "storage_options"})
 
     db: LanceDBResource = Field(
         description="The LanceDB database the tables live in (share it with the 'lancedb' key)."
     )
+
+    def __init__(
+        self,
+        *,
+        db: LanceDBResource | None = None,
+        uri: str | None = None,
+        storage_options: dict[str, str] | None = None,
+        **rest: Any,
+    ) -> None:
+        if db is not None and (uri is not None or storage_options is not None):
+            raise SpecError(
+                "LanceDBIOManager got both db= and uri=/storage_options=; give one: db= to share "
+                "a LanceDBResource, or uri= (and storage_options=) to build one here"
+            )
+        if db is None:
+            if uri is None:
+                raise SpecError(
+                    "LanceDBIOManager needs its database: give db=LanceDBResource(...) or "
+                    "uri='data/lancedb' (with storage_options= for an object store)"
+                )
+            db = LanceDBResource(uri=uri, storage_options=storage_options or {})
+        super().__init__(db=db, **rest)
 
     # ----------------------------------------------------------------------------- outputs
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:

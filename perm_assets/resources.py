@@ -6,11 +6,13 @@ The resource is frozen configuration. It hands back lancedb's own objects (`DBCo
 
 from __future__ import annotations
 
+import difflib
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any, ClassVar, cast
 
 import dagster as dg
 import lancedb
@@ -18,7 +20,7 @@ from lancedb.db import DBConnection
 from lancedb.table import Table
 from pydantic import Field
 
-from perm_assets.errors import TableNotFoundError
+from perm_assets.errors import SpecError, TableNotFoundError
 
 # lancedb 0.40's permutation builder sorts inside a DataFusion pool limited to 100 MiB unless this
 # variable says otherwise; random splits and shuffles then fail from about 3M rows.
@@ -30,7 +32,33 @@ DEFAULT_BUILDER_MEMORY_LIMIT_MB = 4096
 _ENV_LOCK = threading.Lock()
 
 
-class LanceDBResource(dg.ConfigurableResource):
+class StrictFields:
+    """Refuse unknown keyword arguments at construction, naming the closest field.
+
+    Dagster's configurable resources ignore an unknown scalar keyword
+    (``builder_memory_limit=8192`` left the default 4096 in place) and refuse only dict-valued
+    ones; a misspelt setting must fail where it is written.
+    """
+
+    _SHORTCUTS: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, **data: Any) -> None:
+        fields = cast(dict[str, Any], getattr(type(self), "model_fields", {}))
+        known = set(fields) | self._SHORTCUTS
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+                hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise SpecError(
+                f"{type(self).__name__}: unknown field(s) {', '.join(hints)}; its fields are "
+                f"{', '.join(sorted(known))}"
+            )
+        super().__init__(**data)
+
+
+class LanceDBResource(StrictFields, dg.ConfigurableResource):
     """A LanceDB database: a local directory or an object-store URI, plus its storage options.
 
     Example:

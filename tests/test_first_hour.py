@@ -4,7 +4,7 @@ the definitions load, and lineage that stays on the consumer's run."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 import numpy as np
@@ -105,7 +105,7 @@ def test_batch_size_from_input_metadata_holds_on_every_split(run: Runner) -> Non
     )
     def trainer(splits: dict[str, Permutation]) -> None:
         for name, view in splits.items():
-            seen[name] = [batch.num_rows for batch in view]
+            seen[name] = [cast(pa.RecordBatch, batch).num_rows for batch in view]
 
     run([SOURCE, SPLITS, trainer])
     for name, sizes in seen.items():
@@ -286,3 +286,60 @@ def test_spec_mistakes_are_one_line_naming_the_spec_and_field(build: Any, messag
     with pytest.raises(SpecError, match=message) as caught:
         build()
     assert "\n" not in str(caught.value) and "pydantic" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: LanceDBResource(uri="x", builder_memory_limit=8192),  # pyright: ignore[reportCallIssue]
+            r"LanceDBResource: unknown field\(s\) 'builder_memory_limit' \(did you mean "
+            r"'builder_memory_limit_mb'\?\); its fields are builder_memory_limit_mb, ",
+        ),
+        (
+            lambda: LanceDBResource(uri="x", storage_option={"region": "eu"}),  # pyright: ignore[reportCallIssue]
+            r"'storage_option' \(did you mean 'storage_options'\?\)",
+        ),
+        (
+            lambda: LanceDBResource(uri="x", read_consistency=[1]),  # pyright: ignore[reportCallIssue]
+            r"'read_consistency' \(did you mean 'read_consistency_seconds'\?\)",
+        ),
+        (
+            lambda: LanceDBIOManager(db=LanceDBResource(uri="x"), root_uri="y"),
+            r"LanceDBIOManager: unknown field\(s\) 'root_uri'; its fields are db, "
+            r"storage_options, uri",
+        ),
+        (
+            lambda: LanceDBIOManager(),
+            r"needs its database: give db=LanceDBResource\(\.\.\.\) or uri=",
+        ),
+        (
+            lambda: LanceDBIOManager(db=LanceDBResource(uri="x"), uri="x"),
+            r"got both db= and uri=/storage_options=; give one",
+        ),
+    ],
+)
+def test_resources_refuse_unknown_or_conflicting_settings(build: Any, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        build()
+
+
+def test_io_manager_from_a_uri_stores_and_serves_like_one_from_a_resource(tmp_path) -> None:
+    uri = str(tmp_path / "lancedb")
+    db = LanceDBResource(uri=uri)
+    seen: list[int] = []
+
+    @dg.asset(
+        ins={"train": dg.AssetIn(key=SPLITS.key, metadata={"split": "train", "format": "arrow"})}
+    )
+    def trainer(train: Permutation) -> None:
+        seen.extend(read_arrow(train).column("id").to_pylist())
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        dg.materialize(
+            [SOURCE, SPLITS, trainer],
+            resources={"lancedb": db, "io_manager": LanceDBIOManager(uri=uri)},
+            instance=instance,
+        )
+    assert len(seen) == round(N * 0.7) and len(set(seen)) == len(seen)
+    assert db.open_table("splits").count_rows() == N
