@@ -93,6 +93,7 @@ def test_public_api_is_pinned() -> None:
         "ViewRequest",
         "WriteMode",
         "build_permutation",
+        "check_definitions",
         "fold_partitions",
         "folds_asset",
         "open_view",
