@@ -618,6 +618,7 @@ def open_view(
             "annotate the parameter as dict[str, Permutation] to receive one view per split"
         )
     stored = db.open_table(table, version=version)
+    _refuse_fold_of_non_folds(stored, request, asset=asset)
     fold = request.fold if request.fold is not None else partition_key
     view = _open_split(db, stored, request.split, asset=asset, fold=fold)
     return refine(view, request, asset=asset)
@@ -638,6 +639,7 @@ def open_split_views(
     and ``test`` of one permutation asset takes both through one input.
     """
     stored = db.open_table(table, version=version)
+    _refuse_fold_of_non_folds(stored, request, asset=asset)
     wanted = request.split
     if wanted is None:
         names = split_names_of(stored.schema) if is_permutation_schema(stored.schema) else []
@@ -692,6 +694,15 @@ def _open_split(
         split_index=0,
     )
     return view
+
+
+def _refuse_fold_of_non_folds(stored: Table, request: ViewRequest, *, asset: str) -> None:
+    """A ``fold`` asked of a plain permutation or table would be ignored: refuse it."""
+    if request.fold is not None and _kind_of(stored.schema) != FOLDS_KIND:
+        raise SpecError(
+            f"input from asset '{asset}': fold={request.fold!r} was asked, but '{asset}' is not "
+            "a folds asset; drop 'fold' or read a folds_asset"
+        )
 
 
 FOLD_SPLITS = ("train", "validation")

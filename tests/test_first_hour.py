@@ -343,3 +343,10 @@ def test_io_manager_from_a_uri_stores_and_serves_like_one_from_a_resource(tmp_pa
         )
     assert len(seen) == round(N * 0.7) and len(set(seen)) == len(seen)
     assert db.open_table("splits").count_rows() == N
+
+
+def test_a_fold_asked_of_a_plain_permutation_is_refused_at_run_time(run: Runner) -> None:
+    run([SOURCE, SPLITS])
+    consumer = _consumer({"split": "train", "fold": 2})
+    with pytest.raises(SpecError, match=r"fold=2 was asked, but 'splits' is not a folds asset"):
+        run([SOURCE, SPLITS, consumer], selection=[consumer])
