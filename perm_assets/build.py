@@ -10,11 +10,14 @@ in Arrow, checked with numpy (split sizes, range of split ids) and handed to the
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.permutation import PermutationBuilder, permutation_builder
 from lancedb.table import Table
 
@@ -39,6 +42,7 @@ from perm_assets.tables import (
     SPEC_KEY,
     SPLIT_NAMES_KEY,
     read_all,
+    where,
 )
 
 
@@ -87,15 +91,23 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
         )
     if isinstance(spec.split, CUSTOM_SPLITS):
         result = _build_assigned(table, spec, asset=asset)
+    elif _builder_panics_on(table, spec):
+        result = _build_without_builder(table, spec, asset=asset)
     else:
         builder = _configure(permutation_builder(table), spec)
         try:
             result = read_all(builder.execute())
-        except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        except Exception as exc:  # RustPanic included: never a raw panic to the user
             raise SpecError(
                 f"asset '{asset}': lancedb could not build the permutation of table "
-                f"'{table.name}' with {spec.model_dump_json(exclude_none=True)}: {exc}"
+                f"'{table.name}' with {spec.model_dump_json(exclude_none=True)}: "
+                f"{type(exc).__name__}: {exc}. Check the spec against the table's columns; "
+                "a lancedb panic ('rust future panicked') is a lancedb bug: report it with this "
+                "spec"
             ) from exc
+    # lancedb's calculated split stores split_id as int64: such a table is no permutation
+    # table to lancedb's reader (a consumer asking split 0 got the table itself as data).
+    result = _uint64_split_ids(result, spec, asset=asset)
     names = spec.split_names()
     rows = _split_rows(result, len(names), spec=spec, asset=asset)
     _check_coverage(spec, kept=int(rows.sum()), expected=expected, asset=asset)
@@ -108,6 +120,39 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
         spec=spec,
         filtered_rows=expected,
     )
+
+
+def _uint64_split_ids(data: pa.Table, spec: PermutationSpec, *, asset: str) -> pa.Table:
+    """``data`` with ``split_id`` as uint64, the type lancedb's reader requires.
+
+    lancedb's calculated split stores whatever type the expression gives (int64 for
+    ``id % 2``, int32 for a ``CAST(... AS INT)``, floats, strings): refuse anything that is not
+    a whole number for every row, before any count or write.
+    """
+    index = data.schema.get_field_index("split_id")
+    field = data.schema.field(index)
+    if pa.types.is_uint64(field.type):
+        return data
+    column = data.column(index)
+    what = (
+        f"calculated split expression {spec.split.expression!r}"
+        if isinstance(spec.split, CalculatedSplit)
+        else "the split"
+    )
+    if not pa.types.is_integer(field.type) or column.null_count:
+        nulls = f" with {column.null_count} null(s)" if column.null_count else ""
+        raise SpecError(
+            f"asset '{asset}': {what} gives {field.type}{nulls}; it must give a whole number, "
+            "the split index 0, 1, ..., for every row (e.g. 'id % 3', or CAST(... AS BIGINT); "
+            "add 'IS NOT NULL' conditions to the filter for nulls)"
+        )
+    lowest = pc.min(column).as_py()  # pyright: ignore[reportAttributeAccessIssue]
+    if lowest is not None and lowest < 0:
+        raise SpecError(
+            f"asset '{asset}': {what} gives split index {lowest}, below 0; declared splits are "
+            f"0..{len(spec.split_names()) - 1}"
+        )
+    return data.set_column(index, field.with_type(pa.uint64()), column.cast(pa.uint64()))
 
 
 def with_permutation_metadata(
@@ -147,7 +192,7 @@ def split_rows_of(data: pa.Table, num_splits: int) -> np.ndarray:
 
 def _configure(builder: PermutationBuilder, spec: PermutationSpec) -> PermutationBuilder:
     if spec.filter is not None:
-        builder = builder.filter(spec.filter)
+        builder = builder.filter(cast(str, where(spec.filter)))
     split = spec.split
     names = spec.split_names()
     if isinstance(split, RandomSplit):
@@ -170,7 +215,7 @@ def _configure(builder: PermutationBuilder, spec: PermutationSpec) -> Permutatio
             split_names=names,
         )
     elif isinstance(split, CalculatedSplit):
-        builder = builder.split_calculated(split.expression, split_names=names)
+        builder = builder.split_calculated(cast(str, where(split.expression)), split_names=names)
     if spec.shuffle is not None:
         builder = builder.shuffle(seed=spec.shuffle.seed, clump_size=spec.shuffle.clump_size)
     return builder
@@ -178,7 +223,7 @@ def _configure(builder: PermutationBuilder, spec: PermutationSpec) -> Permutatio
 
 def _count_filtered(table: Table, filter: str | None, *, asset: str) -> int:
     try:
-        return table.count_rows(filter)
+        return table.count_rows(where(filter))
     except (ValueError, RuntimeError) as exc:
         raise SpecError(
             f"asset '{asset}': filter {filter!r} is not valid on table '{table.name}' "
@@ -217,6 +262,120 @@ def _check_coverage(spec: PermutationSpec, *, kept: int, expected: int, asset: s
             f"asset '{asset}': the permutation holds {kept} rows but the filter selects "
             f"{expected}; {expected - kept} rows would be lost silently"
         )
+
+
+# ----------------------------------------------- lancedb's kinds without lancedb's builder
+def _builder_panics_on(table: Table, spec: PermutationSpec) -> bool:
+    """Whether lancedb 0.40's builder would panic: any schema-level metadata on the base table
+    (pandas writes some) makes it call ``RecordBatch.with_schema(...).unwrap()`` on batches
+    that still carry that metadata (``SchemaError: target schema is not superset``). Only its
+    hash assignment survives (`_hash_then_shuffle` uses it)."""
+    del spec  # every kind lancedb builds (a hash split is routed as well, to keep one order)
+    return bool(table.schema.metadata)
+
+
+def _build_without_builder(table: Table, spec: PermutationSpec, *, asset: str) -> pa.Table:
+    """A none, random, sequential, calculated or hash split, and its shuffle, in numpy.
+
+    Replaces lancedb's builder only where it panics (`_builder_panics_on`): the assignment is
+    this project's (seeded numpy), so a table with schema metadata gets other rows than the same
+    seed gives through lancedb on a table without; both are deterministic for their table.
+    Random sizes follow `assign.apportion` (each split within 1 row of its share).
+    """
+    split = spec.split
+    if isinstance(split, HashSplit):  # lancedb's hash assignment survives; this project orders
+        return _hash_then_shuffle(table, spec, asset=asset)
+    if isinstance(split, CalculatedSplit):
+        row_ids, split_ids = _scan_expression(table, spec.filter, split.expression, asset=asset)
+    else:
+        row_ids = scan_columns(table, spec.filter, [], asset=asset).row_ids
+        n = int(row_ids.size)
+        if isinstance(split, RandomSplit | SequentialSplit):
+            split_ids = _sized_assignment(split, n, asset=asset)
+        else:
+            split_ids = np.zeros(n, dtype=np.int64)
+    kept = split_ids >= 0
+    if not kept.all():
+        row_ids, split_ids = row_ids[kept], split_ids[kept]
+    order = read_order(split_ids, spec.shuffle)
+    return permutation_table(row_ids[order], split_ids[order], base_version=table.version)
+
+
+def _sized_assignment(split: RandomSplit | SequentialSplit, n: int, *, asset: str) -> np.ndarray:
+    """Split id per row in table order; -1 for rows the spec leaves out (counts, discard)."""
+    ratios, counts = split.builder_sizes()
+    if counts is not None:
+        if sum(counts) > n:
+            raise SpecError(
+                f"asset '{asset}': counts {counts} ask for {sum(counts)} rows but the filter "
+                f"selects {n}; lower the counts or loosen the filter"
+            )
+        sizes = np.asarray(counts, dtype=np.int64)
+    else:
+        assert ratios is not None
+        left_out = 1.0 - math.fsum(ratios)
+        with_rest = [*ratios, left_out] if left_out > 1e-9 else list(ratios)
+        sizes = assign.apportion(n, with_rest)[: len(ratios)]
+    ends = np.cumsum(sizes)
+    # Position p of the assignment order goes to the split whose range holds p.
+    by_position = np.full(n, -1, dtype=np.int64)
+    by_position[: int(ends[-1])] = np.repeat(np.arange(len(sizes)), sizes)
+    if isinstance(split, SequentialSplit):
+        return by_position
+    assert split.seed is not None  # seeds are resolved before building
+    rng = np.random.default_rng(split.seed)
+    if split.clump_size is None or split.clump_size == 1:
+        order = rng.permutation(n)
+    else:  # runs of clump_size consecutive rows stay together, as lancedb's clumps
+        clumps = -(-n // split.clump_size)
+        key = rng.permutation(clumps)[np.arange(n) // split.clump_size]
+        order = np.argsort(key, kind="stable")
+    split_ids = np.empty(n, dtype=np.int64)
+    split_ids[order] = by_position
+    return split_ids
+
+
+def _scan_expression(
+    table: Table, filter: str | None, expression: str, *, asset: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[row ids, values of expression]`` of the filtered rows, in table order."""
+    query = table.search().select({"split": cast(str, where(expression))}).with_row_id(True)
+    if filter is not None:
+        query = query.where(cast(str, where(filter)))
+    try:
+        data = read_all(query)
+    except Exception as exc:
+        raise SpecError(
+            f"asset '{asset}': calculated split expression {expression!r} is not valid on table "
+            f"'{table.name}' (columns: {', '.join(table.schema.names)}): {exc}"
+        ) from exc
+    values = data.column("split")
+    if not pa.types.is_integer(values.type) or values.null_count:
+        raise SpecError(
+            f"asset '{asset}': calculated split expression {expression!r} gives "
+            f"{values.type}{' with nulls' if values.null_count else ''}; it must give a whole "
+            "number (the split index) for every row"
+        )
+    return data.column("_rowid").to_numpy(), values.to_numpy().astype(np.int64)
+
+
+def _hash_then_shuffle(table: Table, spec: PermutationSpec, *, asset: str) -> pa.Table:
+    """lancedb's hash assignment (it survives schema metadata) with this project's shuffle."""
+    builder = _configure(permutation_builder(table), spec.model_copy(update={"shuffle": None}))
+    try:
+        hashed = read_all(builder.execute())
+    except Exception as exc:
+        raise SpecError(
+            f"asset '{asset}': lancedb could not hash-split table '{table.name}': "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    # The builder emits the kept rows in table order (row address order) within each split.
+    row_ids = hashed.column("row_id").to_numpy()
+    split_ids = hashed.column("split_id").to_numpy().astype(np.int64)
+    back = np.argsort(row_ids, kind="stable")
+    row_ids, split_ids = row_ids[back], split_ids[back]
+    order = read_order(split_ids, spec.shuffle)
+    return permutation_table(row_ids[order], split_ids[order], base_version=table.version)
 
 
 # ------------------------------------------------------------------ splits lancedb lacks
@@ -302,7 +461,7 @@ def scan_columns(table: Table, filter: str | None, columns: list[str], *, asset:
         )
     query = table.search().select(list(dict.fromkeys(columns))).with_row_id(True)
     if filter is not None:
-        query = query.where(filter)
+        query = query.where(cast(str, where(filter)))
     data = read_all(query)
     scanned = Scanned(
         row_ids=data.column("_rowid").to_numpy(),
@@ -310,10 +469,10 @@ def scan_columns(table: Table, filter: str | None, columns: list[str], *, asset:
     )
     for column, values in scanned.columns.items():
         if values.null_count:
-            where = f" among the rows of filter {filter!r}" if filter else ""
+            among = f" among the rows of filter {filter!r}" if filter else ""
             raise SpecError(
                 f"asset '{asset}': column '{column}' of table '{table.name}' has "
-                f"{values.null_count} null value(s){where} out of {scanned.num_rows}; a row "
+                f"{values.null_count} null value(s){among} out of {scanned.num_rows}; a row "
                 f"with no {column} cannot be placed safely. Drop them with filter "
                 f'"{column} IS NOT NULL" (combined with AND)'
             )

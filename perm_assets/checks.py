@@ -51,6 +51,7 @@ from perm_assets.tables import (
     TRAIN_TABLE_KEY,
     TRAIN_VERSION_KEY,
     read_all,
+    where,
 )
 
 
@@ -144,7 +145,7 @@ def run_permutation_checks(
     # The build counted the filtered rows at the same pinned version: no second scan.
     expected = data.filtered_rows
     if expected is None:
-        expected = base.count_rows(spec.filter)
+        expected = base.count_rows(where(spec.filter))
     drops = (
         isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard)
     ) or (isinstance(split, HashSplit) and split.discard_weight > 0)

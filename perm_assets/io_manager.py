@@ -107,7 +107,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             self._write_permutation(context, name, permutation, asset=asset)
             return
         if isinstance(obj, pd.DataFrame):
-            obj = pa.Table.from_pandas(obj, preserve_index=False)
+            obj = _from_pandas(obj)
         if not isinstance(obj, pa.Table | pa.RecordBatchReader):
             raise TypeError(
                 f"LanceDBIOManager cannot store asset '{asset}': it returned "
@@ -314,6 +314,18 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             "as lancedb.permutation.Permutation, dict[str, Permutation] (several splits), "
             "lancedb.table.Table, pyarrow.Table or pandas.DataFrame."
         )
+
+
+def _from_pandas(frame: pd.DataFrame) -> pa.Table:
+    """A DataFrame as Arrow, without its index and without pandas' own schema metadata.
+
+    The ``pandas`` key only serves ``to_pandas`` round trips, and any schema-level metadata
+    makes lancedb 0.40's permutation builder panic (see `perm_assets.build`); other metadata a
+    user put on a ``pyarrow.Table`` is kept.
+    """
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    metadata = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    return table.replace_schema_metadata(metadata or None)
 
 
 def _set_data_version(context: dg.OutputContext, version: dg.DataVersion) -> None:

@@ -546,18 +546,41 @@ def _draw_seed() -> int:
 
 
 def check_sql_fragment(sql: str, *, what: str) -> None:
-    """Reject empty SQL and a second statement: lancedb silently ignores text after a ``;``."""
+    """Reject what lancedb would silently cut short: a ``;``, a comment, unbalanced
+    parentheses (outside quotes). lancedb parses the first expression and ignores the rest, so
+    the whole text is also handed to it in parentheses at run time (`perm_assets.tables.where`),
+    which turns any trailing text (``LIMIT 1``, ``ORDER BY id``, a typo) into a parse error."""
     if not sql.strip():
         raise ValueError(f"{what} is empty; give a SQL expression or leave it unset")
     quote: str | None = None
-    for char in sql:
+    depth = 0
+    for i, char in enumerate(sql):
         if quote:
             if char == quote:
                 quote = None
-        elif char in ("'", '"'):
+            continue
+        if char in ("'", '"', "`"):
             quote = char
         elif char == ";":
             raise ValueError(
                 f"{what} {sql!r} contains ';': only a single SQL expression is allowed "
                 "(lancedb would silently ignore everything after the ';')"
             )
+        elif sql.startswith(("--", "/*"), i):
+            raise ValueError(
+                f"{what} {sql!r} contains an SQL comment ({sql[i : i + 2]}); write the expression "
+                "alone (lancedb would drop what the comment hides without a word)"
+            )
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(
+                    f"{what} {sql!r} closes a parenthesis it never opened (at character {i}); "
+                    "give one expression with balanced parentheses"
+                )
+    if quote:
+        raise ValueError(f"{what} {sql!r} leaves a {quote} quote open")
+    if depth:
+        raise ValueError(f"{what} {sql!r} leaves {depth} parenthesis(es) open")

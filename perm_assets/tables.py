@@ -74,6 +74,26 @@ def is_permutation_schema(schema: pa.Schema) -> bool:
 
 TableData = pa.Table | pa.RecordBatchReader | pd.DataFrame
 
+
+def where(sql: str | None) -> str | None:
+    """A filter or expression as handed to lancedb: in parentheses, the ``)`` on its own line.
+
+    lancedb 0.40 parses the first expression of a filter and ignores the rest: ``id < 10
+    LIMIT 1`` or ``id < 10 garbage`` select the rows of ``id < 10``. Inside parentheses the rest
+    is a parse error instead. The line break ends a trailing ``--`` comment before the ``)``
+    (comments are refused when the spec is built; this is the second line of defence).
+    """
+    return None if sql is None else f"({sql}\n)"
+
+
+def looks_like_permutation(schema: pa.Schema) -> bool:
+    """Columns or metadata of a permutation table, whether or not `is_permutation_schema`
+    accepts it (e.g. an int64 ``split_id``): such a table must never be read as data."""
+    metadata = schema.metadata or {}
+    marked = BASE_VERSION_KEY.encode() in metadata or BASE_TABLE_KEY.encode() in metadata
+    return marked and "row_id" in schema.names
+
+
 READ_BATCH_ROWS = 1 << 20
 """Rows per batch when a table or scan is read into Arrow.
 

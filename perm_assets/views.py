@@ -41,6 +41,7 @@ from perm_assets.tables import (
     TRAIN_TABLE_KEY,
     TRAIN_VERSION_KEY,
     is_permutation_schema,
+    looks_like_permutation,
 )
 
 
@@ -677,6 +678,13 @@ def _open_split(
         if rows is not None:
             view = view.restricted(*rows)
         return view
+    if looks_like_permutation(stored.schema):
+        raise SpecError(
+            f"table '{stored.name}' of asset '{asset}' has permutation columns and metadata but "
+            f"is not a valid permutation table (row_id and split_id must be uint64; it has "
+            f"{', '.join(f'{f.name}: {f.type}' for f in stored.schema)}); it is never read as "
+            f"data. Re-materialize asset '{asset}'."
+        )
     if split not in (None, 0):
         raise SpecError(
             f"split {split!r} was asked of asset '{asset}', which is a table, not a "
