@@ -31,16 +31,26 @@ from types import ModuleType
 from typing import Annotated, Any, ClassVar, Self
 
 import dagster as dg
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from perm_assets.errors import SpecError
 from perm_assets.factories import folds_asset, permutation_asset
 from perm_assets.specs import (
     CalculatedSplit,
+    FoldsSpec,
     GroupKFold,
     GroupSplit,
     HashSplit,
     KFold,
+    PermutationSpec,
     RandomSplit,
     SequentialSplit,
     Shuffle,
@@ -48,6 +58,7 @@ from perm_assets.specs import (
     StratifiedSplit,
     TimeSeriesFolds,
     TimeSplit,
+    explain,
 )
 
 _SPLIT_KINDS: dict[str, type[BaseModel]] = {
@@ -69,8 +80,9 @@ _FOLDS_KINDS: dict[str, type[BaseModel]] = {
 
 
 def _spec_by_kind(field: str, kinds: dict[str, type[BaseModel]]) -> Any:
-    """A pydantic validator building ``field`` (a mapping with ``kind``) with the spec class of
-    that kind, so a mistake gets the spec's own one-line message."""
+    """A pydantic validator building ``field`` (a mapping with ``kind``) as the factories do,
+    so a mistake gets the factory's one-line message (``split: ratios [0.8, 0.3] sum to 1.1,
+    above 1; they must sum to 1``), less the asset name: the YAML file and line name it."""
 
     def validate(value: object) -> object:
         if value is None or isinstance(value, tuple(kinds.values())):
@@ -81,32 +93,42 @@ def _spec_by_kind(field: str, kinds: dict[str, type[BaseModel]]) -> Any:
         kind = value.get("kind")
         if kind not in kinds:
             raise ValueError(f"{field}.kind {kind!r} is not a {field} kind; use one of: {allowed}")
-        cls = kinds[kind]
-        try:
-            return cls(**value)
-        except SpecError as exc:
-            raise ValueError(f"{field}: {_with_allowed(exc, cls)}") from None
+        _reject_unknown(field, value, kinds[kind])
+        return _through_spec(field, value)
 
     return PlainValidator(validate)
 
 
+def _through_spec(field: str, value: object) -> Any:
+    """``value`` validated as the ``field`` of the factory's spec (`PermutationSpec` or
+    `FoldsSpec`), with the same message (`perm_assets.specs.explain`) when it is wrong."""
+    spec_cls = FoldsSpec if field == "folds" else PermutationSpec
+    try:
+        return getattr(spec_cls.model_validate({field: value}), field)
+    except ValidationError as exc:
+        raise ValueError(explain(exc)) from None
+
+
+def _reject_unknown(field: str, value: dict[str, Any], cls: type[BaseModel]) -> None:
+    # A misspelt size (`ratio:`) would otherwise surface as "give exactly one of ratios, counts
+    # or fixed"; name the stray field and the ones that exist instead.
+    unknown = [k for k in value if k not in cls.model_fields]
+    if unknown:
+        raise ValueError(
+            f"{field}.{unknown[0]}: unknown field of {cls.__name__}; its fields are "
+            + ", ".join(cls.model_fields)
+        )
+
+
 def _kind_schema(field: str, kinds: dict[str, type[BaseModel]]) -> dict[str, Any]:
-    """The JSON schema `dg check yaml` sees: a mapping whose ``kind`` is one of ``kinds``; the
-    rest of the fields are left to the spec classes, whose messages say more than jsonschema's."""
+    """The JSON schema `dg check yaml` sees: a mapping whose ``kind`` is one of ``kinds``, so a
+    wrong kind is reported with the allowed ones; the other fields are left to the spec classes
+    (checked when the definitions load), whose messages say more than jsonschema's."""
     return {
-        "type": "object",
+        "type": ["object", "null"] if field == "split" else "object",
         "properties": {"kind": {"enum": list(kinds)}},
         "required": ["kind"],
-        "description": f"The {field} spec, by kind: " + ", ".join(kinds),
     }
-
-
-def _with_allowed(exc: SpecError, cls: type[BaseModel]) -> str:
-    """The spec's message; for an unknown field, also the fields that exist."""
-    message = exc.detail or str(exc)
-    if "unknown field" in message:
-        message += f" ({cls.__name__} fields: {', '.join(cls.model_fields)})"
-    return message
 
 
 def _shuffle(value: object) -> object:
@@ -114,10 +136,8 @@ def _shuffle(value: object) -> object:
         return value
     if not isinstance(value, dict):
         raise ValueError(f"shuffle must be a mapping such as {{seed: 7}}, got {value!r}")
-    try:
-        return Shuffle(**value)
-    except SpecError as exc:
-        raise ValueError(f"shuffle: {_with_allowed(exc, Shuffle)}") from None
+    _reject_unknown("shuffle", value, Shuffle)
+    return _through_spec("shuffle", value)
 
 
 _SplitField = Annotated[
@@ -130,7 +150,7 @@ _SplitField = Annotated[
     | TimeSplit
     | None,
     _spec_by_kind("split", _SPLIT_KINDS),
-    WithJsonSchema({"anyOf": [_kind_schema("split", _SPLIT_KINDS), {"type": "null"}]}),
+    WithJsonSchema(_kind_schema("split", _SPLIT_KINDS)),
 ]
 _FoldsField = Annotated[
     KFold | StratifiedKFold | GroupKFold | TimeSeriesFolds,
@@ -140,15 +160,7 @@ _FoldsField = Annotated[
 _ShuffleField = Annotated[
     Shuffle | None,
     PlainValidator(_shuffle),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "object", "properties": {n: {} for n in Shuffle.model_fields}},
-                {"type": "null"},
-            ],
-            "description": "Read order within each split, e.g. {seed: 7}; null: table order.",
-        }
-    ),
+    WithJsonSchema({"type": ["object", "null"]}),
 ]
 
 
@@ -257,7 +269,8 @@ class _ComponentScaffolder(dg.Scaffolder[_Scaffold]):
         body = (
             "  folds: {kind: kfold, k: 5, seed: 0}\n"
             if folds
-            else "  split: {kind: random, ratios: [0.8, 0.2], seed: 0, split_names: [train, test]}\n"
+            else "  split: {kind: random, ratios: [0.8, 0.2], seed: 0,"
+            " split_names: [train, test]}\n"
         )
         request.target_path.mkdir(parents=True, exist_ok=True)
         (request.target_path / "defs.yaml").write_text(
