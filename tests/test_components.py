@@ -182,11 +182,13 @@ def _chain(exc: BaseException | None) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------- dg in a subprocess
-def _dg(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _dg(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """``dg <args>`` in ``cwd`` with an empty Dagster instance in ``home`` (never the repo's)."""
+    home.mkdir(exist_ok=True)
     return subprocess.run(
         [str(DG), *args],
         cwd=cwd,
-        env=child_env(PYTHONPATH=str(cwd), NO_COLOR="1", DAGSTER_HOME=str(cwd / ".dg_home")),
+        env=child_env(PYTHONPATH=str(cwd), NO_COLOR="1", DAGSTER_HOME=str(home)),
         capture_output=True,
         text=True,
         timeout=120,
@@ -203,19 +205,18 @@ def project(tmp_path: Path) -> Path:
     shutil.copytree(
         REPO / "perm_assets", copy / "perm_assets", ignore=shutil.ignore_patterns("__pycache__")
     )
-    (copy / ".dg_home").mkdir()
     return copy
 
 
 @pytest.mark.slow
-def test_dg_lists_and_checks_the_demo_with_its_yaml_asset() -> None:
-    listed = _dg("list", "defs", "--json", cwd=REPO)
+def test_dg_lists_and_checks_the_demo_with_its_yaml_asset(tmp_path: Path) -> None:
+    listed = _dg("list", "defs", "--json", cwd=REPO, home=tmp_path / "home")
     assert listed.returncode == 0, listed.stderr
     assets = {a["asset_key"]: a for a in json.loads(listed.stdout)["assets"]}
     assert "digits_inked" in assets and "digits_splits" in assets
     assert assets["digits_inked"]["group_name"] == "digits"
 
-    checked = _dg("check", "defs", cwd=REPO)
+    checked = _dg("check", "defs", cwd=REPO, home=tmp_path / "home")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "All component YAML validated successfully." in checked.stdout
     assert "All definitions loaded successfully." in checked.stdout
@@ -225,14 +226,14 @@ def test_dg_lists_and_checks_the_demo_with_its_yaml_asset() -> None:
 def test_dg_scaffold_adds_an_asset_that_dg_list_defs_loads(project: Path) -> None:
     scaffolded = _dg(
         "scaffold", "defs", "perm_assets.PermutationComponent", "digits_halves",
-        "--source", "digits", cwd=project,
+        "--source", "digits", cwd=project, home=project.parent / "home",
     )  # fmt: skip
     assert scaffolded.returncode == 0, scaffolded.stdout + scaffolded.stderr
     text = (project / "perm_assets/demo/defs/digits_halves/defs.yaml").read_text()
     assert "type: perm_assets.PermutationComponent" in text
     assert "name: digits_halves" in text and "source: digits" in text
 
-    listed = _dg("list", "defs", "--json", cwd=project)
+    listed = _dg("list", "defs", "--json", cwd=project, home=project.parent / "home")
     assert listed.returncode == 0, listed.stderr
     assert "digits_halves" in {a["asset_key"] for a in json.loads(listed.stdout)["assets"]}
 
@@ -244,14 +245,14 @@ def test_dg_check_defs_fails_on_a_broken_yaml_naming_file_field_and_allowed(
     yaml = project / DIGITS_INKED_YAML.relative_to(REPO)
     original = yaml.read_text()
     yaml.write_text(original + "  split: {kind: randm, ratios: [0.5, 0.5]}\n")
-    wrong_kind = _dg("check", "defs", cwd=project)
+    wrong_kind = _dg("check", "defs", cwd=project, home=project.parent / "home")
     assert wrong_kind.returncode == 1
     out = wrong_kind.stdout + wrong_kind.stderr
     assert f"{yaml}:" in out and "attributes.split.kind" in out
     assert "'randm' is not one of ['random', 'sequential', 'hash'" in out
 
     yaml.write_text(original + "  split: {kind: random, ratios: [0.8, 0.3]}\n")
-    bad_ratio = _dg("check", "defs", cwd=project)
+    bad_ratio = _dg("check", "defs", cwd=project, home=project.parent / "home")
     assert bad_ratio.returncode == 1
     out = bad_ratio.stdout + bad_ratio.stderr
     assert f"attributes.split at {yaml}:" in out
