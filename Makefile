@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run ui test check bench clean
@@ -26,10 +28,14 @@ run: $(STAMP) ## Materialize the demo pipeline into data/lancedb and print a sum
 	@# growing table, maintenance; then the summary (see perm_assets/demo/run.py for why).
 	$(BIN)/python -m perm_assets.demo.run definitions.py
 
-ui: $(STAMP) ## Start the Dagster webserver and daemon on 127.0.0.1:3000
+ui: export VIRTUAL_ENV := $(abspath $(VENV))
+ui: $(STAMP) ## dg dev: the Dagster webserver and daemon on http://127.0.0.1:3000 (UI_PORT=...)
 	@mkdir -p $(DAGSTER_HOME)
 	@test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/dagster.sqlite.yaml $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	@# dg dev loads the [tool.dg] project of pyproject.toml: definitions.py, whose demo includes
+	@# the YAML-declared assets of perm_assets/demo/defs. Ctrl-C or a SIGTERM to make stops the
+	@# webserver, daemon and code server within ~4 s (tests/test_ui_stop.py).
+	$(BIN)/dg dev --use-active-venv -h $(UI_HOST) -p $(UI_PORT)
 
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/pytest

@@ -4,6 +4,7 @@ Importing this package has no side effects: nothing connects, reads or writes un
 """
 
 from perm_assets.build import PermutationData, build_permutation
+from perm_assets.components import FoldsComponent, PermutationComponent
 from perm_assets.errors import SpecError, TableNotFoundError
 from perm_assets.factories import (
     fold_partitions,
@@ -36,6 +37,7 @@ from perm_assets.wiring import check_definitions
 
 __all__ = [
     "CalculatedSplit",
+    "FoldsComponent",
     "FoldsData",
     "FoldsSpec",
     "GroupKFold",
@@ -44,6 +46,7 @@ __all__ = [
     "KFold",
     "LanceDBIOManager",
     "LanceDBResource",
+    "PermutationComponent",
     "PermutationData",
     "PermutationSpec",
     "PermutationView",

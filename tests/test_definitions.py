@@ -69,6 +69,7 @@ def test_workspace_points_at_definitions() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(perm_assets.__all__) == [
         "CalculatedSplit",
+        "FoldsComponent",
         "FoldsData",
         "FoldsSpec",
         "GroupKFold",
@@ -77,6 +78,7 @@ def test_public_api_is_pinned() -> None:
         "KFold",
         "LanceDBIOManager",
         "LanceDBResource",
+        "PermutationComponent",
         "PermutationData",
         "PermutationSpec",
         "PermutationView",

@@ -22,6 +22,8 @@ from perm_assets import (
     folds_asset,
     permutation_asset,
 )
+from perm_assets.components import yaml_assets
+from perm_assets.demo import defs as demo_defs
 from perm_assets.views import PermutationView, iter_arrow
 
 GROUP = "digits"
@@ -51,13 +53,10 @@ def digits() -> pa.Table:
     )
 
 
-digits_inked = permutation_asset(
-    "digits_inked",
-    source=digits,
-    filter=INK_FILTER,
-    group_name=GROUP,
-    description="Digits with enough ink to be legible, in table order (one split).",
-)
+# The assets declared in YAML, one folder each under perm_assets/demo/defs (dg components, e.g.
+# defs/digits_inked/defs.yaml: the legible digits in table order, one split).
+YAML_ASSETS = yaml_assets(demo_defs)
+digits_inked = next(a for a in YAML_ASSETS if a.key == dg.AssetKey("digits_inked"))
 
 digits_splits = permutation_asset(
     "digits_splits",
@@ -184,7 +183,7 @@ def _features(view: Permutation) -> tuple[np.ndarray, np.ndarray]:
 
 ASSETS = [
     digits,
-    digits_inked,
+    *YAML_ASSETS,
     digits_splits,
     digits_classifier,
     digits_folds,

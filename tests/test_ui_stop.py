@@ -1,0 +1,97 @@
+"""``make ui`` stops cleanly: webserver, daemon and code server all gone within 10 s of a
+SIGTERM to make, or of Ctrl-C (SIGINT to the terminal's process group).
+
+Real processes: ``make ui`` on a free port with a temporary DAGSTER_HOME, the venv of this
+interpreter (``-o`` keeps make from reinstalling it). ~20 s per case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.processes import HOST, REPO, child_env, free_port, kill_group, log_tail, wait_for
+
+VENV = Path(sys.executable).parent.parent
+STOP_WITHIN = 10.0
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/server_info", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _names(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:90].decode())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm_to_make", "ctrl_c"])
+def test_make_ui_stops_every_process_within_10_s(tmp_path: Path, how: str) -> None:
+    port = free_port()
+    log = tmp_path / "make_ui.log"
+    command = ["make", "-o", str(VENV / ".installed"), "ui", f"VENV={VENV}", f"UI_PORT={port}"]
+    env = child_env(DAGSTER_HOME=str(tmp_path / "home"))
+    with log.open("wb") as out:
+        make = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_for(
+            lambda: _answers(port),
+            timeout=120,
+            what=f"make ui answering on {HOST}:{port}",
+            process=make,
+            log=log,
+        )
+        running = _names(_group(make.pid))
+        # make, dg dev, dagster dev, webserver, daemon, code server (and its gRPC server).
+        assert any("dagster_webserver" in n for n in running), running
+        assert any("dagster._daemon" in n for n in running), running
+        assert any("code-server" in n or "api grpc" in n for n in running), running
+
+        started = time.monotonic()
+        if how == "sigterm_to_make":
+            make.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(make.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
+        deadline = started + STOP_WITHIN
+        while (make.poll() is None or _group(make.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        took = time.monotonic() - started
+        left = _names(_group(make.pid))
+        assert make.poll() is not None and not left, (
+            f"still running {took:.1f} s after {how}: {left}\n{log_tail(log)}"
+        )
+        assert not _answers(port)
+    finally:
+        kill_group(make)
