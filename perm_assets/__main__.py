@@ -1,14 +1,18 @@
 """Command line: ``python -m perm_assets retain --uri data/lancedb --keep 3 --days 7``.
 
 Retires the pins no kept permutation version needs and cleans up old Lance versions (see
-`perm_assets.pins.retain`), then prints what it did, one line per table.
+`perm_assets.pins.retain`), then prints what it did, one line per table. With ``DAGSTER_HOME``
+set, the pins of that instance's latest ``--keep`` materializations per asset are kept too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import timedelta
+
+import dagster as dg
 
 from perm_assets.pins import retain
 from perm_assets.resources import LanceDBResource
@@ -25,10 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     keep.add_argument(
         "--days", type=float, default=7.0, help="remove unpinned versions older than this"
     )
-    args = parser.parse_args(argv)
-    report = retain(
-        LanceDBResource(uri=args.uri), keep=args.keep, cleanup_older_than=timedelta(days=args.days)
+    keep.add_argument(
+        "--delete-unverified",
+        action="store_true",
+        help="also delete unreferenced files younger than 7 days (killed writes); unsafe while "
+        "another process writes to the database",
     )
+    args = parser.parse_args(argv)
+    db = LanceDBResource(uri=args.uri)
+    options = {
+        "keep": args.keep,
+        "cleanup_older_than": timedelta(days=args.days),
+        "delete_unverified": args.delete_unverified,
+    }
+    if os.environ.get("DAGSTER_HOME"):  # what that instance recorded stays readable
+        with dg.DagsterInstance.get() as instance:
+            report = retain(db, instance=instance, **options)
+    else:
+        report = retain(db, **options)
     for table in sorted(report.kept_pins):
         sys.stdout.write(
             f"{table}: kept {len(report.kept_pins[table])} pins, retired "

@@ -32,8 +32,8 @@ from pydantic import Field
 from perm_assets.build import PermutationData, split_rows_of, with_permutation_metadata
 from perm_assets.errors import SpecError
 from perm_assets.folds import TRAIN_SUFFIX, FoldsData
-from perm_assets.lineage import lineage_of, recorded_version
-from perm_assets.pins import new_pin, pin
+from perm_assets.lineage import STAMP_KEY, lineage_of, recorded_identity
+from perm_assets.pins import new_pin, pin, verify_identity, version_stamp
 from perm_assets.resources import LanceDBResource, StrictFields
 from perm_assets.tables import (
     BASE_TABLE_KEY,
@@ -146,7 +146,11 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         self._require_overwrite(context, asset=asset)
         connection = self.db.connect()
         pin_name = new_pin(name)
-        train = write_table(connection, name + TRAIN_SUFFIX, folds.train, WriteMode.OVERWRITE)
+        # The training table names the pin too, so its own views verify the base table's.
+        train_data = folds.train.replace_schema_metadata(
+            {**(folds.train.schema.metadata or {}), PIN_KEY.encode(): pin_name.encode()}
+        )
+        train = write_table(connection, name + TRAIN_SUFFIX, train_data, WriteMode.OVERWRITE)
         data = folds.with_train_table(train.name, train.version)
         self._write_permutation(
             context,
@@ -257,21 +261,28 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             ) from None
 
     def _common_metadata(self, table: Table) -> dict[str, Any]:
-        return {
+        metadata: dict[str, Any] = {
             "dagster/table_name": table.name,
             "dagster/uri": _display_uri(self.db.uri, table.name),
             VERSION_KEY: table.version,
         }
+        stamp = version_stamp(table)
+        if stamp is not None:  # tells this version from a re-created table's of one number
+            metadata[STAMP_KEY] = stamp
+        return metadata
 
     # ------------------------------------------------------------------------------ inputs
     def load_input(self, context: dg.InputContext) -> object:
         key = context.asset_key
         asset = key.to_user_string()
         name = _stored_table(context)
-        version = recorded_version(context.instance, key)
+        identity = recorded_identity(context.instance, key)
+        version = identity.version if identity is not None else None
         wanted = context.dagster_type.typing_type
         if isinstance(wanted, type) and issubclass(wanted, Table):
             table = self.db.open_table(name, version=version)
+            if identity is not None:  # a re-created table must not stand in for the recorded one
+                verify_identity(table, identity, asset=asset)
             if is_permutation_schema(table.schema):
                 raise SpecError(
                     f"asset '{asset}' is a permutation table, not a LanceDB table asset; a "
@@ -289,6 +300,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
                 version=version,
                 request=request,
                 partition_key=partition,
+                expected=identity,
             )
             _record_lineage(context, lineage_of(list(views.values()), keys=list(views)))
             return views
@@ -299,6 +311,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             version=version,
             request=request,
             partition_key=partition,
+            expected=identity,
         )
         _record_lineage(context, lineage_of([view]))
         if wanted is pa.Table:

@@ -11,18 +11,53 @@ rows) when a version was cleaned up or the base table was re-created (see `perm_
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 
 from perm_assets.errors import LineageError, TableNotFoundError
+from perm_assets.pins import VersionIdentity
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import table_name
 from perm_assets.views import PermutationView, ViewRequest, open_view, refine
 
 VERSION_KEY = "lance/version"
 LINEAGE_PREFIX = "lineage/"
+
+
+STAMP_KEY = "lance/version_stamp"
+"""Materialization metadata: when Lance committed the version (`perm_assets.pins.version_stamp`)."""
+PIN_KEY = "perm_assets/pin"
+
+
+def recorded_identity(instance: dg.DagsterInstance, key: dg.AssetKey) -> VersionIdentity | None:
+    """The Lance version of the asset's latest materialization with what identifies it (pin,
+    commit time), or of its latest observation (an observed source table); None when neither
+    recorded a version."""
+    event = instance.get_latest_materialization_event(key)
+    materialization = event.asset_materialization if event is not None else None
+    if materialization is not None and VERSION_KEY in materialization.metadata:
+        return identity_of(materialization.metadata)
+    version = recorded_version(instance, key)
+    return None if version is None else VersionIdentity(version)
+
+
+def identity_of(metadata: Mapping[str, Any]) -> VersionIdentity:
+    """The `VersionIdentity` a materialization's metadata records (pin and stamp if any)."""
+
+    def value(key: str) -> Any:
+        entry = metadata.get(key)
+        return getattr(entry, "value", entry)
+
+    stamp = value(STAMP_KEY)
+    pin = value(PIN_KEY)
+    return VersionIdentity(
+        int(value(VERSION_KEY)),
+        pin=str(pin) if pin is not None else None,
+        stamp=int(stamp) if stamp is not None else None,
+    )
 
 
 def recorded_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> int | None:
@@ -62,9 +97,14 @@ def load_view(
             continue
         if VERSION_KEY not in mat.metadata:
             break
-        version = int(mat.metadata[VERSION_KEY].value)  # type: ignore[arg-type]
+        identity = identity_of(mat.metadata)
         return open_view(
-            db, asset=label, table=table_name(asset_key), version=version, request=request
+            db,
+            asset=label,
+            table=table_name(asset_key),
+            version=identity.version,
+            request=request,
+            expected=identity,
         )
     which = f"by run {run_id}" if run_id else "at all"
     raise LineageError(f"asset '{label}' was not materialized {which} with a Lance version")
@@ -174,6 +214,11 @@ def _reopen(db: LanceDBResource, meta: dict[str, Any]) -> PermutationView:
             table=str(meta["table"]),
             version=int(meta["table_version"]),
             request=ViewRequest(split=request.split),
+            expected=VersionIdentity(
+                int(meta["table_version"]),
+                pin=str(meta["pin"]) if meta.get("pin") else None,
+                stamp=int(meta["stamp"]) if meta.get("stamp") else None,
+            ),
         )
     except TableNotFoundError as exc:
         raise LineageError(

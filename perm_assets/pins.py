@@ -18,12 +18,15 @@ each table's versions older than both the requested age and its oldest remaining
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import dagster as dg
 from lancedb.table import Table
 
 from perm_assets.errors import LineageError
@@ -70,6 +73,64 @@ def verify_pin(base: Table, pin_name: str | None, version: int, *, asset: str) -
     )
 
 
+def version_stamp(table: Table, version: int | None = None) -> int | None:
+    """When Lance committed ``version`` of ``table`` (default: its checked-out version), in
+    microseconds since the epoch; None when the version is not listed.
+
+    A dropped and re-created table reuses version numbers, never commit times (microsecond
+    precision), so (version, stamp) identifies the rows a version holds. Table assets have no
+    pin; this is their identity. lancedb reports naive local times; ``.timestamp()`` reads them
+    in the same local zone, so the stamp is the same in every time zone.
+    """
+    wanted = table.version if version is None else version
+    for listed in table.list_versions():
+        if int(listed["version"]) == wanted:
+            return round(listed["timestamp"].timestamp() * 1_000_000)
+    return None
+
+
+@dataclass(frozen=True)
+class VersionIdentity:
+    """What a materialization or a view recorded of one table version: enough to tell it from
+    another table's version of the same number.
+
+    ``pin`` (permutation and folds tables: the tag made with the materialization) or ``stamp``
+    (`version_stamp`, any table); either may be None for records made before they existed.
+    """
+
+    version: int
+    pin: str | None = None
+    stamp: int | None = None
+
+
+def verify_identity(table: Table, identity: VersionIdentity, *, asset: str) -> None:
+    """Raise LineageError unless ``table`` at ``identity.version`` is the recorded one."""
+    problem = None
+    if identity.pin is not None:
+        tag = table.tags.list().get(identity.pin)
+        if tag is None or int(tag["version"]) != identity.version:
+            problem = f"has no tag '{identity.pin}' at version {identity.version}"
+    if problem is None and identity.stamp is not None:
+        found = version_stamp(table, identity.version)
+        if found != identity.stamp:
+            problem = (
+                f"version {identity.version} was committed at {_when(found)}, not at "
+                f"{_when(identity.stamp)} as recorded"
+            )
+    if problem is not None:
+        raise LineageError(
+            f"asset '{asset}': table '{table.name}' {problem}: the table was dropped and "
+            "re-created (or the version retired by retain()) since it was recorded. Reading it "
+            f"would return other rows; re-materialize asset '{asset}'."
+        )
+
+
+def _when(stamp: int | None) -> str:
+    if stamp is None:
+        return "no recorded time"
+    return datetime.fromtimestamp(stamp / 1_000_000).isoformat(sep=" ")
+
+
 @dataclass
 class RetentionReport:
     """What `retain` did, per table."""
@@ -85,23 +146,42 @@ def retain(
     *,
     keep: int = 3,
     cleanup_older_than: timedelta = timedelta(days=7),
+    instance: dg.DagsterInstance | None = None,
+    delete_unverified: bool = False,
     now: datetime | None = None,
 ) -> RetentionReport:
     """Retire pins no live permutation needs, then clean up old versions.
 
     Args:
         db: the database.
-        keep: keep the pins of the latest ``keep`` versions of every permutation table (>= 1):
-            the views of those versions stay reproducible; older ones fail with LineageError.
+        keep: keep the pins of the latest ``keep`` versions of every permutation table (>= 1)
+            and, with ``instance``, of the latest ``keep`` materializations Dagster recorded for
+            every permutation asset of this database: the views of those stay reproducible;
+            older ones fail with LineageError. Without ``instance`` only Lance's own versions
+            count, and a version Dagster still serves can be retired when newer Lance versions
+            have no Dagster record (a write killed after its commit, another Dagster instance on
+            the same database): pass the instance whenever there is one.
         cleanup_older_than: remove versions older than this, except pinned ones and anything
             newer than a table's oldest remaining pin (Lance refuses to clean tagged versions).
+        instance: the Dagster instance whose materializations must stay readable.
+        delete_unverified: also delete files no version references that are younger than
+            Lance's 7-day safety window, i.e. the data files of killed writes. Unsafe while
+            another process is writing to the database: its in-flight files look the same.
         now: the clock (for tests).
     """
     if keep < 1:
         raise ValueError(f"keep={keep}: keep at least the latest version of each permutation")
+    if instance is None:
+        logging.getLogger(__name__).warning(
+            "retain() without a Dagster instance: only Lance's latest %d versions per "
+            "permutation table keep their pins; a version Dagster still serves may be retired",
+            keep,
+        )
     connection = db.connect()
     tables = {name: connection.open_table(name) for name in _table_names(connection)}
     live = _live_pins(tables, keep)
+    if instance is not None:
+        live |= recorded_pins(instance, db, keep)
     report = RetentionReport()
     for name, table in tables.items():
         pins = {p: int(v["version"]) for p, v in table.tags.list().items() if pinned_table(p)}
@@ -112,15 +192,47 @@ def retain(
         report.kept_pins[name], report.retired_pins[name] = kept, sorted(retired)
         times = {v["version"]: v["timestamp"] for v in table.list_versions()}
         oldest = min((times[pins[p]] for p in kept if pins[p] in times), default=None)
-        before = len(times)
-        older_than = _cleanup(table, cleanup_older_than, oldest, now)
-        report.versions_removed[name] = before - len(table.list_versions())
+        older_than = _cleanup(table, cleanup_older_than, oldest, now, delete_unverified)
+        # Versions that existed before and are gone now: the cleanup itself commits versions,
+        # so a difference of counts under-counts (it read -2 on every demo run).
+        after = {v["version"] for v in table.list_versions()}
+        report.versions_removed[name] = len(set(times) - after)
         report.cleanup_older_than[name] = older_than
     return report
 
 
+def recorded_pins(instance: dg.DagsterInstance, db: LanceDBResource, keep: int) -> set[str]:
+    """Pins of the latest ``keep`` materializations of every asset of database ``db`` that
+    Dagster recorded with one (permutation and folds assets)."""
+    root = _root(db.uri)
+    found: set[str] = set()
+    for key in instance.get_asset_keys():
+        records = instance.fetch_materializations(key, limit=keep).records
+        for record in records:
+            mat = record.asset_materialization
+            if mat is None or PIN_METADATA not in mat.metadata:
+                continue
+            uri = mat.metadata.get("dagster/uri")
+            if uri is not None and _root(str(uri.value)).rsplit("/", 1)[0] != root:
+                continue  # another database's asset
+            found.add(str(mat.metadata[PIN_METADATA].value))
+    return found
+
+
+PIN_METADATA = "perm_assets/pin"
+"""Materialization metadata naming the pin of a permutation or folds materialization."""
+
+
+def _root(uri: str) -> str:
+    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri).rstrip("/")
+
+
 def _cleanup(
-    table: Table, requested: timedelta, oldest_pinned: datetime | None, now: datetime | None
+    table: Table,
+    requested: timedelta,
+    oldest_pinned: datetime | None,
+    now: datetime | None,
+    delete_unverified: bool,
 ) -> timedelta:
     """Clean versions older than ``requested`` and than the oldest pinned version.
 
@@ -138,7 +250,7 @@ def _cleanup(
             with warnings.catch_warnings():
                 # lancedb warns on a cut-off of 0 (every old version goes): asked for here.
                 warnings.simplefilter("ignore", UserWarning)
-                table.optimize(cleanup_older_than=older_than)
+                table.optimize(cleanup_older_than=older_than, delete_unverified=delete_unverified)
         except RuntimeError as exc:
             if "tagged version" not in str(exc):
                 raise

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from perm_assets.batches import OWN_TRANSFORMS, VIEW_FORMATS, ViewFormat, reslice
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, fold_index
-from perm_assets.pins import verify_pin
+from perm_assets.pins import VersionIdentity, verify_identity, verify_pin, version_stamp
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import (
     BASE_TABLE_KEY,
@@ -149,6 +149,12 @@ class ViewLineage:
     batch_size: int | None = None
     offset: int | None = None
     limit: int | None = None
+    pin: str | None = None
+    stamp: int | None = None
+
+    def identity(self) -> VersionIdentity:
+        """What this view recorded of its table's version, to verify it on reopening."""
+        return VersionIdentity(self.table_version, pin=self.pin, stamp=self.stamp)
 
     def as_metadata(self, columns: list[str] | None = None) -> dict[str, Any]:
         """Flat ``lineage/*`` entries for a Dagster materialization."""
@@ -236,6 +242,7 @@ class PermutationView(Permutation):
                 table=lineage.table,
                 version=lineage.table_version,
                 request=ViewRequest(split=lineage.split_index),
+                expected=lineage.identity(),
             )
         else:
             view = _reopen_with_factory(factory, lineage)
@@ -565,9 +572,12 @@ def _reopen_with_factory(factory: Callable[[str], Table], lineage: ViewLineage) 
     base = factory(lineage.base_table)
     base.checkout(lineage.base_version)
     if lineage.table == lineage.base_table:  # an identity view of a table asset
+        verify_identity(base, lineage.identity(), asset=lineage.asset)
         return _as_view(PermutationView.from_tables(base, None, None))
     stored = factory(lineage.table)
     stored.checkout(lineage.table_version)
+    verify_identity(stored, lineage.identity(), asset=lineage.asset)
+    verify_pin(base, lineage.pin, lineage.base_version, asset=lineage.asset)
     return _as_view(PermutationView.from_tables(base, stored, lineage.split_index))
 
 
@@ -604,13 +614,16 @@ def open_view(
     version: int | None,
     request: ViewRequest | None = None,
     partition_key: str | None = None,
+    expected: VersionIdentity | None = None,
 ) -> PermutationView:
     """The view ``request`` asks for over ``table`` at Lance ``version`` (None: latest).
 
     A permutation table gives a view of one of its splits over its base table at the pinned
     base version; any other table gives its identity view (all rows in stored order). For a
     folds table, split ``'train'``/``'validation'`` reads fold ``request.fold``, else the fold
-    named by ``partition_key`` (the consumer's partition).
+    named by ``partition_key`` (the consumer's partition). With ``expected`` (what a
+    materialization or view recorded of that version) the table is verified to be that one,
+    else LineageError; the base and training tables are always verified against their pin.
     """
     request = request or ViewRequest()
     if isinstance(request.split, list):
@@ -618,7 +631,7 @@ def open_view(
             f"input from asset '{asset}': split={request.split!r} asks for several splits; "
             "annotate the parameter as dict[str, Permutation] to receive one view per split"
         )
-    stored = db.open_table(table, version=version)
+    stored = _open_verified(db, table, version, expected, asset=asset)
     _refuse_fold_of_non_folds(stored, request, asset=asset)
     fold = request.fold if request.fold is not None else partition_key
     view = _open_split(db, stored, request.split, asset=asset, fold=fold)
@@ -633,13 +646,14 @@ def open_split_views(
     version: int | None,
     request: ViewRequest,
     partition_key: str | None = None,
+    expected: VersionIdentity | None = None,
 ) -> dict[str, PermutationView]:
     """One view per split in ``request.split`` (a list; None: every split), keyed by name.
 
     Dagster maps each input to a distinct upstream asset, so a consumer that needs ``train``
     and ``test`` of one permutation asset takes both through one input.
     """
-    stored = db.open_table(table, version=version)
+    stored = _open_verified(db, table, version, expected, asset=asset)
     _refuse_fold_of_non_folds(stored, request, asset=asset)
     wanted = request.split
     if wanted is None:
@@ -700,8 +714,23 @@ def _open_split(
         base_version=stored.version,
         split=None,
         split_index=0,
+        stamp=version_stamp(stored),
     )
     return view
+
+
+def _open_verified(
+    db: LanceDBResource,
+    table: str,
+    version: int | None,
+    expected: VersionIdentity | None,
+    *,
+    asset: str,
+) -> Table:
+    stored = db.open_table(table, version=version)
+    if expected is not None:
+        verify_identity(stored, expected, asset=asset)
+    return stored
 
 
 def _refuse_fold_of_non_folds(stored: Table, request: ViewRequest, *, asset: str) -> None:
@@ -739,7 +768,11 @@ def _fold_table(
         return names[index], stored, index, None
     metadata = stored.schema.metadata or {}
     train_name = metadata[TRAIN_TABLE_KEY.encode()].decode()
-    train = db.open_table(train_name, version=int(metadata[TRAIN_VERSION_KEY.encode()]))
+    train_version = int(metadata[TRAIN_VERSION_KEY.encode()])
+    train = db.open_table(train_name, version=train_version)
+    # The training table is tagged with the folds table's pin: a re-created one has lost it.
+    pin = metadata.get(PIN_KEY.encode())
+    verify_pin(train, pin.decode() if pin else None, train_version, asset=asset)
     ranges = metadata.get(TRAIN_RANGES_KEY.encode())
     if ranges is None:  # an older folds table: split i of the training table is fold i's
         return names[index], train, index, None
@@ -806,6 +839,8 @@ def _permutation_view(
         base_version=base_version,
         split=names[index] if names else None,
         split_index=index,
+        pin=pin.decode() if pin else None,
+        stamp=version_stamp(stored),
     )
     return view, lineage
 

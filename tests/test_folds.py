@@ -552,6 +552,9 @@ def test_an_older_folds_table_with_one_training_split_per_fold_still_reads(
         {k: v for k, v in (stored.schema.metadata or {}).items() if b"train" not in k}
     )
     train = write_table(db.connect(), "folds__train", old_train, WriteMode.OVERWRITE)
+    # That layout's writer tagged the training version with the folds table's pin, as now.
+    pin_name = (stored.schema.metadata or {})[b"perm_assets.pin"].decode()
+    train.tags.update(pin_name, train.version)
     metadata = dict(stored.schema.metadata or {})
     del metadata[TRAIN_RANGES_KEY.encode()]
     metadata[TRAIN_VERSION_KEY.encode()] = str(train.version).encode()

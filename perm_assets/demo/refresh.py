@@ -92,7 +92,10 @@ def lance_maintenance(
 ) -> dg.MaterializeResult:
     """Retire the pins that no kept permutation version needs, then clean up old versions."""
     report = retain(
-        lancedb, keep=config.keep, cleanup_older_than=timedelta(days=config.cleanup_older_than_days)
+        lancedb,
+        keep=config.keep,
+        cleanup_older_than=timedelta(days=config.cleanup_older_than_days),
+        instance=context.instance,  # what Dagster serves stays pinned, whatever Lance holds
     )
     retired = sum(len(p) for p in report.retired_pins.values())
     removed = sum(report.versions_removed.values())
