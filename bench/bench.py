@@ -64,7 +64,7 @@ from perm_assets import (
 )
 from perm_assets.assign import check_stratified, stratified_kfold
 from perm_assets.folds import TRAIN_SUFFIX, build_folds
-from perm_assets.io_manager import recorded_version
+from perm_assets.lineage import recorded_version
 from perm_assets.tables import write_table
 
 DEFAULT_ROWS = (1_000_000, 10_000_000)

@@ -98,14 +98,19 @@ def load_view(
         if VERSION_KEY not in mat.metadata:
             break
         identity = identity_of(mat.metadata)
-        return open_view(
-            db,
-            asset=label,
-            table=table_name(asset_key),
-            version=identity.version,
-            request=request,
-            expected=identity,
-        )
+        try:
+            return open_view(
+                db,
+                asset=label,
+                table=table_name(asset_key),
+                version=identity.version,
+                request=request,
+                expected=identity,
+            )
+        except TableNotFoundError as exc:
+            raise LineageError(
+                f"cannot open asset '{label}' as run {record.run_id} materialized it: {exc}"
+            ) from exc
     which = f"by run {run_id}" if run_id else "at all"
     raise LineageError(f"asset '{label}' was not materialized {which} with a Lance version")
 

@@ -193,6 +193,8 @@ def retain(
         times = {v["version"]: v["timestamp"] for v in table.list_versions()}
         oldest = min((times[pins[p]] for p in kept if pins[p] in times), default=None)
         older_than = _cleanup(table, cleanup_older_than, oldest, now, delete_unverified)
+        if delete_unverified:
+            _remove_partial_files(db.uri, name)
         # Versions that existed before and are gone now: the cleanup itself commits versions,
         # so a difference of counts under-counts (it read -2 on every demo run).
         after = {v["version"] for v in table.list_versions()}
@@ -259,6 +261,24 @@ def _cleanup(
     raise RuntimeError(
         f"table '{table.name}': Lance kept refusing to clean up around its pinned versions"
     )
+
+
+def _remove_partial_files(uri: str, name: str) -> None:
+    """The ``.tmp*`` files a killed local write leaves in a table's data folder.
+
+    Lance's local writer streams a data file into a temporary name and renames it when the file
+    is complete; a write killed mid-file leaves that file, which Lance's cleanup never lists
+    (it is no data file of any version). Object stores have no such files: their partial
+    uploads are multipart uploads, aborted by the store's lifecycle rules.
+    """
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    data = os.path.join(uri.removeprefix("file://"), f"{name}.lance", "data")
+    if not os.path.isdir(data):
+        return
+    for entry in os.scandir(data):
+        if entry.name.startswith(".tmp") and entry.is_file():
+            os.remove(entry.path)
 
 
 def _table_names(connection: Any) -> list[str]:
