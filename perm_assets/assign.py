@@ -88,6 +88,12 @@ def _reject_nulls(arr: np.ndarray, what: str, column: str) -> None:
     else:
         return
     count = int(np.count_nonzero(nulls))
+    if count and kind in "fc":  # NaN is no null to SQL: "IS NOT NULL" keeps it
+        raise ValueError(
+            f"{what} has {count} NaN value(s) among {arr.size} rows; every row needs a "
+            f'value, so filter them out first, e.g. filter="NOT isnan({column})" (with your '
+            "column's name; IS NOT NULL keeps NaN, which SQL does not count as null)"
+        )
     if count:
         raise ValueError(
             f"{what} has {count} null value(s) (None, NaN or NaT) among {arr.size} rows; every "

@@ -89,6 +89,7 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
             f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
             f"(version {table.version}, {table.count_rows()} rows); loosen the filter"
         )
+    _check_key_columns(table, spec, expected=expected, asset=asset)
     if isinstance(spec.split, CUSTOM_SPLITS):
         result = _build_assigned(table, spec, asset=asset)
     elif _builder_panics_on(table, spec):
@@ -120,6 +121,60 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
         spec=spec,
         filtered_rows=expected,
     )
+
+
+def check_scalar_columns(table: Table, columns: list[str], *, role: str, asset: str) -> None:
+    """Columns a split hashes, stratifies or groups by must exist and hold one scalar per row
+    (a vector or list has no hash or class here: lancedb and Arrow fail with raw errors)."""
+    available = table.schema.names
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise SpecError(
+            f"asset '{asset}': {role} column(s) {missing} are not in table '{table.name}' "
+            f"(columns: {', '.join(available)})"
+        )
+    for column in columns:
+        kind = table.schema.field(column).type
+        if pa.types.is_nested(kind):
+            raise SpecError(
+                f"asset '{asset}': {role} column '{column}' of table '{table.name}' has type "
+                f"{kind}, which has no single value per row to {role} by; use an integer, "
+                "string, boolean, date or timestamp column"
+            )
+
+
+def _check_key_columns(table: Table, spec: PermutationSpec, *, expected: int, asset: str) -> None:
+    """Types (and, for hash splits, nulls) of the columns a split reads, before any build."""
+    split = spec.split
+    if isinstance(split, HashSplit):
+        check_scalar_columns(table, split.columns, role="hash", asset=asset)
+        for column in split.columns:
+            condition = f"{column} IS NULL"
+            if spec.filter is not None:
+                condition = f"({spec.filter}\n) AND {condition}"
+            nulls = table.count_rows(condition)
+            if nulls:
+                # lancedb hashes every null to one value: all of them would land in one split.
+                raise SpecError(
+                    f"asset '{asset}': hash column '{column}' of table '{table.name}' has "
+                    f"{nulls} null value(s) among the {expected} selected rows; they would all "
+                    f'land in one split. Drop them with filter "{column} IS NOT NULL" (combined '
+                    "with AND) or hash another column"
+                )
+    elif isinstance(split, StratifiedSplit):
+        check_scalar_columns(table, [split.label], role="stratify", asset=asset)
+    elif isinstance(split, GroupSplit):
+        check_scalar_columns(table, [split.group], role="group", asset=asset)
+        if split.label is not None:
+            check_scalar_columns(table, [split.label], role="stratify", asset=asset)
+    clump = split.clump_size if isinstance(split, RandomSplit) else None
+    clump = clump or (spec.shuffle.clump_size if spec.shuffle is not None else None)
+    if clump is not None and clump > expected:
+        raise SpecError(
+            f"asset '{asset}': clump_size {clump} is larger than the {expected} selected rows, so "
+            "the whole selection would move as one clump (no randomness at all); use a "
+            f"clump_size below {expected}"
+        )
 
 
 def _uint64_split_ids(data: pa.Table, spec: PermutationSpec, *, asset: str) -> pa.Table:
@@ -443,7 +498,14 @@ class Scanned:
                 f"column '{column}' has type {kind}, which has no time order; use a number, "
                 "date or timestamp column"
             )
-        return values.to_numpy()
+        out = values.to_numpy()
+        if pa.types.is_floating(kind) and (nans := int(np.count_nonzero(np.isnan(out)))):
+            raise ValueError(
+                f"column '{column}' has {nans} NaN value(s) among {out.size} rows, which have "
+                f'no time order; filter them out first, e.g. filter="NOT isnan({column})" '
+                "(IS NOT NULL keeps NaN, which SQL does not count as null)"
+            )
+        return out
 
 
 def scan_columns(table: Table, filter: str | None, columns: list[str], *, asset: str) -> Scanned:

@@ -40,6 +40,7 @@ from perm_assets import assign
 from perm_assets.build import (
     PermutationData,
     Scanned,
+    check_scalar_columns,
     permutation_table,
     read_order,
     scan_columns,
@@ -111,6 +112,9 @@ class FoldsData:
 def build_folds(table: Table, spec: FoldsSpec, *, asset: str) -> FoldsData:
     """Assign the filtered rows of ``table`` to folds as ``spec`` says (seeds resolved)."""
     folds = spec.folds
+    if isinstance(folds, StratifiedKFold | GroupKFold):
+        role = "stratify" if isinstance(folds, StratifiedKFold) else "group"
+        check_scalar_columns(table, key_columns(folds), role=role, asset=asset)
     scanned = scan_columns(table, spec.filter, key_columns(folds), asset=asset)
     n = scanned.num_rows
     if n == 0:

@@ -154,6 +154,16 @@ def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -
             table.checkout(written.version)
             return table
         except (RuntimeError, OSError) as exc:
+            if "incompatible transaction" in str(exc).lower():
+                # An append (or overwrite) lost to another process's overwrite: Lance refuses
+                # to put these rows onto a table that was replaced meanwhile. Retrying would
+                # append them to rows this writer never saw, so say what happened instead.
+                raise ConcurrentWriteError(
+                    f"table '{name}': another process replaced the table (an overwrite) while "
+                    f"this run wrote to it with mode '{mode.value}'; nothing of this write was "
+                    "committed and the other write is intact. Re-run to write onto the new "
+                    f"table. Lance: {str(exc).splitlines()[0]}"
+                ) from exc
             if attempt == attempts or not _is_conflict(exc):
                 raise
             log.warning(
@@ -165,6 +175,10 @@ def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -
             )
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+class ConcurrentWriteError(RuntimeError):
+    """A write lost to another process's incompatible commit; nothing of it was committed."""
 
 
 def _schema_of(data: TableData) -> pa.Schema:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import IO, Any, cast
+from urllib.parse import urlsplit
 
 import dagster as dg
 import pyarrow as pa
@@ -405,7 +406,7 @@ class WorkerConnection:
             if isinstance(value, dg.EnvVar):  # an unresolved resource (outside a Dagster run)
                 from_env.append((key, value.env_var_name))
                 continue
-            if key.lower() in PUBLIC_STORAGE_OPTIONS or value == "":
+            if (key.lower() in PUBLIC_STORAGE_OPTIONS and not _has_userinfo(value)) or value == "":
                 public.append((key, value))
                 continue
             name = _env_name_holding(key, value, environ)
@@ -438,6 +439,11 @@ class WorkerConnection:
         options = dict(self.options) | {key: os.environ[name] for key, name in self.env}
         # Pinned versions never change, so re-checking for newer commits is wasted I/O.
         return LanceDBResource(uri=self.uri, storage_options=options, read_consistency_seconds=None)
+
+
+def _has_userinfo(value: str) -> bool:
+    """Whether a URL-valued option carries credentials (``http://user:secret@proxy:3128``)."""
+    return "@" in urlsplit(value).netloc if "://" in value else False
 
 
 def _env_name_holding(key: str, value: str, environ: Mapping[str, str]) -> str | None:

@@ -487,7 +487,7 @@ def test_time_split_distinct_times_exact_sizes() -> None:
         (lambda: group_split([1, 2], [1.0], -1), r"seed=-1 must be a whole number >= 0"),
         (
             lambda: stratified_split(np.array([1.0, np.nan, np.nan]), [1.0], 0),
-            r'labels has 2 null value\(s\).*among 3 rows.*filter="label IS NOT NULL"',
+            r'labels has 2 NaN value\(s\) among 3 rows.*filter="NOT isnan\(label\)"',
         ),
         (
             lambda: group_split(np.array(["a", None, "b"], dtype=object), [1.0], 0),

@@ -269,3 +269,129 @@ def _rows_asset() -> dg.AssetsDefinition:
         return make_rows(100)
 
     return rows
+
+
+# ------------------------------------------------------------------ columns a split reads
+def _wide_asset(n: int = 100) -> dg.AssetsDefinition:
+    @dg.asset(name="rows")
+    def rows() -> pa.Table:
+        base = make_rows(n)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * 2, np.float32)), 2)
+        nullable = pa.array([None if i % 10 == 0 else i for i in range(n)], pa.int64())
+        times = pa.array([float("nan") if i < 3 else float(i) for i in range(n)], pa.float64())
+        return (
+            base.append_column("vec", vectors)
+            .append_column("maybe", nullable)
+            .append_column("t", times)
+        )
+
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        (
+            HashSplit(columns=["vec"], weights=[1, 1]),
+            r"hash column 'vec' of table 'rows' has type fixed_size_list<item: float>\[2\], "
+            r"which has no single value per row",
+        ),
+        (
+            StratifiedSplit(label="vec", ratios=[0.5, 0.5], seed=1),
+            r"stratify column 'vec' of table 'rows' has type fixed_size_list",
+        ),
+        (
+            GroupSplit(group="vec", ratios=[0.5, 0.5], seed=1),
+            r"group column 'vec' of table 'rows' has type fixed_size_list",
+        ),
+        (
+            HashSplit(columns=["maybe"], weights=[1, 1]),
+            r"hash column 'maybe' of table 'rows' has 10 null value\(s\) among the 100 selected "
+            r"rows; they would all land in one split\. Drop them with filter \"maybe IS NOT NULL\"",
+        ),
+        (
+            TimeSplit(column="t", ratios=[0.5, 0.5]),
+            r"column 't' has 3 NaN value\(s\) among 100 rows.*filter=\"NOT isnan\(t\)\"",
+        ),
+        (
+            RandomSplit(ratios=[0.5, 0.5], seed=1, clump_size=500),
+            r"clump_size 500 is larger than the 100 selected rows",
+        ),
+    ],
+)
+def test_columns_a_split_cannot_use_fail_before_anything_is_built(
+    run: Runner, db: LanceDBResource, split: Any, message: str
+) -> None:
+    source = _wide_asset()
+    perm = permutation_asset("perm", source=source, split=split)
+    with pytest.raises(SpecError, match=rf"asset 'perm'[:,] .*{message}"):
+        run([source, perm])
+    assert not db.table_exists("perm")
+
+
+def test_stratified_folds_on_a_vector_column_name_its_type(run: Runner) -> None:
+    source = _wide_asset()
+    folds = folds_asset("folds", source=source, folds=StratifiedKFold(k=2, label="vec"))
+    with pytest.raises(SpecError, match=r"asset 'folds': stratify column 'vec' .* has type"):
+        run([source, folds])
+
+
+def test_the_advised_filters_work(run: Runner) -> None:
+    source = _wide_asset()
+    hashed = permutation_asset(
+        "hashed",
+        source=source,
+        filter="maybe IS NOT NULL",
+        split=HashSplit(columns=["maybe"], weights=[1, 1]),
+    )
+    timed = permutation_asset(
+        "timed",
+        source=source,
+        filter="NOT isnan(t)",
+        split=TimeSplit(column="t", ratios=[0.5, 0.5]),
+    )
+    run([source, hashed, timed])
+    assert run.metadata(hashed.key)["dagster/row_count"] == 90
+    assert run.metadata(timed.key)["dagster/row_count"] == 97
+
+
+# ------------------------------------------------------------------ writers and credentials
+def test_an_append_that_loses_to_an_overwrite_says_so_and_loses_nothing(
+    db: LanceDBResource,
+) -> None:
+    """A real second writer overwrites the table while the append streams its batches."""
+    from perm_assets.tables import ConcurrentWriteError
+
+    write_table(db.connect(), "rows", make_rows(10), WriteMode.OVERWRITE)
+    schema = make_rows(1).schema
+
+    def batches():
+        yield from make_rows(5, start=10).to_batches()
+        other = LanceDBResource(uri=db.uri).connect()  # another writer, its own connection
+        other.open_table("rows").add(make_rows(3, start=100), mode="overwrite")
+        yield from make_rows(5, start=15).to_batches()
+
+    stream = pa.RecordBatchReader.from_batches(schema, batches())
+    with pytest.raises(
+        ConcurrentWriteError, match=r"table 'rows': another process replaced the table"
+    ):
+        write_table(db.connect(), "rows", stream, WriteMode.APPEND)
+    assert db.open_table("rows").to_arrow().column("id").to_pylist() == [100, 101, 102]
+
+
+def test_a_proxy_url_with_credentials_is_never_pickled_verbatim() -> None:
+    import pickle
+
+    from perm_assets.views import WorkerConnection
+
+    secret = "http://user:s3cret@proxy.internal:3128"
+    with pytest.raises(pickle.PicklingError, match=r"storage option 'proxy_url'"):
+        WorkerConnection.capture("s3://b/db", {"proxy_url": secret}, asset="a", environ={})
+    captured = WorkerConnection.capture(
+        "s3://b/db", {"proxy_url": secret}, asset="a", environ={"PROXY_URL": secret}
+    )
+    assert captured.env == (("proxy_url", "PROXY_URL"),) and "s3cret" not in repr(captured)
+    plain = WorkerConnection.capture(
+        "s3://b/db", {"proxy_url": "http://proxy.internal:3128"}, asset="a", environ={}
+    )
+    assert plain.options == (("proxy_url", "http://proxy.internal:3128"),)
