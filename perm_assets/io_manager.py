@@ -280,7 +280,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         version = identity.version if identity is not None else None
         wanted = context.dagster_type.typing_type
         if isinstance(wanted, type) and issubclass(wanted, Table):
-            table = self.db.open_table(name, version=version)
+            table = self.db.open_table(name, version=version, asset=asset)
             if identity is not None:  # a re-created table must not stand in for the recorded one
                 verify_identity(table, identity, asset=asset)
             if is_permutation_schema(table.schema):

@@ -151,12 +151,18 @@ class LanceDBResource(StrictFields, dg.ConfigurableResource):
             raise
         return True
 
-    def open_table(self, name: str, *, version: int | None = None) -> Table:
+    def open_table(
+        self, name: str, *, version: int | None = None, asset: str | None = None
+    ) -> Table:
         """Open table ``name``, checked out read-only at Lance ``version`` when one is given.
+
+        ``asset``: the asset on whose behalf it is opened (named in the error).
 
         Raises:
             TableNotFoundError: the table, or that version of it, does not exist.
         """
+        whose = f"asset '{asset}': " if asset else ""
+        fix = f"Re-materialize asset '{asset}'" if asset else "Re-materialize the asset"
         db = self.connect()
         try:
             table = db.open_table(name)
@@ -164,16 +170,17 @@ class LanceDBResource(StrictFields, dg.ConfigurableResource):
             if not _is_not_found(exc):
                 raise
             raise TableNotFoundError(
-                f"LanceDB table '{name}' does not exist at '{self.uri}'. Materialize the asset "
-                "that writes it first."
+                f"{whose}LanceDB table '{name}' does not exist at '{self.uri}'. Materialize the "
+                "asset that writes it first."
             ) from exc
         if version is not None:
             try:
                 table.checkout(version)
             except (ValueError, OSError, RuntimeError) as exc:
                 raise TableNotFoundError(
-                    f"LanceDB table '{name}' at '{self.uri}' has no version {version} (latest: "
-                    f"{table.version}); it may have been cleaned up. Re-materialize the asset."
+                    f"{whose}LanceDB table '{name}' at '{self.uri}' has no version {version} "
+                    f"(latest: {table.version}): it was cleaned up, or the table was dropped and "
+                    f"re-created since that version was recorded. {fix}."
                 ) from exc
         return table
 

@@ -733,7 +733,7 @@ def _open_verified(
     *,
     asset: str,
 ) -> Table:
-    stored = db.open_table(table, version=version)
+    stored = db.open_table(table, version=version, asset=asset)
     if expected is not None:
         verify_identity(stored, expected, asset=asset)
     return stored
@@ -775,7 +775,7 @@ def _fold_table(
     metadata = stored.schema.metadata or {}
     train_name = metadata[TRAIN_TABLE_KEY.encode()].decode()
     train_version = int(metadata[TRAIN_VERSION_KEY.encode()])
-    train = db.open_table(train_name, version=train_version)
+    train = db.open_table(train_name, version=train_version, asset=asset)
     # The training table is tagged with the folds table's pin: a re-created one has lost it.
     pin = metadata.get(PIN_KEY.encode())
     verify_pin(train, pin.decode() if pin else None, train_version, asset=asset)
@@ -831,7 +831,7 @@ def _permutation_view(
     names = split_names_of(stored.schema)
     num_splits = len(names) or 1
     index = resolve_split(split, names, num_splits, asset=asset)
-    base = db.open_table(base_name, version=base_version)
+    base = db.open_table(base_name, version=base_version, asset=asset)
     # A dropped and re-created base table reuses version numbers: the pin tells them apart.
     pin = metadata.get(PIN_KEY.encode())
     verify_pin(base, pin.decode() if pin else None, base_version, asset=asset)
