@@ -123,16 +123,21 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
     )
 
 
-def check_scalar_columns(table: Table, columns: list[str], *, role: str, asset: str) -> None:
-    """Columns a split hashes, stratifies or groups by must exist and hold one scalar per row
-    (a vector or list has no hash or class here: lancedb and Arrow fail with raw errors)."""
+def require_columns(table: Table, columns: list[str], *, role: str, asset: str) -> None:
+    """SpecError listing the table's columns when one of ``columns`` is not among them."""
     available = table.schema.names
     missing = [c for c in columns if c not in available]
     if missing:
         raise SpecError(
-            f"asset '{asset}': {role} column(s) {missing} are not in table '{table.name}' "
+            f"asset '{asset}': {role}column(s) {missing} are not in table '{table.name}' "
             f"(columns: {', '.join(available)})"
         )
+
+
+def check_scalar_columns(table: Table, columns: list[str], *, role: str, asset: str) -> None:
+    """Columns a split hashes, stratifies or groups by must exist and hold one scalar per row
+    (a vector or list has no hash or class here: lancedb and Arrow fail with raw errors)."""
+    require_columns(table, columns, role=f"{role} ", asset=asset)
     for column in columns:
         kind = table.schema.field(column).type
         if pa.types.is_nested(kind):
@@ -514,13 +519,7 @@ def scan_columns(table: Table, filter: str | None, columns: list[str], *, asset:
     Only these columns are read. Raises SpecError listing the table's columns when one is
     missing, and counting the nulls (with the filter that drops them) when one has nulls.
     """
-    available = table.schema.names
-    missing = [c for c in columns if c not in available]
-    if missing:
-        raise SpecError(
-            f"asset '{asset}': column(s) {missing} are not in table '{table.name}' (columns: "
-            f"{', '.join(available)})"
-        )
+    require_columns(table, columns, role="", asset=asset)
     query = table.search().select(list(dict.fromkeys(columns))).with_row_id(True)
     if filter is not None:
         query = query.where(cast(str, where(filter)))
