@@ -520,7 +520,9 @@ def scan_columns(table: Table, filter: str | None, columns: list[str], *, asset:
     missing, and counting the nulls (with the filter that drops them) when one has nulls.
     """
     require_columns(table, columns, role="", asset=asset)
-    query = table.search().select(list(dict.fromkeys(columns))).with_row_id(True)
+    # lancedb's select([]) reads every column: ask for the row ids alone instead.
+    selected = list(dict.fromkeys(columns)) or ["_rowid"]
+    query = table.search().select(selected).with_row_id(True)
     if filter is not None:
         query = query.where(cast(str, where(filter)))
     data = read_all(query)

@@ -156,7 +156,9 @@ def retain(
         db: the database.
         keep: keep the pins of the latest ``keep`` versions of every permutation table (>= 1)
             and, with ``instance``, of the latest ``keep`` materializations Dagster recorded for
-            every permutation asset of this database: the views of those stay reproducible;
+            every permutation asset of this database, and the versions of table assets those
+            materializations recorded (unpinned: the cleanup spares them and everything newer):
+            the views of those stay reproducible;
             older ones fail with LineageError. Without ``instance`` only Lance's own versions
             count, and a version Dagster still serves can be retired when newer Lance versions
             have no Dagster record (a write killed after its commit, another Dagster instance on
@@ -180,8 +182,10 @@ def retain(
     connection = db.connect()
     tables = {name: connection.open_table(name) for name in _table_names(connection)}
     live = _live_pins(tables, keep)
+    served: dict[str, set[int]] = {}
     if instance is not None:
-        live |= recorded_pins(instance, db, keep)
+        pins, served = _recorded(instance, db, keep)
+        live |= pins
     report = RetentionReport()
     for name, table in tables.items():
         pins = {p: int(v["version"]) for p, v in table.tags.list().items() if pinned_table(p)}
@@ -191,8 +195,15 @@ def retain(
         kept = sorted(set(pins) - set(retired))
         report.kept_pins[name], report.retired_pins[name] = kept, sorted(retired)
         times = {v["version"]: v["timestamp"] for v in table.list_versions()}
-        oldest = min((times[pins[p]] for p in kept if pins[p] in times), default=None)
-        older_than = _cleanup(table, cleanup_older_than, oldest, now, delete_unverified)
+        # Versions Dagster serves without a pin (table assets) are kept like pinned ones: the
+        # cleanup spares everything from the oldest of them on.
+        unpinned = served.get(name, set()) - {pins[p] for p in kept}
+        kept_versions = {pins[p] for p in kept} | unpinned
+        oldest = min((times[v] for v in kept_versions if v in times), default=None)
+        # Lance refuses to clean a tagged version, so a pin survives a tight cut-off (retried
+        # wider below); nothing guards an unpinned one, so its cut-off keeps a minute's slack.
+        margin = 60.0 if unpinned & set(times) else 0.005
+        older_than = _cleanup(table, cleanup_older_than, oldest, now, delete_unverified, margin)
         if delete_unverified:
             _remove_partial_files(db.uri, name)
         # Versions that existed before and are gone now: the cleanup itself commits versions,
@@ -203,22 +214,28 @@ def retain(
     return report
 
 
-def recorded_pins(instance: dg.DagsterInstance, db: LanceDBResource, keep: int) -> set[str]:
-    """Pins of the latest ``keep`` materializations of every asset of database ``db`` that
-    Dagster recorded with one (permutation and folds assets)."""
+def _recorded(
+    instance: dg.DagsterInstance, db: LanceDBResource, keep: int
+) -> tuple[set[str], dict[str, set[int]]]:
+    """What the latest ``keep`` materializations of every asset of database ``db`` recorded:
+    their pins (permutation and folds assets) and, per table, their Lance versions."""
     root = _root(db.uri)
-    found: set[str] = set()
+    pins: set[str] = set()
+    versions: dict[str, set[int]] = {}
     for key in instance.get_asset_keys():
-        records = instance.fetch_materializations(key, limit=keep).records
-        for record in records:
+        for record in instance.fetch_materializations(key, limit=keep).records:
             mat = record.asset_materialization
-            if mat is None or PIN_METADATA not in mat.metadata:
+            if mat is None or "dagster/table_name" not in mat.metadata:
                 continue
             uri = mat.metadata.get("dagster/uri")
             if uri is not None and _root(str(uri.value)).rsplit("/", 1)[0] != root:
                 continue  # another database's asset
-            found.add(str(mat.metadata[PIN_METADATA].value))
-    return found
+            if PIN_METADATA in mat.metadata:
+                pins.add(str(mat.metadata[PIN_METADATA].value))
+            if "lance/version" in mat.metadata:
+                table = str(mat.metadata["dagster/table_name"].value)
+                versions.setdefault(table, set()).add(int(str(mat.metadata["lance/version"].value)))
+    return pins, versions
 
 
 PIN_METADATA = "perm_assets/pin"
@@ -235,6 +252,7 @@ def _cleanup(
     oldest_pinned: datetime | None,
     now: datetime | None,
     delete_unverified: bool,
+    margin: float,
 ) -> timedelta:
     """Clean versions older than ``requested`` and than the oldest pinned version.
 
@@ -242,12 +260,12 @@ def _cleanup(
     puts the pinned version past the cut-off Lance refuses the whole cleanup (nothing is lost),
     so the margin is widened and the cleanup tried again.
     """
-    for margin in (0.005, 0.05, 0.5, 5.0):
+    for widened in (margin, margin * 10, margin * 100, max(5.0, margin * 1000)):
         older_than = requested
         if oldest_pinned is not None:
             # lancedb reports version timestamps as naive local time.
             clock = now or datetime.now()
-            older_than = max(requested, clock - oldest_pinned + timedelta(seconds=margin))
+            older_than = max(requested, clock - oldest_pinned + timedelta(seconds=widened))
         try:
             with warnings.catch_warnings():
                 # lancedb warns on a cut-off of 0 (every old version goes): asked for here.

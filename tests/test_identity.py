@@ -225,3 +225,19 @@ def test_files_of_a_killed_write_go_with_delete_unverified_and_views_still_read(
     assert not set(data_dir.iterdir()) & orphans
     view = reproduce_input(db, run.instance, run_id=result.run_id, input_name="data")
     assert read_arrow(view).column("id").to_pylist() == seen[-1]
+
+
+def test_retain_keeps_the_table_version_dagster_serves_when_lance_has_newer_ones(
+    run: Runner, db: LanceDBResource
+) -> None:
+    """A table asset has no pin; writes outside Dagster add versions it never recorded."""
+    seen: list[list[int]] = []
+    identity = _reader(rows, {"columns": ["id"]}, seen)
+    run([rows, identity])
+    for start in (500, 600):
+        db.connect().open_table("rows").add(make_rows(5, start=start))
+    assert db.open_table("rows").version == 3
+
+    retain(db, keep=1, cleanup_older_than=timedelta(0), instance=run.instance)
+    run([rows, identity], selection=[identity])
+    assert seen[-1] == seen[0] == list(range(120))
