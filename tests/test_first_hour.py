@@ -45,7 +45,7 @@ def _ids(batches: list[Any]) -> list[int]:
     return [int(i) for b in batches for i in b["id"]]
 
 
-@pytest.mark.parametrize("batch_size", [7, 1000, 1024])
+@pytest.mark.parametrize("batch_size", [97, 1000, 1024])
 def test_every_batch_but_the_last_has_the_size_asked_for(
     run: Runner, db: LanceDBResource, batch_size: int
 ) -> None:
