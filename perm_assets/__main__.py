@@ -42,10 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         "cleanup_older_than": timedelta(days=args.days),
         "delete_unverified": args.delete_unverified,
     }
-    if os.environ.get("DAGSTER_HOME"):  # what that instance recorded stays readable
+    home = os.environ.get("DAGSTER_HOME")
+    if home and os.path.isdir(home):  # what that instance recorded stays readable
         with dg.DagsterInstance.get() as instance:
             report = retain(db, instance=instance, **options)
     else:
+        why = "is unset" if not home else f"{home!r} is no folder"
+        sys.stderr.write(
+            f"no Dagster instance (DAGSTER_HOME {why}): only Lance's own versions are considered\n"
+        )
         report = retain(db, **options)
     for table in sorted(report.kept_pins):
         sys.stdout.write(

@@ -267,7 +267,11 @@ def test_pinned_versions_are_recorded_in_metadata(run: Runner, db: LanceDBResour
 
 
 def test_retain_command_line_prints_one_line_per_table(
-    run: Runner, db: LanceDBResource, capsys: pytest.CaptureFixture[str]
+    run: Runner,
+    db: LanceDBResource,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
 ) -> None:
     from perm_assets.__main__ import main
 
@@ -275,7 +279,16 @@ def test_retain_command_line_prints_one_line_per_table(
     splits = permutation_asset("splits", source=source)
     run([source, splits])
     run([source, splits])
+    # `make test` exports DAGSTER_HOME=.dagster_home, which a fresh clone does not have yet.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "missing"))
     assert main(["retain", "--uri", db.uri, "--keep", "1", "--days", "0"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "no Dagster instance (DAGSTER_HOME" in captured.err
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # an instance: its records are kept too
+    assert main(["retain", "--uri", db.uri, "--keep", "1", "--days", "0"]) == 0
+    assert "no Dagster instance" not in capsys.readouterr().err
+    lines = captured.out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["rows", "splits"]
     assert lines[1].startswith("splits: kept 1 pins, retired 1, removed 1 versions")
