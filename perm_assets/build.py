@@ -154,10 +154,17 @@ def _check_key_columns(table: Table, spec: PermutationSpec, *, expected: int, as
     if isinstance(split, HashSplit):
         check_scalar_columns(table, split.columns, role="hash", asset=asset)
         for column in split.columns:
-            condition = f"{column} IS NULL"
+            # Quoted: a column named "user id" or "user-id" is not SQL as it stands.
+            condition = f"`{column.replace('`', '``')}` IS NULL"
             if spec.filter is not None:
                 condition = f"({spec.filter}\n) AND {condition}"
-            nulls = table.count_rows(condition)
+            try:
+                nulls = table.count_rows(condition)
+            except (ValueError, RuntimeError) as exc:
+                raise SpecError(
+                    f"asset '{asset}': could not count the nulls of hash column '{column}' of "
+                    f"table '{table.name}': {exc}"
+                ) from exc
             if nulls:
                 # lancedb hashes every null to one value: all of them would land in one split.
                 raise SpecError(

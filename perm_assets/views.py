@@ -310,6 +310,9 @@ class PermutationView(Permutation):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1 rows")
         transform = cast(Callable[[pa.RecordBatch], Any], self.transform_fn)
+        # Open (or reuse) the reader on this view first: the copy then shares it, instead of
+        # building one per pass (in a forked worker, a helper interpreter per epoch).
+        self._ensure_open()
         arrow = copy.copy(self)
         arrow.transform_fn = Transforms.arrow2arrow
         reads = cast(Iterator[pa.RecordBatch], Permutation.iter(arrow, batch_size, False))

@@ -92,7 +92,7 @@ def _wiring_problems(
             needed[source] = io_keys[source_key]
     for asset, io_key in needed.items():
         bound = resources.get(io_key)
-        if not isinstance(bound, LanceDBIOManager):
+        if not _is_a(bound, LanceDBIOManager):
             what = "nothing (Dagster's default fs_io_manager)" if bound is None else _name(bound)
             problems.append(
                 f"asset '{asset}' (read by permutation asset '{label}') is stored by IO manager "
@@ -101,7 +101,7 @@ def _wiring_problems(
             )
     resource_key = str(metadata.get(RESOURCE_KEY_META, "lancedb"))
     bound = resources.get(resource_key)
-    if not isinstance(bound, LanceDBResource):
+    if not _is_a(bound, LanceDBResource):
         what = "nothing" if bound is None else _name(bound)
         problems.append(
             f"permutation asset '{label}' needs a LanceDBResource under resource key "
@@ -149,6 +149,15 @@ def _request_problems(
                 f"fold {request.fold} is out of range for asset '{label}' (0..{len(names) - 1})"
             )
     return problems
+
+
+def _is_a(bound: object, cls: type) -> bool:
+    """An instance of ``cls``, or ``cls.configure_at_launch()`` (a partial resource whose
+    values come with each run's config)."""
+    if isinstance(bound, cls):
+        return True
+    resource_cls = getattr(bound, "resource_cls", None)
+    return isinstance(resource_cls, type) and issubclass(resource_cls, cls)
 
 
 def _name(value: object) -> str:

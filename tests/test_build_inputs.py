@@ -395,3 +395,10 @@ def test_a_proxy_url_with_credentials_is_never_pickled_verbatim() -> None:
         "s3://b/db", {"proxy_url": "http://proxy.internal:3128"}, asset="a", environ={}
     )
     assert plain.options == (("proxy_url", "http://proxy.internal:3128"),)
+
+
+def test_a_hash_split_on_a_column_named_with_a_space_builds(db: LanceDBResource) -> None:
+    data = make_rows(200).rename_columns(["user id", "label", "group", "value", "name"])
+    table = write_table(db.connect(), "spaced", data, WriteMode.OVERWRITE)
+    spec = PermutationSpec(split=HashSplit(columns=["user id"], weights=[1, 1]))
+    assert build_permutation(table, spec, asset="spaced_perm").num_rows == 200

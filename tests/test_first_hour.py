@@ -350,3 +350,15 @@ def test_a_fold_asked_of_a_plain_permutation_is_refused_at_run_time(run: Runner)
     consumer = _consumer({"split": "train", "fold": 2})
     with pytest.raises(SpecError, match=r"fold=2 was asked, but 'splits' is not a folds asset"):
         run([SOURCE, SPLITS, consumer], selection=[consumer])
+
+
+def test_check_definitions_accepts_resources_configured_at_launch() -> None:
+    resources = {
+        "lancedb": LanceDBResource.configure_at_launch(),
+        "io_manager": LanceDBIOManager.configure_at_launch(),
+    }
+    check_definitions(_defs(SOURCE, SPLITS, resources=resources))
+    with pytest.raises(SpecError, match=r"bound to FilesystemIOManager"):
+        check_definitions(
+            _defs(SOURCE, SPLITS, resources={**resources, "io_manager": dg.FilesystemIOManager()})
+        )

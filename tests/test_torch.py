@@ -551,3 +551,22 @@ def test_bench_torch_runs_and_prints_its_table(tmp_path: Path) -> None:
     assert "same rows in the same order as Permutation.iter: True" in out
     clumps = re.findall(r"^clump_size\s+(\d+)\s", out, re.MULTILINE)
     assert clumps == ["1", "64", "1024"], out
+
+
+def test_a_restricted_view_opens_its_reader_once_for_every_pass(run: Runner) -> None:
+    """Each pass used to build lancedb's reader anew (a helper process per epoch when forked)."""
+    view = materialize_view(run, {"columns": COLUMNS, "format": "arrow"}).restricted(10, 50)
+    built: list[int] = []
+    original = PermutationView._build_reader
+
+    async def counting(self: PermutationView) -> Any:
+        built.append(1)
+        return await original(self)
+
+    PermutationView._build_reader = counting  # type: ignore[method-assign]
+    try:
+        passes = [pa.Table.from_batches(list(view.iter(8))) for _ in range(3)]
+    finally:
+        PermutationView._build_reader = original  # type: ignore[method-assign]
+    assert len(built) == 1
+    assert passes[0].num_rows == 50 and passes[0].equals(passes[2])
