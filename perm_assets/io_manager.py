@@ -193,7 +193,9 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         connection = self.db.connect()
         pin_name = pin_name or new_pin(name)
         # Pinned before the write: from now on no cleanup can remove the version it reads.
-        pin(connection.open_table(perm.base_table), pin_name, perm.base_version)
+        base = connection.open_table(perm.base_table)
+        pin(base, pin_name, perm.base_version)
+        base.checkout(perm.base_version)  # its schema: the columns a consumer may select
         schema_metadata = dict(perm.data.schema.metadata or {})
         schema_metadata[PIN_KEY.encode()] = pin_name.encode()
         data = perm.data.replace_schema_metadata(schema_metadata)
@@ -205,6 +207,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             "dagster/row_count": perm.num_rows,
             "lance/base_table": perm.base_table,
             "lance/base_version": perm.base_version,
+            "dagster/column_schema": _column_schema(base.schema),
             "perm_assets/split_names": ", ".join(perm.split_names),
             "perm_assets/pin": pin_name,
             KIND_KEY: "permutation",

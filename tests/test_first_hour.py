@@ -362,3 +362,10 @@ def test_check_definitions_accepts_resources_configured_at_launch() -> None:
         check_definitions(
             _defs(SOURCE, SPLITS, resources={**resources, "io_manager": dg.FilesystemIOManager()})
         )
+
+
+def test_a_permutation_records_the_columns_a_consumer_may_select(run: Runner) -> None:
+    run([SOURCE, SPLITS, FOLDS])
+    for key in (SPLITS.key, FOLDS.key):
+        schema = run.metadata(key)["dagster/column_schema"]
+        assert [c.name for c in schema.columns] == make_rows(1).column_names, key
