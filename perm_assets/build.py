@@ -92,7 +92,7 @@ def build_permutation(table: Table, spec: PermutationSpec, *, asset: str) -> Per
     _check_key_columns(table, spec, expected=expected, asset=asset)
     if isinstance(spec.split, CUSTOM_SPLITS):
         result = _build_assigned(table, spec, asset=asset)
-    elif _builder_panics_on(table, spec):
+    elif _builder_panics_on(table):
         result = _build_without_builder(table, spec, asset=asset)
     else:
         builder = _configure(permutation_builder(table), spec)
@@ -332,12 +332,12 @@ def _check_coverage(spec: PermutationSpec, *, kept: int, expected: int, asset: s
 
 
 # ----------------------------------------------- lancedb's kinds without lancedb's builder
-def _builder_panics_on(table: Table, spec: PermutationSpec) -> bool:
+def _builder_panics_on(table: Table) -> bool:
     """Whether lancedb 0.40's builder would panic: any schema-level metadata on the base table
     (pandas writes some) makes it call ``RecordBatch.with_schema(...).unwrap()`` on batches
     that still carry that metadata (``SchemaError: target schema is not superset``). Only its
     hash assignment survives (`_hash_then_shuffle` uses it)."""
-    del spec  # every kind lancedb builds (a hash split is routed as well, to keep one order)
+    # Every kind lancedb builds is routed (a hash split too, to keep one order).
     return bool(table.schema.metadata)
 
 

@@ -44,6 +44,8 @@ from pydantic import (
 from perm_assets.errors import SpecError
 from perm_assets.factories import folds_asset, permutation_asset
 from perm_assets.specs import (
+    FOLDS_KINDS,
+    SPLIT_KINDS,
     CalculatedSplit,
     FoldsSpec,
     GroupKFold,
@@ -61,22 +63,9 @@ from perm_assets.specs import (
     explain,
 )
 
-_SPLIT_KINDS: dict[str, type[BaseModel]] = {
-    cls.model_fields["kind"].default: cls
-    for cls in (
-        RandomSplit,
-        SequentialSplit,
-        HashSplit,
-        CalculatedSplit,
-        StratifiedSplit,
-        GroupSplit,
-        TimeSplit,
-    )
-}
-_FOLDS_KINDS: dict[str, type[BaseModel]] = {
-    cls.model_fields["kind"].default: cls
-    for cls in (KFold, StratifiedKFold, GroupKFold, TimeSeriesFolds)
-}
+# The kinds are the specs' own (`perm_assets.specs`): a new kind needs no change here.
+_SPLIT_KINDS: dict[str, type[BaseModel]] = dict(SPLIT_KINDS)
+_FOLDS_KINDS: dict[str, type[BaseModel]] = dict(FOLDS_KINDS)
 
 
 def _spec_by_kind(field: str, kinds: dict[str, type[BaseModel]]) -> Any:

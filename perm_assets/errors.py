@@ -6,8 +6,6 @@ from __future__ import annotations
 class SpecError(ValueError):
     """A permutation spec, config or input request that can never produce correct rows."""
 
-    detail: str | None = None
-    """For a spec's own validation error: the problems without the spec's class name."""
     parts: list[str] | None = None
     """For a spec's own validation error: one ``field value: message`` entry per problem."""
 

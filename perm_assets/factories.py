@@ -413,9 +413,14 @@ def _validated(label: str, model: type[SpecT], fields: dict[str, Any]) -> SpecT:
     try:
         return model.model_validate(fields)
     except SpecError as exc:
-        raise SpecError(f"permutation asset '{label}': {exc.detail or exc}") from None
+        raise SpecError(f"permutation asset '{label}': {_without_spec_name(exc)}") from None
     except ValidationError as exc:
         raise SpecError(f"permutation asset '{label}': {explain(exc)}") from None
+
+
+def _without_spec_name(exc: SpecError) -> str:
+    """A spec's own error without its class name (the factory names the asset instead)."""
+    return " | ".join(exc.parts) if exc.parts else str(exc)
 
 
 def _source_key(source: SourceLike, *, asset: str, io_manager_key: str) -> dg.AssetKey:
@@ -507,7 +512,7 @@ def _apply_config(label: str, spec: SpecT, config: dg.Config) -> SpecT:
         return type(spec).model_validate(raw)
     except SpecError as exc:
         raise SpecError(
-            f"permutation asset '{label}', run config {values}: {exc.detail or exc}"
+            f"permutation asset '{label}', run config {values}: {_without_spec_name(exc)}"
         ) from None
     except ValidationError as exc:
         raise SpecError(

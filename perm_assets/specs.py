@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -31,9 +31,7 @@ class _Spec(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            detail = explain(exc)
-            error = SpecError(f"{type(self).__name__}: {detail}")
-            error.detail = detail
+            error = SpecError(f"{type(self).__name__}: {explain(exc)}")
             error.parts = problems(exc)
             raise error from None
 
@@ -357,6 +355,10 @@ Split = Annotated[
     | TimeSplit,
     Field(discriminator="kind"),
 ]
+SPLIT_KINDS: dict[str, type[_Spec]] = {
+    cls.model_fields["kind"].default: cls for cls in get_args(get_args(Split)[0])
+}
+"""Each split kind's ``kind`` value and spec class, from the `Split` union."""
 CUSTOM_SPLITS = (StratifiedSplit, GroupSplit, TimeSplit)
 """Split kinds lancedb's builder lacks: assigned in numpy over the needed columns only."""
 
@@ -488,6 +490,10 @@ class TimeSeriesFolds(_Folds):
 Folds = Annotated[
     KFold | StratifiedKFold | GroupKFold | TimeSeriesFolds, Field(discriminator="kind")
 ]
+FOLDS_KINDS: dict[str, type[_Spec]] = {
+    cls.model_fields["kind"].default: cls for cls in get_args(get_args(Folds)[0])
+}
+"""Each folds kind's ``kind`` value and spec class, from the `Folds` union."""
 
 
 class FoldsSpec(_Spec):
