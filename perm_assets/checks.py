@@ -24,7 +24,7 @@ import pyarrow as pa
 from lancedb.table import Table
 
 from perm_assets import assign
-from perm_assets.build import PermutationData, Scanned, scan_columns
+from perm_assets.build import PermutationData, Scanned, positions_in, scan_columns
 from perm_assets.folds import FoldsData
 from perm_assets.resources import LanceDBResource
 from perm_assets.specs import (
@@ -303,28 +303,11 @@ def _columns(data: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 def _aligned(base: Table, filter: str | None, columns: list[str], row_ids: np.ndarray) -> Scanned:
     """``columns`` of the rows ``row_ids`` (in that order), from a fresh scan of the base."""
     scanned = scan_columns(base, filter, columns, asset=base.name)
-    positions = _positions(scanned.row_ids, row_ids)
+    positions = positions_in(scanned.row_ids, row_ids)
     return Scanned(
         row_ids=row_ids,
         columns={c: v.take(pa.array(positions)) for c, v in scanned.columns.items()},
     )
-
-
-def _positions(scanned_ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Index into ``scanned_ids`` of each wanted id (a row id outside the scan is an error)."""
-    if wanted.size == 0:
-        return np.zeros(0, dtype=np.intp)
-    # A scan returns row ids ascending; sorting the needles too keeps searchsorted cache-local.
-    if scanned_ids.size and not bool(np.all(scanned_ids[1:] >= scanned_ids[:-1])):
-        order = np.argsort(scanned_ids, kind="stable")
-        return order[_positions(scanned_ids[order], wanted)]
-    needles = np.argsort(wanted)
-    found = np.empty(wanted.size, dtype=np.intp)
-    found[needles] = np.searchsorted(scanned_ids, wanted[needles])
-    found = np.minimum(found, max(scanned_ids.size - 1, 0))
-    if scanned_ids.size == 0 or not np.array_equal(scanned_ids[found], wanted):
-        raise ValueError("the permutation holds row ids that the filter does not select")
-    return found
 
 
 def _sizes(split: object, rows: np.ndarray) -> dict[str, Any]:
@@ -559,8 +542,8 @@ def _fold_time_order(
     ranges: list[list[int]],
 ) -> dict[str, Any]:
     times = scanned.orderable(column)
-    validation_times = times[_positions(scanned.row_ids, row_ids)]
-    train_times = times[_positions(scanned.row_ids, train_ids)]
+    validation_times = times[positions_in(scanned.row_ids, row_ids)]
+    train_times = times[positions_in(scanned.row_ids, train_ids)]
     violations, supersets = 0, True
     previous: np.ndarray | None = None
     for i, (offset, rows) in enumerate(ranges):
@@ -681,7 +664,7 @@ def _key_splits(
     ids, splits = by_id
     row_keys = values.to_numpy().astype(np.int64, copy=False)
     if not (ids.size == scanned.num_rows and np.array_equal(ids, scanned.row_ids)):
-        row_keys = row_keys[_positions(scanned.row_ids, ids)]  # a discard or a filter
+        row_keys = row_keys[positions_in(scanned.row_ids, ids)]  # a discard or a filter
     low = int(row_keys.min()) if row_keys.size else 0
     by_key = _sorted_pairs((row_keys - low).astype(np.uint64), splits, num_splits)
     if by_key is None:

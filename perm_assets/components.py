@@ -191,6 +191,14 @@ class _PermutationComponentBase(dg.Component, BaseModel):
     )
     resource_key: str = Field(default="lancedb", description="Key of the LanceDBResource.")
     pool: str | None = Field(default=None, description="Concurrency pool of the step.")
+    label: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Column whose class balance per split the materialization reports (table and "
+            "chart); stratified kinds report their own label without it. Rows are unaffected."
+        ),
+    )
 
     _condition: dg.AutomationCondition | None = PrivateAttr(default=None)
     _yaml_file: str | None = PrivateAttr(default=None)
@@ -231,6 +239,7 @@ class _PermutationComponentBase(dg.Component, BaseModel):
             "io_manager_key": self.io_manager_key,
             "resource_key": self.resource_key,
             "pool": self.pool,
+            "label": self.label,
         }
 
     def _named(self, exc: SpecError) -> SpecError:

@@ -14,6 +14,7 @@ import dagster as dg
 from lancedb.table import Table
 from pydantic import Field, ValidationError, create_model
 
+from perm_assets.balance import LABEL_META
 from perm_assets.build import PermutationData, build_permutation
 from perm_assets.checks import (
     check_specs,
@@ -63,6 +64,7 @@ def permutation_asset(
     retry_policy: dg.RetryPolicy | None = None,
     op_tags: Mapping[str, Any] | None = None,
     pool: str | None = None,
+    label: str | None = None,
 ) -> dg.AssetsDefinition:
     """An asset whose every materialization is a new version of a persisted permutation table.
 
@@ -89,6 +91,9 @@ def permutation_asset(
         op_tags: tags of the step, e.g. ``{"dagster-k8s/config": {...}}`` for its pod size.
         pool: concurrency pool of the step (``concurrency: {pools: ...}`` in dagster.yaml), to
             bound how many builds share a machine's memory.
+        label: column whose class balance per split each materialization reports (its
+            ``perm_assets/splits`` table and ``perm_assets/balance`` chart); stratified splits
+            report their own label without it. Rows are not affected.
 
     Example:
         ``permutation_asset("digits_splits", source=digits, split=RandomSplit(ratios=[0.8,
@@ -96,10 +101,10 @@ def permutation_asset(
     """
     prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
     key = dg.AssetKey([*prefix, name])
-    label = key.to_user_string()
-    source_key = _source_key(source, asset=label, io_manager_key=io_manager_key)
+    asset_name = key.to_user_string()
+    source_key = _source_key(source, asset=asset_name, io_manager_key=io_manager_key)
     spec = _validated(
-        label, PermutationSpec, {"filter": filter, "split": split, "shuffle": shuffle}
+        asset_name, PermutationSpec, {"filter": filter, "split": split, "shuffle": shuffle}
     )
     checks = permutation_checks(spec)
 
@@ -109,12 +114,12 @@ def permutation_asset(
         config: dg.Config,
         source: Table,
     ) -> Iterator[dg.Output[PermutationData] | dg.AssetCheckResult]:
-        configured = _apply_config(label, spec, config)
+        configured = _apply_config(asset_name, spec, config)
         run_spec = configured.resolve_seeds()
         with resource.builder_memory():
-            data = build_permutation(source, run_spec, asset=label)
+            data = build_permutation(source, run_spec, asset=asset_name)
         context.log.info(
-            f"{label}: {data.rows_by_split()} rows of {data.base_table}@{data.base_version}"
+            f"{asset_name}: {data.rows_by_split()} rows of {data.base_table}@{data.base_version}"
         )
         yield _output(data, overrides=_overrides(spec, configured))
         # The IO manager has persisted the output by now: check what was written.
@@ -137,6 +142,7 @@ def permutation_asset(
         op_tags=op_tags,
         pool=pool,
         split_names=spec.split_names(),
+        extra_metadata=_label_metadata(asset_name, label),
     )
 
 
@@ -157,6 +163,7 @@ def folds_asset(
     retry_policy: dg.RetryPolicy | None = None,
     op_tags: Mapping[str, Any] | None = None,
     pool: str | None = None,
+    label: str | None = None,
 ) -> dg.AssetsDefinition:
     """Cross-validation folds of a LanceDB table asset, persisted as permutation tables.
 
@@ -179,7 +186,8 @@ def folds_asset(
         shuffle: read order within every validation fold and training set; None: table
             order (time order for time-series folds). A k-fold training set is read fold block
             by fold block, starting with the fold after its own.
-        retry_policy, op_tags, pool: as for `permutation_asset`.
+        retry_policy, op_tags, pool, label: as for `permutation_asset` (a stratified k-fold
+            reports its own label without ``label``).
 
     Example:
         ``folds_asset("digits_folds", source=digits, folds=StratifiedKFold(k=5, label="label",
@@ -187,9 +195,9 @@ def folds_asset(
     """
     prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
     key = dg.AssetKey([*prefix, name])
-    label = key.to_user_string()
-    source_key = _source_key(source, asset=label, io_manager_key=io_manager_key)
-    spec = _validated(label, FoldsSpec, {"filter": filter, "folds": folds, "shuffle": shuffle})
+    asset_name = key.to_user_string()
+    source_key = _source_key(source, asset=asset_name, io_manager_key=io_manager_key)
+    spec = _validated(asset_name, FoldsSpec, {"filter": filter, "folds": folds, "shuffle": shuffle})
     checks = folds_checks(spec)
 
     def materialize(
@@ -198,16 +206,16 @@ def folds_asset(
         config: dg.Config,
         source: Table,
     ) -> Iterator[dg.Output[FoldsData] | dg.AssetCheckResult]:
-        configured = _apply_config(label, spec, config)
+        configured = _apply_config(asset_name, spec, config)
         run_spec = configured.resolve_seeds()
-        data = build_folds(source, run_spec, asset=label)
+        data = build_folds(source, run_spec, asset=asset_name)
         if data.small_classes:
             context.log.warning(
-                f"{label}: classes with fewer rows than k={data.k} cannot be in every fold: "
+                f"{asset_name}: classes with fewer rows than k={data.k} cannot be in every fold: "
                 f"{data.small_classes}"
             )
         context.log.info(
-            f"{label}: validation rows {data.validation.rows_by_split()}, training rows "
+            f"{asset_name}: validation rows {data.validation.rows_by_split()}, training rows "
             f"{data.train_rows()} of {data.validation.base_table}@{data.validation.base_version}"
         )
         yield _output(data.validation, value=data, overrides=_overrides(spec, configured))
@@ -231,7 +239,7 @@ def folds_asset(
         op_tags=op_tags,
         pool=pool,
         split_names=spec.split_names(),
-        extra_metadata={FOLDS_K_KEY: spec.folds.k},
+        extra_metadata={FOLDS_K_KEY: spec.folds.k, **_label_metadata(asset_name, label)},
     )
     return asset
 
@@ -248,6 +256,15 @@ def fold_partitions(folds: dg.AssetsDefinition) -> dg.StaticPartitionsDefinition
             "the result of folds_asset(...)"
         )
     return dg.StaticPartitionsDefinition([f"fold_{i}" for i in range(k)])
+
+
+def _label_metadata(asset: str, label: str | None) -> dict[str, str]:
+    """The ``label=`` hint as asset metadata, which the IO manager reads when it reports."""
+    if label is None:
+        return {}
+    if not isinstance(label, str) or not label.strip():
+        raise SpecError(f"asset '{asset}': label={label!r} must name a column, e.g. 'label'")
+    return {LABEL_META: label}
 
 
 def _asset(

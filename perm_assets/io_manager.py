@@ -29,6 +29,14 @@ from lancedb.permutation import Permutation
 from lancedb.table import LanceTable, Table
 from pydantic import Field
 
+from perm_assets.balance import (
+    LABEL_META,
+    count_balance,
+    group_of,
+    label_of,
+    requested_shares,
+    split_report,
+)
 from perm_assets.build import PermutationData, split_rows_of, with_permutation_metadata
 from perm_assets.errors import SpecError
 from perm_assets.folds import TRAIN_SUFFIX, FoldsData
@@ -145,6 +153,10 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         folds version finds exactly the training sets built with it."""
         self._require_overwrite(context, asset=asset)
         connection = self.db.connect()
+        # The report reads the base first: a bad label= hint fails before anything is written.
+        report = self._report(
+            context, folds.validation, asset=asset, train_rows=list(folds.train_rows().values())
+        )
         pin_name = new_pin(name)
         # The training table names the pin too, so its own views verify the base table's.
         train_data = folds.train.replace_schema_metadata(
@@ -159,6 +171,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             asset=asset,
             pin_name=pin_name,
             also_pin=[train],
+            report=report,
         )
         metadata: dict[str, Any] = {
             "perm_assets/k": folds.k,
@@ -170,6 +183,34 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         if folds.small_classes:
             metadata["perm_assets/small_classes"] = dg.MetadataValue.json(folds.small_classes)
         context.add_output_metadata(metadata)
+
+    def _report(
+        self,
+        context: dg.OutputContext,
+        perm: PermutationData,
+        *,
+        asset: str,
+        train_rows: list[int] | None = None,
+    ) -> dict[str, Any]:
+        """The split table and balance chart (`perm_assets.balance`) of ``perm``."""
+        hint = (context.definition_metadata or {}).get(LABEL_META)
+        label = label_of(perm.spec, hint if isinstance(hint, str) else None)
+        group = group_of(perm.spec)
+        balance = None
+        if label is not None or group is not None:
+            base = self.db.open_table(perm.base_table, version=perm.base_version, asset=asset)
+            balance = count_balance(base, perm, label=label, group=group, asset=asset)
+        selected = perm.filtered_rows if perm.filtered_rows is not None else perm.num_rows
+        return split_report(
+            perm.split_names,
+            perm.split_rows,
+            selected=selected,
+            requested=requested_shares(perm.spec, perm.filtered_rows),
+            balance=balance,
+            label=label,
+            train_rows=train_rows,
+            unit="fold" if train_rows is not None else "split",
+        )
 
     def _require_overwrite(self, context: dg.OutputContext, *, asset: str) -> None:
         if self._write_mode(context, asset=asset) is not WriteMode.OVERWRITE:
@@ -187,9 +228,12 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         asset: str,
         pin_name: str | None = None,
         also_pin: list[Table] | None = None,
+        report: dict[str, Any] | None = None,
     ) -> None:
         """Pin the base version, write the permutation table, pin its new version too."""
         self._require_overwrite(context, asset=asset)
+        if report is None:  # before any write: a bad label= hint must not leave a version
+            report = self._report(context, perm, asset=asset)
         connection = self.db.connect()
         pin_name = pin_name or new_pin(name)
         # Pinned before the write: from now on no cleanup can remove the version it reads.
@@ -212,7 +256,9 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             "perm_assets/pin": pin_name,
             KIND_KEY: "permutation",
         }
+        # Numbers per split too: Dagster plots numeric metadata over materializations.
         metadata.update({f"rows/{n}": r for n, r in perm.rows_by_split().items()})
+        metadata.update(report)
         if perm.spec is not None:
             metadata["perm_assets/spec"] = dg.MetadataValue.json(
                 perm.spec.model_dump(mode="json", exclude_none=True)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -26,6 +27,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def webserver_answers(port: int) -> bool:
+    """Whether a Dagster webserver answers ``/server_info`` on 127.0.0.1:``port``."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/server_info", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def child_env(**extra: str) -> dict[str, str]:

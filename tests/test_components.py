@@ -85,7 +85,8 @@ def test_yaml_assets_build_the_same_rows_as_the_factories(
         "attributes:\n"
         "  name: rows_folds\n"
         "  source: rows\n"
-        "  folds: {kind: kfold, k: 3, seed: 1}\n",
+        "  folds: {kind: kfold, k: 3, seed: 1}\n"
+        "  label: label\n",
     )
     by_key = {a.key.to_user_string(): a for a in _load(module)}
     assert set(by_key) == {"rows_splits", "rows_folds"}
@@ -115,6 +116,12 @@ def test_yaml_assets_build_the_same_rows_as_the_factories(
         assert row_ids(yaml_rows, split) == row_ids(code_rows, split)
     assert len(row_ids(yaml_rows)) == 450  # label != 0 drops every tenth of 500 rows
     assert run.metadata("rows_folds")["perm_assets/k"] == 3
+    # The YAML label hint: class counts per fold (label 0..9 of make_rows), rows unchanged.
+    folds_table = run.metadata("rows_folds")["perm_assets/folds"]
+    assert sum(r.data["label=3"] for r in folds_table.records) == 50
+    assert "label=3" not in {
+        c.name for c in run.metadata("code_folds")["perm_assets/folds"].schema.columns
+    }
 
 
 @pytest.mark.parametrize(
@@ -220,6 +227,21 @@ def test_dg_lists_and_checks_the_demo_with_its_yaml_asset(tmp_path: Path) -> Non
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "All component YAML validated successfully." in checked.stdout
     assert "All definitions loaded successfully." in checked.stdout
+
+
+@pytest.mark.slow
+def test_dg_lists_the_components_outside_this_project(tmp_path: Path) -> None:
+    """The ``dagster_dg_cli.registry_modules`` entry point: any environment with perm-assets
+    installed lists (and can scaffold) the components, not only this repository's [tool.dg]."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    listed = _dg("list", "components", "--json", cwd=outside, home=tmp_path / "home")
+    assert listed.returncode == 0, listed.stderr
+    keys = {item["key"] for item in json.loads(listed.stdout)["items"]}
+    assert {
+        "perm_assets.components.PermutationComponent",
+        "perm_assets.components.FoldsComponent",
+    } <= keys
 
 
 @pytest.mark.slow

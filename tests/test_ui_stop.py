@@ -13,23 +13,23 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.processes import HOST, REPO, child_env, free_port, kill_group, log_tail, wait_for
+from tests.processes import (
+    HOST,
+    REPO,
+    child_env,
+    free_port,
+    kill_group,
+    log_tail,
+    wait_for,
+    webserver_answers,
+)
 
 VENV = Path(sys.executable).parent.parent
 STOP_WITHIN = 10.0
-
-
-def _answers(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}/server_info", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _group(pgid: int) -> list[int]:
@@ -67,7 +67,7 @@ def test_make_ui_stops_every_process_within_10_s(tmp_path: Path, how: str) -> No
         )
     try:
         wait_for(
-            lambda: _answers(port),
+            lambda: webserver_answers(port),
             timeout=120,
             what=f"make ui answering on {HOST}:{port}",
             process=make,
@@ -92,6 +92,6 @@ def test_make_ui_stops_every_process_within_10_s(tmp_path: Path, how: str) -> No
         assert make.poll() is not None and not left, (
             f"still running {took:.1f} s after {how}: {left}\n{log_tail(log)}"
         )
-        assert not _answers(port)
+        assert not webserver_answers(port)
     finally:
         kill_group(make)

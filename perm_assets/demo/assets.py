@@ -65,6 +65,7 @@ digits_splits = permutation_asset(
     split=RandomSplit(ratios=[0.8, 0.2], seed=42, split_names=["train", "test"]),
     shuffle=Shuffle(seed=7),
     group_name=GROUP,
+    label="label",  # class balance per split in the UI (the random split itself ignores it)
     description="Legible digits, 80/20 train/test at random, training order shuffled.",
 )
 
