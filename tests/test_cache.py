@@ -1,0 +1,163 @@
+"""The pinned local column cache: same rows as lancedb's take, one fetch across processes,
+re-created tables never hit old entries, damaged entries refetched, least recently used out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from perm_assets import cache as cache_module
+from perm_assets.cache import ColumnCache
+from perm_assets.errors import LineageError
+from tests.processes import REPO, child_env
+
+N = 20_000
+
+
+def _rows(n: int, *, shift: int = 0) -> pa.Table:
+    ids = np.arange(n, dtype=np.int64)
+    return pa.table(
+        {
+            "id": ids + shift,
+            "label": (ids % 7).astype(np.int32),
+            "x": (ids * 0.25).astype(np.float32),
+            "flag": ids % 2 == 0,
+            "vec": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.repeat(ids, 4).astype(np.float32) + np.tile(np.arange(4), n)), 4
+            ),
+            "name": pa.array([f"r{i}" for i in ids]),
+        }
+    )
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> lancedb.table.Table:
+    db = lancedb.connect(tmp_path / "db")
+    # Several fragments, and a deletion that leaves a hole in the row addresses.
+    tbl = db.create_table("base", _rows(N // 2))
+    tbl.add(_rows(N // 2, shift=N // 2))
+    tbl.delete("id % 1000 = 3")
+    return tbl
+
+
+def _take(tbl: lancedb.table.Table, ids: np.ndarray, columns: list[str]) -> pa.Table:
+    """lancedb's own take, put in the order asked (it returns address order)."""
+    found = tbl.take_row_ids(np.unique(ids).tolist()).with_row_id().select(columns).to_arrow()
+    order = np.searchsorted(found.column("_rowid").to_numpy(), ids)
+    return found.take(pa.array(order)).select(columns)
+
+
+def _all_ids(tbl: lancedb.table.Table) -> np.ndarray:
+    scan = tbl.search().select(["id"]).with_row_id(True).to_arrow()
+    return scan.column("_rowid").to_numpy()
+
+
+def test_cached_gathers_equal_lancedb_take_in_any_order(
+    table: lancedb.table.Table, tmp_path: Path
+) -> None:
+    columns = ["id", "label", "x", "flag", "vec", "name"]
+    entry = ColumnCache(tmp_path / "cache", 1 << 30).open(table, columns, pin="p1", what="view")
+    ids = np.random.default_rng(0).permutation(_all_ids(table))[:5_000]
+    got = entry.take(ids, {c: c for c in columns})
+    expected = _take(table, ids, columns)
+    assert pa.Table.from_batches([got]).equals(expected)
+    # Renamed outputs and the row id itself, as lancedb's selection maps them.
+    renamed = entry.take(ids[:10], {"row": "_rowid", "label_out": "label"})
+    assert renamed.column("row").to_numpy().tolist() == ids[:10].tolist()
+    assert renamed.schema.field("label_out").type == pa.int32()
+
+
+def test_a_row_id_outside_the_entry_is_refused(table: lancedb.table.Table, tmp_path: Path) -> None:
+    entry = ColumnCache(tmp_path / "cache", 1 << 30).open(table, ["id"], pin=None, what="view")
+    deleted = np.array([3], dtype=np.uint64)  # id 3 was deleted: its address is a hole
+    with pytest.raises(LineageError, match=r"has no row ids \[3\]"):
+        entry.take(deleted, {"id": "id"})
+
+
+def test_a_recreated_table_or_another_pin_never_hits_the_old_entry(tmp_path: Path) -> None:
+    db = lancedb.connect(tmp_path / "db")
+    cache = ColumnCache(tmp_path / "cache", 1 << 30)
+    first = db.create_table("base", _rows(100))
+    old = cache.open(first, ["id"], pin="p", what="view")
+    db.drop_table("base")
+    second = db.create_table("base", _rows(100, shift=1_000))  # same name, same version 1
+    assert second.version == first.version
+    new = cache.open(second, ["id"], pin="p", what="view")
+    assert new.folder != old.folder
+    assert new.take(np.array([0], np.uint64), {"id": "id"}).column("id")[0].as_py() == 1_000
+    assert cache.open(second, ["id"], pin="q", what="view").folder != new.folder
+
+
+def test_several_processes_fetch_once_and_read_the_same_rows(
+    table: lancedb.table.Table, tmp_path: Path
+) -> None:
+    script = (
+        "import json, sys, lancedb, numpy as np\n"
+        "from perm_assets.cache import ColumnCache\n"
+        "tbl = lancedb.connect(sys.argv[1]).open_table('base')\n"
+        "entry = ColumnCache(sys.argv[2], 1 << 30).open(tbl, ['x', 'vec'], pin='p', what='w')\n"
+        "ids = tbl.search().select(['id']).with_row_id(True).to_arrow().column('_rowid')\n"
+        "got = entry.take(np.asarray(ids)[::-1], {'x': 'x'}).column('x').to_numpy()\n"
+        "print(json.dumps({'by': entry.manifest['fetched_by_pid'], 'sum': float(got.sum()),\n"
+        "                  'first': float(got[0])}))\n"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "db"), str(tmp_path / "cache")],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [json.loads(child.communicate(timeout=120)[0]) for child in children]
+    assert all(child.returncode == 0 for child in children)
+    assert len({r["by"] for r in results}) == 1  # one fetch, published for everyone
+    assert results[0]["by"] in {child.pid for child in children}
+    assert len({(r["sum"], r["first"]) for r in results}) == 1
+    published = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(published) == 1 and ".tmp-" not in published[0].name
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_bit"])
+def test_a_damaged_entry_is_fetched_again(
+    table: lancedb.table.Table, tmp_path: Path, damage: str
+) -> None:
+    cache = ColumnCache(tmp_path / "cache", 1 << 30)
+    entry = cache.open(table, ["x"], pin=None, what="view")
+    column = entry.folder / entry.manifest["fixed"]["x"]
+    data = bytearray(column.read_bytes())
+    if damage == "truncate":
+        column.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0x10
+        column.write_bytes(bytes(data))
+    cache_module._VERIFIED.clear()  # a new process: it verifies entries once
+    again = cache.open(table, ["x"], pin=None, what="view")
+    ids = _all_ids(table)
+    assert np.array_equal(
+        again.take(ids, {"x": "x"}).column("x").to_numpy(),
+        _take(table, ids, ["x"]).column("x").to_numpy(),
+    )
+
+
+def test_least_recently_used_entries_go_first(table: lancedb.table.Table, tmp_path: Path) -> None:
+    one = ColumnCache(tmp_path / "probe", 1 << 30).open(table, ["x"], pin="a", what="v")
+    size = sum(p.stat().st_size for p in one.folder.iterdir())
+    cache = ColumnCache(tmp_path / "cache", int(size * 2.5))  # room for two entries
+    a = cache.open(table, ["x"], pin="a", what="v").folder
+    b = cache.open(table, ["x"], pin="b", what="v").folder
+    cache.open(table, ["x"], pin="a", what="v")  # a is used again: b is now the oldest
+    c = cache.open(table, ["x"], pin="c", what="v").folder
+    assert a.exists() and c.exists() and not b.exists()
+    too_small = ColumnCache(tmp_path / "small", 1_000)
+    with pytest.raises(LineageError, match=r"above the cache's max_bytes=1,000"):
+        too_small.open(table, ["x", "vec"], pin=None, what="view 'v'")
