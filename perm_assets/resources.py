@@ -18,9 +18,10 @@ import dagster as dg
 import lancedb
 from lancedb.db import DBConnection
 from lancedb.table import Table
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from perm_assets.errors import SpecError, TableNotFoundError
+from perm_assets.specs import explain
 
 # lancedb 0.40's permutation builder sorts inside a DataFusion pool limited to 100 MiB unless this
 # variable says otherwise; random splits and shuffles then fail from about 3M rows.
@@ -58,7 +59,13 @@ class StrictFields:
                 f"{type(self).__name__}: unknown field(s) {', '.join(hints)}; its fields are "
                 f"{', '.join(sorted(known))}"
             )
-        super().__init__(**data)
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            # One line naming the field, the value and what is allowed (pydantic's own is a
+            # block per problem), e.g. "engine 'ray': Input should be 'auto', 'lancedb' or
+            # 'local'".
+            raise SpecError(f"{type(self).__name__}: {explain(exc)}") from None
 
 
 class LanceDBResource(StrictFields, dg.ConfigurableResource):

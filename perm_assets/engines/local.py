@@ -200,7 +200,9 @@ def _bits_for(rows: int, bucket_rows: int) -> int:
 
 def _groups(index: np.ndarray, count: int) -> Iterator[tuple[int, np.ndarray]]:
     """``(value, positions)`` for each value of a small non-negative ``index`` present."""
-    order = np.argsort(index, kind="stable")
+    # numpy's stable sort of 8/16-bit keys is a radix sort: narrow the (small) index first.
+    narrow = index.astype(np.uint16) if count <= 1 << 16 else index
+    order = np.argsort(narrow, kind="stable")
     sizes = np.bincount(index, minlength=count)
     start = 0
     for value in np.flatnonzero(sizes).tolist():
@@ -422,8 +424,7 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
     classes = _Classes()
     shuffled = job.shuffle_seed is not None
     # Sequential ranks and their sizes are known before the scan (one class, n rows).
-    if job.split_seed is None:
-        ends = np.cumsum(job.sizes(np.array([n], dtype=np.int64)), axis=1)
+    ends = np.cumsum(job.sizes(np.array([n], dtype=np.int64)), axis=1)
     sample: list[np.ndarray] = []
     sample_every = max(1, n // 4096)
     position = 0
@@ -527,7 +528,8 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
                 order = np.argsort(keys)
                 keys, codes = keys[order], codes[order]
                 per_class = np.bincount(codes, minlength=counts.size)
-                by_class = np.argsort(codes, kind="stable")
+                narrow = codes.astype(np.uint16) if counts.size <= 1 << 16 else codes
+                by_class = np.argsort(narrow, kind="stable")  # radix sort when narrow
                 starts = np.cumsum(per_class) - per_class
                 rank = np.empty(keys.size, dtype=np.int64)
                 rank[by_class] = np.arange(keys.size) - np.repeat(starts, per_class)
