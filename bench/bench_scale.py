@@ -140,7 +140,7 @@ def measure(uri: str, engine: str, kind: str, spill: str) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000])
     parser.add_argument("--engines", nargs="+", default=["lancedb", "local"])
     parser.add_argument("--folds", action="store_true", help="also StratifiedKFold and KFold")
