@@ -308,8 +308,21 @@ def _rows_of(
     Reading back holds 16 bytes per row: these checks are not out-of-core yet."""
     if data.stream is None:
         return _columns(data.data)
-    stored = db.open_table(table)
-    return _columns(read_all(stored.search().select(["row_id", "split_id"])))
+    # Filled batch by batch: no Arrow copy of the table besides the two arrays.
+    row_ids = np.empty(data.num_rows, dtype=np.uint64)
+    split_ids = np.empty(data.num_rows, dtype=np.uint64)
+    query = db.open_table(table).search().select(["row_id", "split_id"])
+    at = 0
+    for batch in query.to_batches(batch_size=READ_BATCH_ROWS):
+        size = batch.num_rows
+        if at + size > data.num_rows:  # more rows than written: let the checks see them all
+            row_ids = np.concatenate([row_ids[:at], batch.column(0).to_numpy()])
+            split_ids = np.concatenate([split_ids[:at], batch.column(1).to_numpy()])
+        else:
+            row_ids[at : at + size] = batch.column(0).to_numpy()
+            split_ids[at : at + size] = batch.column(1).to_numpy()
+        at += size
+    return row_ids[:at], split_ids[:at]
 
 
 def _aligned(base: Table, filter: str | None, columns: list[str], row_ids: np.ndarray) -> Scanned:
