@@ -132,7 +132,7 @@ class LanceDBResource(StrictFields, dg.ConfigurableResource):
         default=None,
         description=(
             "Local folder for the local engine's spill files (about 16 bytes per filtered row, "
-            "24 with a label), one subfolder per build, removed when it ends; a killed build's "
+            "20 with a label), one subfolder per build, removed when it ends; a killed build's "
             "is removed by the next build. None: the system temporary folder."
         ),
     )

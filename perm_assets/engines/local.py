@@ -210,12 +210,13 @@ def rows_of_keys(keys: np.ndarray, seed: int, domain: int = _DOMAIN_SPLIT) -> np
     return _sliced(keys, step)
 
 
-def split_of_rank(rank: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Split of each row from its rank within its class: ``ends[i, s]`` is the cumulative size
-    of splits ``0..s`` of row ``i``'s class; a rank past the last end gets ``S`` (left out)."""
+def split_of_rank(rank: np.ndarray, ends: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    """Split of each row from its rank within its class: ``ends[c, s]`` is the cumulative size
+    of splits ``0..s`` of class ``c``, ``codes`` each row's class (None: one class). A rank past
+    the last end gets ``S``: left out (counts, allow_discard)."""
     split = np.zeros(rank.size, dtype=np.int64)
     for s in range(ends.shape[1]):  # a loop over splits only
-        split += rank >= ends[:, s]
+        split += rank >= (ends[0, s] if codes is None else ends[codes, s])
     return split
 
 
@@ -255,6 +256,7 @@ class Spill:
         self.root = Path(root or tempfile.gettempdir())
         self.path: Path | None = None
         self.bytes_written = 0
+        self.needed = 0
 
     def __enter__(self) -> Spill:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -275,6 +277,7 @@ class Spill:
 
     def require_space(self, needed: int) -> None:
         """SpecError naming the directory when it lacks ``needed`` bytes."""
+        self.needed = needed
         free = shutil.disk_usage(self._file(".")).free
         if free < needed:
             raise SpecError(
@@ -291,8 +294,9 @@ class Spill:
             if exc.errno == errno.ENOSPC:
                 raise SpecError(
                     f"local engine: spill directory '{self.root}' filled up after "
-                    f"{self.bytes_written / 2**30:.2f} GiB of spill files; free space there or "
-                    "set LanceDBResource(spill_dir=...) to a larger local disk"
+                    f"{self.bytes_written / 2**30:.2f} GiB of spill files (this build needs "
+                    f"about {self.needed / 2**30:.2f} GiB); free space there or set "
+                    "LanceDBResource(spill_dir=...) to a larger local disk"
                 ) from exc
             raise
         self.bytes_written += values.nbytes
@@ -450,7 +454,7 @@ _SCHEMA = pa.schema(
 def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: int, asset: str):
     """Scan, assign and spill in read order (stages 1-3 up to the final sort); see the module
     docstring."""
-    bytes_per_row = 8 + (8 if job.label else 0)
+    bytes_per_row = 8 + (4 if job.label else 0)
     spill.require_space(n * (bytes_per_row + 8) + (64 << 20))
     bits = _bits_for(n, settings.bucket_rows)
     classes = _Classes()
@@ -474,7 +478,7 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
             sample.append(row_ids[first::sample_every].copy())
         if job.split_seed is None:
             rank = np.arange(position, position + size, dtype=np.int64)
-            split = split_of_rank(rank, np.broadcast_to(ends[0], (size, ends.shape[1])))
+            split = split_of_rank(rank, ends, None)
             for s, at in _groups(split, job.num_splits + 1):
                 if s < job.num_splits:
                     spill.append(f"p{s}", row_ids[at])
@@ -494,7 +498,7 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
             for b, at in _groups(_key_bucket(keys, bits), 1 << bits):
                 spill.append(f"a{b}", keys[at])
                 if codes is not None:
-                    spill.append(f"l{b}", codes[at])
+                    spill.append(f"l{b}", codes[at].astype(np.int32))
         position += size
     if position != n:
         raise SpecError(
@@ -551,12 +555,10 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
                 keys.sort()
                 rank = np.arange(done[0], done[0] + keys.size, dtype=np.int64)
                 done[0] += keys.size
-                split = split_of_rank(
-                    rank, np.broadcast_to(ends_by_class[0], (keys.size, 1 * job.num_splits))
-                )
+                split = split_of_rank(rank, ends_by_class, None)
             else:
                 assert remap is not None
-                codes = remap[spill.read(f"l{b}", np.int64)]
+                codes = remap[spill.read(f"l{b}", np.int32)]
                 order = np.argsort(keys)
                 keys, codes = keys[order], codes[order]
                 per_class = np.bincount(codes, minlength=counts.size)
@@ -567,7 +569,7 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
                 rank[by_class] = np.arange(keys.size) - np.repeat(starts, per_class)
                 rank += done[codes]
                 done += per_class
-                split = split_of_rank(rank, ends_by_class[codes])
+                split = split_of_rank(rank, ends_by_class, codes)
             emit(rows_of_keys(keys, job.split_seed), split)
             spill.remove(f"a{b}")
             spill.remove(f"l{b}")
