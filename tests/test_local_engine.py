@@ -371,3 +371,23 @@ def test_auto_picks_the_local_engine_above_its_threshold_and_lancedb_for_what_lo
     assert any("local engine does not build GroupSplit" in m for m in logs)
     below = _db(tmp_path, "below", engine="auto", auto_local_above_rows=1000)
     assert _engine(_materialize(below, [base, random]), "random") == "lancedb"
+
+
+def test_the_data_version_names_the_engine_so_a_switch_marks_downstream_stale(
+    tmp_path: Path,
+) -> None:
+    base = _base(1000)
+    perm = permutation_asset("perm", source=base, **CASES["random_fixed"])
+    versions = []
+    for i, engine in enumerate(("lancedb", "local", "local")):
+        db = _db(tmp_path, engine=engine)
+        with dg.DagsterInstance.ephemeral() as instance:
+            # The base table is written once: the same version under every build.
+            selection = None if i == 0 else [perm]
+            result = _materialize(db, [base, perm], instance=instance, selection=selection)
+            event = instance.get_latest_materialization_event(perm.key)
+            assert event is not None and event.asset_materialization is not None
+            versions.append((event.asset_materialization.tags or {})["dagster/data_version"])
+        assert _engine(result, "perm") == ("lancedb" if engine == "lancedb" else ALGORITHM)
+    assert versions[0] != versions[1]  # other rows for the same spec: downstream is stale
+    assert versions[1] == versions[2]  # the same rows again: downstream stays fresh
