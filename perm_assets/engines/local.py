@@ -44,7 +44,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -367,44 +367,51 @@ def _alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------ the plan
-@dataclass
 class _Classes:
-    """Distinct labels in order of first appearance and their running counts."""
+    """Distinct labels in order of first appearance and their running counts (columnar: a
+    label with many distinct values costs no Python loop)."""
 
-    values: list[object] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
-    _lookup: pa.Array | None = None
+    def __init__(self) -> None:
+        self.lookup: pa.Array | None = None
+        self.counts = np.zeros(0, dtype=np.int64)
 
     def codes(self, labels: pa.Array) -> np.ndarray:
+        """Code of each label (its index in order of first appearance), counted."""
         unique = pc.unique(labels)  # pyright: ignore[reportAttributeAccessIssue]
-        if (
-            self._lookup is None
-            or pc.any(  # pyright: ignore[reportAttributeAccessIssue]
-                pc.invert(pc.is_in(unique, value_set=self._lookup))  # pyright: ignore[reportAttributeAccessIssue]
-            ).as_py()
-        ):
-            known = set(self.values)
-            for value in unique.to_pylist():
-                if value not in known:
-                    self.values.append(value)
-                    self.counts.append(0)
-            self._lookup = pa.array(self.values, type=labels.type)
-        codes = pc.index_in(labels, value_set=self._lookup).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
-        codes = codes.astype(np.int64)
-        found = np.bincount(codes, minlength=len(self.values))
-        for i in np.flatnonzero(found).tolist():
-            self.counts[i] += int(found[i])
+        lookup = self.lookup
+        if lookup is None:
+            lookup = unique
+        else:
+            seen = pc.is_in(unique, value_set=lookup)  # pyright: ignore[reportAttributeAccessIssue]
+            new = pc.filter(unique, pc.invert(seen))  # pyright: ignore[reportAttributeAccessIssue]
+            if len(new):
+                lookup = pa.concat_arrays([lookup, new])
+        self.lookup = lookup
+        grown = len(lookup) - self.counts.size
+        if grown:
+            self.counts = np.concatenate([self.counts, np.zeros(grown, dtype=np.int64)])
+        codes = pc.index_in(labels, value_set=lookup)  # pyright: ignore[reportAttributeAccessIssue]
+        codes = codes.to_numpy().astype(np.int64)
+        self.counts += np.bincount(codes, minlength=self.counts.size)
         return codes
 
     def sorted_order(self) -> np.ndarray:
         """Code of each class in ascending label order (so the assignment does not depend on
         which class the scan met first)."""
-        if not self.values:
+        if self.lookup is None:
             return np.zeros(0, dtype=np.int64)
-        order = np.asarray(pc.array_sort_indices(cast(pa.Array, self._lookup)))  # pyright: ignore[reportAttributeAccessIssue]
+        order = np.asarray(pc.array_sort_indices(self.lookup))  # pyright: ignore[reportAttributeAccessIssue]
         remap = np.empty(order.size, dtype=np.int64)
         remap[order] = np.arange(order.size)
         return remap
+
+    def fewer_than(self, rows: int) -> dict[str, int]:
+        """``{label: count}`` of the classes with fewer than ``rows`` rows."""
+        if self.lookup is None:
+            return {}
+        small = np.flatnonzero(self.counts < rows)
+        values = self.lookup.take(pa.array(small)).to_pylist()
+        return {str(v): int(c) for v, c in zip(values, self.counts[small].tolist(), strict=True)}
 
 
 @dataclass(frozen=True)
@@ -428,7 +435,7 @@ class _Result:
     bucket_bits: list[int]
     shuffle_seed: int | None
     filtered_rows: int
-    class_counts: dict[str, int]
+    classes: _Classes
 
     def batches(self, split: int) -> Iterator[pa.RecordBatch]:
         """Split ``split``'s rows in read order, bucket after bucket."""
@@ -509,7 +516,7 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
     # Sizes per (class, split), classes in ascending label order.
     if job.label is not None:
         remap = classes.sorted_order()
-        counts = np.zeros(len(classes.counts), dtype=np.int64)
+        counts = np.zeros(classes.counts.size, dtype=np.int64)
         counts[remap] = classes.counts
     else:
         remap, counts = None, np.array([n], dtype=np.int64)
@@ -575,17 +582,13 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
             spill.remove(f"l{b}")
     if not np.array_equal(emitted, split_rows):
         raise RuntimeError(f"local engine: emitted {emitted.tolist()}, planned {split_rows}")
-    class_counts: dict[str, int] = {}
-    if job.label is not None and remap is not None:
-        for code, value in enumerate(classes.values):
-            class_counts[str(value)] = int(counts[remap[code]])
     return _Result(
         spill=spill,
         split_rows=split_rows,
         bucket_bits=out_bits,
         shuffle_seed=job.shuffle_seed,
         filtered_rows=n,
-        class_counts=class_counts,
+        classes=classes,
     )
 
 
@@ -756,7 +759,7 @@ def build_folds(
     result = _run(table, job, spill, settings, n=n, asset=asset)
     small: dict[str, int] = {}
     if isinstance(folds, StratifiedKFold):
-        small = {v: c for v, c in result.class_counts.items() if c < k}
+        small = result.classes.fewer_than(k)
         if small and folds.on_small_class == "error":
             raise SpecError(
                 f"asset '{asset}', table '{table.name}': labels: {len(small)} class(es) have "
