@@ -391,3 +391,23 @@ def test_the_data_version_names_the_engine_so_a_switch_marks_downstream_stale(
         assert _engine(result, "perm") == ("lancedb" if engine == "lancedb" else ALGORITHM)
     assert versions[0] != versions[1]  # other rows for the same spec: downstream is stale
     assert versions[1] == versions[2]  # the same rows again: downstream stays fresh
+
+
+def test_a_label_with_many_classes_gives_the_same_table_whichever_way_buckets_are_sorted(
+    tmp_path: Path,
+) -> None:
+    # 50k classes of one row: one 50k-class bucket takes the argsort path, 1,000-row buckets
+    # the per-class sorts; the rows must not depend on it.
+    base = _base()
+    perm = permutation_asset(
+        "perm",
+        source=base,
+        split=StratifiedSplit(ratios=[0.5, 0.5], label="id", seed=3),
+        shuffle=Shuffle(seed=1),
+    )
+    one = _db(tmp_path, "one", local_bucket_rows=1 << 20)
+    many = _db(tmp_path, "many", local_bucket_rows=1000)
+    for db in (one, many):
+        result = _materialize(db, [base, perm])
+        assert all(c.passed for c in result.get_asset_check_evaluations())
+    assert _stored(one, "perm").equals(_stored(many, "perm"))

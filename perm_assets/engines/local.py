@@ -86,6 +86,8 @@ _OWNER_FILE = "owner.json"
 # it); only one older than this is reclaimed.
 _ORPHAN_SECONDS = 3600.0
 _OUT_BATCH_ROWS = 1 << 20
+# Up to this many classes in a bucket, each class's keys are sorted on their own.
+_SEGMENT_SORT_CLASSES = 4096
 # Domains keep the assignment and read-order keys of one seed unrelated.
 _DOMAIN_SPLIT = 0x5EED_0001
 _DOMAIN_ORDER = 0x5EED_0002
@@ -566,15 +568,23 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
             else:
                 assert remap is not None
                 codes = remap[spill.read(f"l{b}", np.int32)]
-                order = np.argsort(keys)
-                keys, codes = keys[order], codes[order]
                 per_class = np.bincount(codes, minlength=counts.size)
-                narrow = codes.astype(np.uint16) if counts.size <= 1 << 16 else codes
-                by_class = np.argsort(narrow, kind="stable")  # radix sort when narrow
-                starts = np.cumsum(per_class) - per_class
-                rank = np.empty(keys.size, dtype=np.int64)
-                rank[by_class] = np.arange(keys.size) - np.repeat(starts, per_class)
-                rank += done[codes]
+                present = np.flatnonzero(per_class)
+                if present.size <= _SEGMENT_SORT_CLASSES:
+                    # Rows grouped by class (a radix sort of the narrow codes), then each
+                    # class's keys sorted in place: about half the time of an argsort.
+                    narrow = codes.astype(np.uint16) if counts.size <= 1 << 16 else codes
+                    keys = keys[np.argsort(narrow, kind="stable")]
+                    starts = np.cumsum(per_class) - per_class
+                    for c in present.tolist():  # a loop over classes, not rows
+                        keys[starts[c] : starts[c] + per_class[c]].sort()
+                    codes = np.repeat(np.arange(counts.size), per_class)
+                else:  # many classes: one argsort by key, then rows grouped by class
+                    order = np.lexsort((keys, codes))
+                    keys, codes = keys[order], codes[order]
+                    starts = np.cumsum(per_class) - per_class
+                # Rank within the class: rows of it in earlier buckets, then position in it.
+                rank = np.arange(keys.size, dtype=np.int64) - np.repeat(starts - done, per_class)
                 done += per_class
                 split = split_of_rank(rank, ends_by_class, codes)
             emit(rows_of_keys(keys, job.split_seed), split)
