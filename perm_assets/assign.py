@@ -36,8 +36,10 @@ __all__ = [
     "group_kfold",
     "group_split",
     "kfold",
+    "stratified_counts",
     "stratified_group_split",
     "stratified_kfold",
+    "stratified_kfold_counts",
     "stratified_split",
     "time_series_folds",
     "time_split",
@@ -400,6 +402,31 @@ def stratified_split(labels: npt.ArrayLike, ratios: Sequence[float], seed: int) 
     codes, _, counts = _factorize(labels, "labels", "label")
     cells = _round_matrix(counts, r, rng)
     return _fill(_grouped_order(codes, rng), cells)
+
+
+def stratified_counts(class_rows: npt.ArrayLike, ratios: Sequence[float], seed: int) -> IntArray:
+    """Rows per (class, split) of `stratified_split` from the class sizes alone (classes in
+    ascending label order): each cell ``floor`` or ``ceil`` of its exact share, rows summing to
+    the class sizes, every split total within 1 of its share. Out-of-core engines assign rows
+    to these cells by rank, never holding the labels."""
+    sizes = np.asarray(class_rows, dtype=np.int64)
+    return _round_matrix(sizes, _normalised_ratios(ratios), _check_seed(seed))
+
+
+def stratified_kfold_counts(class_rows: npt.ArrayLike, k: int, seed: int) -> IntArray:
+    """Rows per (class, fold) of a shuffled `stratified_kfold` from the class sizes alone
+    (classes in ascending label order): each cell ``floor`` or ``ceil`` of ``n_c / k``, fold
+    sizes ``ceil(n / k)`` for the first ``n % k`` folds and ``floor`` for the rest."""
+    counts = np.asarray(class_rows, dtype=np.int64)
+    k = _check_k(k, int(counts.sum()))
+    rank = _check_seed(seed).permutation(counts.size)
+    class_rows_ranked = np.empty(counts.size, dtype=np.int64)
+    class_rows_ranked[rank] = counts
+    end = np.cumsum(class_rows_ranked)[:, None]
+    start = end - class_rows_ranked[:, None]
+    fold = np.arange(k)[None, :]
+    cells = (end - fold - 1) // k - (start - fold - 1) // k
+    return cells[rank]
 
 
 def group_split(groups: npt.ArrayLike, ratios: Sequence[float], seed: int) -> SplitIds:

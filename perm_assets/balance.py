@@ -143,9 +143,9 @@ def count_balance(
     if spec is not None and spec.filter is not None:  # fewer rows to join; all permuted pass it
         query = query.where(cast(str, where(spec.filter)))
     scanned = read_all(query)
+    row_ids, split_ids = _permuted(data)
     # Each permuted row's place in the scan (scans return row ids ascending).
-    at = positions_in(scanned.column("_rowid").to_numpy(), data.data.column("row_id").to_numpy())
-    split_ids = data.data.column("split_id").to_numpy().astype(np.int64)
+    at = positions_in(scanned.column("_rowid").to_numpy(), row_ids)
     splits = len(data.split_names)
     classes: list[str] = []
     counts = np.zeros((splits, 0), dtype=np.int64)
@@ -163,6 +163,27 @@ def count_balance(
         groups = np.bincount(split_part, minlength=splits)
         shared = int(np.count_nonzero(np.bincount(group_part, minlength=n_groups) > 1))
     return Balance(classes=classes, counts=counts, groups=groups, shared_groups=shared)
+
+
+def _permuted(data: PermutationData) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids and split ids (int64) of every permuted row; an out-of-core engine's stream is
+    read batch by batch into two preallocated arrays (16 bytes a row, as the checks hold)."""
+    if data.stream is None:
+        return (
+            data.data.column("row_id").to_numpy(),
+            data.data.column("split_id").to_numpy().astype(np.int64),
+        )
+    row_ids = np.empty(data.num_rows, dtype=np.uint64)
+    split_ids = np.empty(data.num_rows, dtype=np.int64)
+    done = 0
+    for batch in data.stream():
+        n = batch.num_rows
+        row_ids[done : done + n] = batch.column("row_id").to_numpy()
+        split_ids[done : done + n] = batch.column("split_id").to_numpy()
+        done += n
+    if done != data.num_rows:
+        raise RuntimeError(f"the permutation streamed {done} rows, {data.num_rows} planned")
+    return row_ids, split_ids
 
 
 def split_report(

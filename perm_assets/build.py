@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -58,6 +58,11 @@ class PermutationData:
         split_names: name of each split, in split-id order.
         split_rows: number of rows in each split, in split-id order.
         spec: the resolved spec (seeds filled in), or None when built outside this project.
+        stream: set by out-of-core engines (`perm_assets.engines`): the rows, batch by batch
+            in read order, each time it is called; ``data`` then holds the schema and its
+            metadata only (no rows), and the rows are never all in memory.
+        algorithm: the engine's assignment algorithm when it is not lancedb's builder (part of
+            the data version: other rows for the same spec).
     """
 
     data: pa.Table
@@ -67,10 +72,21 @@ class PermutationData:
     split_rows: tuple[int, ...]
     spec: PermutationSpec | FoldsSpec | None = None
     filtered_rows: int | None = None
+    stream: Callable[[], Iterator[pa.RecordBatch]] | None = None
+    algorithm: str | None = None
 
     @property
     def num_rows(self) -> int:
-        return self.data.num_rows
+        return sum(self.split_rows) if self.stream is not None else self.data.num_rows
+
+    def persistable(self, metadata: Mapping[bytes, bytes]) -> pa.Table | pa.RecordBatchReader:
+        """The rows to write, with ``metadata`` added to the schema's: the table, or for a
+        streamed permutation a reader over its stream (written batch by batch)."""
+        schema_metadata = {**(self.data.schema.metadata or {}), **metadata}
+        if self.stream is None:
+            return self.data.replace_schema_metadata(schema_metadata)
+        schema = self.data.schema.with_metadata(schema_metadata)
+        return pa.RecordBatchReader.from_batches(schema, self.stream())
 
     def rows_by_split(self) -> dict[str, int]:
         return dict(zip(self.split_names, self.split_rows, strict=True))

@@ -139,7 +139,7 @@ def run_permutation_checks(
     assert isinstance(data.spec, PermutationSpec)
     spec = data.spec
     base = db.open_table(data.base_table, version=data.base_version)
-    row_ids, split_ids = _columns(data.data)
+    row_ids, split_ids = _rows_of(db, table, data)
     split = spec.split
     num_splits = len(spec.split_names())
     # The build counted the filtered rows at the same pinned version: no second scan.
@@ -213,7 +213,7 @@ def run_folds_checks(
     folds = spec.folds
     k = folds.k
     base = db.open_table(data.validation.base_table, version=data.validation.base_version)
-    row_ids, fold_ids = _columns(data.validation.data)
+    row_ids, fold_ids = _rows_of(db, table, data.validation)
     scanned = scan_columns(base, spec.filter, key_columns(folds), asset=table)
     cover = _cover(scanned.row_ids, row_ids, fold_ids, k)
 
@@ -298,6 +298,31 @@ def _persisted(
 
 def _columns(data: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return data.column("row_id").to_numpy(), data.column("split_id").to_numpy()
+
+
+def _rows_of(
+    db: LanceDBResource, table: str, data: PermutationData
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row and split ids of ``data``: in memory, or, for a permutation an out-of-core engine
+    streamed into ``table``, read back from its latest version (as `_persisted` counts it).
+    Reading back holds 16 bytes per row: these checks are not out-of-core yet."""
+    if data.stream is None:
+        return _columns(data.data)
+    # Filled batch by batch: no Arrow copy of the table besides the two arrays.
+    row_ids = np.empty(data.num_rows, dtype=np.uint64)
+    split_ids = np.empty(data.num_rows, dtype=np.uint64)
+    query = db.open_table(table).search().select(["row_id", "split_id"])
+    at = 0
+    for batch in query.to_batches(batch_size=READ_BATCH_ROWS):
+        size = batch.num_rows
+        if at + size > data.num_rows:  # more rows than written: let the checks see them all
+            row_ids = np.concatenate([row_ids[:at], batch.column(0).to_numpy()])
+            split_ids = np.concatenate([split_ids[:at], batch.column(1).to_numpy()])
+        else:
+            row_ids[at : at + size] = batch.column(0).to_numpy()
+            split_ids[at : at + size] = batch.column(1).to_numpy()
+        at += size
+    return row_ids[:at], split_ids[:at]
 
 
 def _aligned(base: Table, filter: str | None, columns: list[str], row_ids: np.ndarray) -> Scanned:

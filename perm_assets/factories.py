@@ -14,8 +14,9 @@ import dagster as dg
 from lancedb.table import Table
 from pydantic import Field, ValidationError, create_model
 
+from perm_assets import engines
 from perm_assets.balance import LABEL_META
-from perm_assets.build import PermutationData, build_permutation
+from perm_assets.build import PermutationData
 from perm_assets.checks import (
     check_specs,
     folds_checks,
@@ -24,7 +25,7 @@ from perm_assets.checks import (
     run_permutation_checks,
 )
 from perm_assets.errors import SpecError
-from perm_assets.folds import FOLDS_KIND, FoldsData, build_folds
+from perm_assets.folds import FOLDS_KIND, FoldsData
 from perm_assets.io_manager import KIND_KEY, LanceDBIOManager
 from perm_assets.resources import LanceDBResource
 from perm_assets.specs import (
@@ -116,14 +117,17 @@ def permutation_asset(
     ) -> Iterator[dg.Output[PermutationData] | dg.AssetCheckResult]:
         configured = _apply_config(asset_name, spec, config)
         run_spec = configured.resolve_seeds()
-        with resource.builder_memory():
-            data = build_permutation(source, run_spec, asset=asset_name)
-        context.log.info(
-            f"{asset_name}: {data.rows_by_split()} rows of {data.base_table}@{data.base_version}"
-        )
-        yield _output(data, overrides=_overrides(spec, configured))
-        # The IO manager has persisted the output by now: check what was written.
-        yield from run_permutation_checks(resource, table_name(key), data, checks)
+        # A local (out-of-core) build streams from spill files that live as long as the block.
+        with engines.build_permutation(
+            resource, source, run_spec, asset=asset_name, log=context.log
+        ) as data:
+            context.log.info(
+                f"{asset_name}: {data.rows_by_split()} rows of "
+                f"{data.base_table}@{data.base_version}"
+            )
+            yield _output(data, overrides=_overrides(spec, configured))
+            # The IO manager has persisted the output by now: check what was written.
+            yield from run_permutation_checks(resource, table_name(key), data, checks)
 
     return _asset(
         key=key,
@@ -208,18 +212,21 @@ def folds_asset(
     ) -> Iterator[dg.Output[FoldsData] | dg.AssetCheckResult]:
         configured = _apply_config(asset_name, spec, config)
         run_spec = configured.resolve_seeds()
-        data = build_folds(source, run_spec, asset=asset_name)
-        if data.small_classes:
-            context.log.warning(
-                f"{asset_name}: classes with fewer rows than k={data.k} cannot be in every fold: "
-                f"{data.small_classes}"
+        with engines.build_folds(
+            resource, source, run_spec, asset=asset_name, log=context.log
+        ) as data:
+            if data.small_classes:
+                context.log.warning(
+                    f"{asset_name}: classes with fewer rows than k={data.k} cannot be in every "
+                    f"fold: {data.small_classes}"
+                )
+            context.log.info(
+                f"{asset_name}: validation rows {data.validation.rows_by_split()}, training rows "
+                f"{data.train_rows()} of {data.validation.base_table}@"
+                f"{data.validation.base_version}"
             )
-        context.log.info(
-            f"{asset_name}: validation rows {data.validation.rows_by_split()}, training rows "
-            f"{data.train_rows()} of {data.validation.base_table}@{data.validation.base_version}"
-        )
-        yield _output(data.validation, value=data, overrides=_overrides(spec, configured))
-        yield from run_folds_checks(resource, table_name(key), data, checks)
+            yield _output(data.validation, value=data, overrides=_overrides(spec, configured))
+            yield from run_folds_checks(resource, table_name(key), data, checks)
 
     asset = _asset(
         key=key,
@@ -378,7 +385,8 @@ def _output(
     metadata = {
         OVERRIDES_META: dg.MetadataValue.json(overrides)
         if overrides
-        else "none: the code's defaults"
+        else "none: the code's defaults",
+        ENGINE_META: data.algorithm or "lancedb",
     }
     with warnings.catch_warnings():
         # Output(data_version=...) is the documented way to set it; Dagster flags it beta.
@@ -390,6 +398,8 @@ def _output(
         )
 
 
+ENGINE_META = "perm_assets/engine"
+"""Materialization metadata: the engine (and algorithm version) that computed the rows."""
 OVERRIDES_META = "perm_assets/run_config_overrides"
 """Materialization metadata: the spec fields a run's config changed from the code's defaults."""
 
@@ -422,6 +432,8 @@ def permutation_data_version(data: PermutationData) -> dg.DataVersion:
     identical re-materialization keeps its data version and leaves downstream assets fresh.
     """
     spec_json = data.spec.model_dump_json() if data.spec is not None else ""
+    if data.algorithm is not None:  # another engine's rows for the same spec (lancedb: none)
+        spec_json += "\n" + data.algorithm
     digest = hashlib.sha256(spec_json.encode()).hexdigest()[:12]
     return dg.DataVersion(f"{data.base_table}@{data.base_version}/{digest}")
 

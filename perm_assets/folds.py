@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,12 +82,29 @@ class FoldsData:
             ``validation``'s.
         train_ranges: ``(offset, rows)`` of each fold's training rows in ``train``.
         small_classes: classes with fewer rows than k (stratified k-fold), as ``{label: rows}``.
+        train_stream: set by out-of-core engines: the training table's rows, batch by batch;
+            ``train`` then holds its schema and metadata only (see `PermutationData.stream`).
+        train_total: rows of a streamed training table.
     """
 
     validation: PermutationData
     train: pa.Table
     train_ranges: tuple[tuple[int, int], ...]
     small_classes: dict[str, int]
+    train_stream: Callable[[], Iterator[pa.RecordBatch]] | None = None
+    train_total: int | None = None
+
+    @property
+    def train_num_rows(self) -> int:
+        return self.train.num_rows if self.train_total is None else self.train_total
+
+    def train_persistable(self, metadata: Mapping[bytes, bytes]) -> pa.Table | pa.RecordBatchReader:
+        """The training table's rows to write, ``metadata`` added (streamed when built so)."""
+        schema_metadata = {**(self.train.schema.metadata or {}), **metadata}
+        if self.train_stream is None:
+            return self.train.replace_schema_metadata(schema_metadata)
+        schema = self.train.schema.with_metadata(schema_metadata)
+        return pa.RecordBatchReader.from_batches(schema, self.train_stream())
 
     @property
     def k(self) -> int:

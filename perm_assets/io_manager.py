@@ -159,9 +159,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         )
         pin_name = new_pin(name)
         # The training table names the pin too, so its own views verify the base table's.
-        train_data = folds.train.replace_schema_metadata(
-            {**(folds.train.schema.metadata or {}), PIN_KEY.encode(): pin_name.encode()}
-        )
+        train_data = folds.train_persistable({PIN_KEY.encode(): pin_name.encode()})
         train = write_table(connection, name + TRAIN_SUFFIX, train_data, WriteMode.OVERWRITE)
         data = folds.with_train_table(train.name, train.version)
         self._write_permutation(
@@ -177,7 +175,7 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
             "perm_assets/k": folds.k,
             "perm_assets/train_table": train.name,
             "lance/train_version": train.version,
-            "perm_assets/train_table_rows": folds.train.num_rows,
+            "perm_assets/train_table_rows": folds.train_num_rows,
         }
         metadata.update({f"train_rows/{n}": r for n, r in folds.train_rows().items()})
         if folds.small_classes:
@@ -240,9 +238,8 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         base = connection.open_table(perm.base_table)
         pin(base, pin_name, perm.base_version)
         base.checkout(perm.base_version)  # its schema: the columns a consumer may select
-        schema_metadata = dict(perm.data.schema.metadata or {})
-        schema_metadata[PIN_KEY.encode()] = pin_name.encode()
-        data = perm.data.replace_schema_metadata(schema_metadata)
+        # A table, or a stream from an out-of-core engine (written batch by batch).
+        data = perm.persistable({PIN_KEY.encode(): pin_name.encode()})
         table = write_table(connection, name, data, WriteMode.OVERWRITE)
         for written in [table, *(also_pin or [])]:
             pin(written, pin_name, written.version)

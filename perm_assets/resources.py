@@ -12,20 +12,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import dagster as dg
 import lancedb
 from lancedb.db import DBConnection
 from lancedb.table import Table
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from perm_assets.errors import SpecError, TableNotFoundError
+from perm_assets.specs import explain
 
 # lancedb 0.40's permutation builder sorts inside a DataFusion pool limited to 100 MiB unless this
 # variable says otherwise; random splits and shuffles then fail from about 3M rows.
 BUILDER_MEMORY_ENV = "LANCEDB_PERM_BUILDER_MEMORY_LIMIT"
 DEFAULT_BUILDER_MEMORY_LIMIT_MB = 4096
+# engine="auto": lancedb's in-memory builder up to this many filtered rows, the local engine
+# above (lancedb's peak grows ~25 bytes per row plus the checks' copies; measured in the README).
+AUTO_LOCAL_ABOVE_ROWS = 50_000_000
 
 # The variable is read on each builder run, so it is set around the run. One process-wide lock
 # keeps two threads from racing on the environment.
@@ -55,7 +59,13 @@ class StrictFields:
                 f"{type(self).__name__}: unknown field(s) {', '.join(hints)}; its fields are "
                 f"{', '.join(sorted(known))}"
             )
-        super().__init__(**data)
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            # One line naming the field, the value and what is allowed (pydantic's own is a
+            # block per problem), e.g. "engine 'ray': Input should be 'auto', 'lancedb' or
+            # 'local'".
+            raise SpecError(f"{type(self).__name__}: {explain(exc)}") from None
 
 
 class LanceDBResource(StrictFields, dg.ConfigurableResource):
@@ -96,6 +106,48 @@ class LanceDBResource(StrictFields, dg.ConfigurableResource):
             "100 MiB fails from about 3M rows; 4096 MiB covers well over 10M rows. Raise it for "
             "larger tables (the sort spills to disk beyond the pool only where lancedb can)."
         ),
+    )
+
+    engine: Literal["auto", "lancedb", "local"] = Field(
+        default="auto",
+        description=(
+            "What builds permutation and folds tables. 'lancedb': lancedb's builder, in memory "
+            "(fastest below tens of millions of rows; ~2.5 GiB at 100M rows). 'local': the "
+            "out-of-core engine (perm_assets.engines.local), spill files on local disk, memory "
+            "bounded by local_bucket_rows; other rows than lancedb's for the same seed, the "
+            "same rows on every run. 'auto': lancedb up to auto_local_above_rows filtered "
+            "rows, local above (lancedb, with a log line, for kinds local does not build)."
+        ),
+    )
+    auto_local_above_rows: int = Field(
+        default=AUTO_LOCAL_ABOVE_ROWS,
+        ge=0,
+        description=(
+            "engine='auto' builds with the local engine above this many filtered rows. The "
+            "default, 50M, keeps lancedb's faster in-memory build where it peaks at a few GiB "
+            "(see the README's engine figures)."
+        ),
+    )
+    spill_dir: str | None = Field(
+        default=None,
+        description=(
+            "Local folder for the local engine's spill files (about 16 bytes per filtered row, "
+            "20 with a label), one subfolder per build, removed when it ends; a killed build's "
+            "is removed by the next build. None: the system temporary folder."
+        ),
+    )
+    local_bucket_rows: int = Field(
+        default=8_000_000,
+        ge=1,
+        description=(
+            "Rows the local engine sorts in memory at once (~40 bytes each at peak). Smaller: "
+            "less memory, more spill files. It does not change the rows built."
+        ),
+    )
+    local_scan_batch_rows: int = Field(
+        default=1 << 20,
+        ge=1,
+        description="Rows per batch the local engine reads from the base table.",
     )
 
     def connect(self) -> DBConnection:

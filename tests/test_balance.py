@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -19,6 +20,7 @@ import pytest
 
 from perm_assets import (
     GroupSplit,
+    LanceDBIOManager,
     LanceDBResource,
     RandomSplit,
     SpecError,
@@ -224,3 +226,29 @@ def test_positions_by_address_agree_with_the_sorted_join(seed: int) -> None:
     for stray in [gap, beyond, np.array([np.uint64(99) << np.uint64(32)])]:
         with pytest.raises(ValueError, match="row ids that the filter does not select"):
             positions_in(scanned, np.concatenate([wanted, stray]))
+
+
+def test_out_of_core_engine_reports_the_same_kind_of_table(tmp_path: Path) -> None:
+    """The local engine streams its rows: the report reads them from the stream, not from an
+    (empty) in-memory table."""
+    db = LanceDBResource(uri=str(tmp_path / "lancedb"), engine="local")
+    run = Runner(
+        {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}, dg.DagsterInstance.ephemeral()
+    )
+    source = _source(classes=5)
+    splits = permutation_asset(
+        "splits",
+        source=source,
+        split=StratifiedSplit(label="label", ratios=[0.6, 0.4], seed=4, split_names=["a", "b"]),
+    )
+    folds = folds_asset("folds", source=source, folds=StratifiedKFold(k=3, label="label", seed=1))
+    run([source, splits, folds])
+    assert run.metadata("splits")["perm_assets/engine"].startswith("local")
+    for asset, key in [("splits", SPLITS_KEY), ("folds", FOLDS_KEY)]:
+        joined = _joined(db, asset)
+        counts = joined.groupby(["split_id", "label"]).size().unstack(fill_value=0)
+        records = _records(run, asset, key)
+        assert len(records) == counts.shape[0]
+        for i, record in enumerate(records):
+            assert [record[f"label={c}"] for c in range(5)] == counts.loc[i].tolist()
+            assert record["max_class_dev_rows"] <= 1.0 + 1e-9

@@ -294,7 +294,8 @@ def test_spec_mistakes_are_one_line_naming_the_spec_and_field(build: Any, messag
         (
             lambda: LanceDBResource(uri="x", builder_memory_limit=8192),  # pyright: ignore[reportCallIssue]
             r"LanceDBResource: unknown field\(s\) 'builder_memory_limit' \(did you mean "
-            r"'builder_memory_limit_mb'\?\); its fields are builder_memory_limit_mb, ",
+            r"'builder_memory_limit_mb'\?\); its fields are auto_local_above_rows, "
+            r"builder_memory_limit_mb, ",
         ),
         (
             lambda: LanceDBResource(uri="x", storage_option={"region": "eu"}),  # pyright: ignore[reportCallIssue]

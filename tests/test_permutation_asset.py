@@ -386,10 +386,11 @@ def test_hash_stability_check_catches_a_changed_assignment(
 def test_retry_policy_op_tags_and_pool_reach_the_step_and_a_retry_writes_one_version(
     run: Runner, db: LanceDBResource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from perm_assets import factories
+    from perm_assets import build, factories
     from perm_assets.specs import KFold
 
-    real_build = factories.build_permutation
+    # The lancedb engine's build (engine="auto" below its threshold), as the engines call it.
+    real_build = build.build_permutation
     attempts: list[int] = []
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -398,7 +399,7 @@ def test_retry_policy_op_tags_and_pool_reach_the_step_and_a_retry_writes_one_ver
             raise OSError("connection reset by peer")
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(factories, "build_permutation", flaky)
+    monkeypatch.setattr(build, "build_permutation", flaky)
     perm = permutation_asset(
         "perm",
         source=SOURCE,

@@ -1,0 +1,188 @@
+"""Engines at scale: time and peak memory of a permutation (and folds) build per engine.
+
+Generates ``N`` rows (``id`` int64, ``label`` int32 with 100 classes, ``x``, ``y`` float32)
+into a LanceDB table under a temporary folder it removes afterwards, then materializes, each in
+its own process (so peak RSS is that build's alone, read from the child's ``ru_maxrss``):
+
+- ``split``: ``filter="label < 90"``, ``RandomSplit([0.8, 0.1, 0.1], names)``, ``Shuffle``;
+- ``skfold`` / ``kfold`` (with ``--folds``): ``StratifiedKFold(k=5)`` / ``KFold(k=5)``,
+
+with ``engine="lancedb"`` and ``engine="local"`` (defaults otherwise), through
+``dg.materialize`` with the blocking checks, and prints time, peak RSS, rows/s, the ratio to
+lancedb's time and a short hash of the written table (engines differ by design; the same
+engine twice must agree).
+
+    python bench/bench_scale.py --rows 10000000 100000000 [--folds] [--dir /big/disk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+CHUNK = 1_000_000
+KINDS = ("split", "skfold", "kfold")
+
+
+def generate(uri: str, rows: int) -> float:
+    """Write ``rows`` rows as table ``base`` (streamed in 1M-row batches); seconds taken."""
+    import lancedb
+
+    schema = pa.schema(
+        [("id", pa.int64()), ("label", pa.int32()), ("x", pa.float32()), ("y", pa.float32())]
+    )
+
+    def batches():
+        rng = np.random.default_rng(0)
+        for start in range(0, rows, CHUNK):
+            size = min(CHUNK, rows - start)
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array(np.arange(start, start + size, dtype=np.int64)),
+                    pa.array(rng.integers(0, 100, size, dtype=np.int32)),
+                    pa.array(rng.random(size, dtype=np.float32)),
+                    pa.array(rng.random(size, dtype=np.float32)),
+                ],
+                schema=schema,
+            )
+
+    started = time.perf_counter()
+    lancedb.connect(uri).create_table("base", pa.RecordBatchReader.from_batches(schema, batches()))
+    return time.perf_counter() - started
+
+
+def child(uri: str, engine: str, kind: str, spill: str) -> None:
+    """One materialization in this process; prints a JSON line with its figures."""
+    import dagster as dg
+
+    from perm_assets import (
+        KFold,
+        LanceDBIOManager,
+        LanceDBResource,
+        RandomSplit,
+        Shuffle,
+        StratifiedKFold,
+        folds_asset,
+        permutation_asset,
+    )
+    from perm_assets.tables import READ_BATCH_ROWS
+
+    db = LanceDBResource(uri=uri, engine=engine, spill_dir=spill)  # type: ignore[arg-type]
+    if kind == "split":
+        asset = permutation_asset(
+            "perm",
+            source="base",
+            filter="label < 90",
+            split=RandomSplit(ratios=[0.8, 0.1, 0.1], seed=7, split_names=["train", "val", "test"]),
+            shuffle=Shuffle(seed=1),
+        )
+    else:
+        folds = (
+            StratifiedKFold(k=5, label="label", seed=1) if kind == "skfold" else KFold(k=5, seed=1)
+        )
+        asset = folds_asset("perm", source="base", folds=folds)
+    started = time.perf_counter()
+    result = dg.materialize(
+        [asset, dg.AssetSpec("base")],
+        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        selection=[asset],
+        raise_on_error=False,
+    )
+    seconds = time.perf_counter() - started
+    figures: dict[str, object] = {"seconds": seconds, "success": result.success}
+    if result.success:
+        checks = result.get_asset_check_evaluations()
+        figures["checks_passed"] = all(c.passed for c in checks)
+        metadata = result.asset_materializations_for_node("perm")[0].metadata
+        figures["rows"] = metadata["dagster/row_count"].value
+        digest = hashlib.sha256()
+        table = db.open_table("perm")
+        for batch in table.search().select(["row_id", "split_id"]).to_batches(READ_BATCH_ROWS):
+            for column in batch.columns:
+                digest.update(column.to_numpy().tobytes())
+        figures["hash"] = digest.hexdigest()[:12]
+    else:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        error = failure.step_failure_data.error if failure is not None else None  # type: ignore[union-attr]
+        figures["error"] = (error.message.strip().splitlines()[-1] if error else "failed")[:300]
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
+def measure(uri: str, engine: str, kind: str, spill: str) -> dict[str, object]:
+    """Run `child` in a subprocess; its figures plus its peak RSS (ru_maxrss of that process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, __file__, "--child", uri, engine, kind, spill]
+    with tempfile.TemporaryFile() as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    figures: dict[str, object] = (
+        json.loads(lines[-1].removeprefix("RESULT "))
+        if lines
+        else {"success": False, "error": f"exit {process.returncode}: {text[-300:]}"}
+    )
+    figures["peak_gib"] = usage.ru_maxrss / 2**20  # KiB on Linux
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000])
+    parser.add_argument("--engines", nargs="+", default=["lancedb", "local"])
+    parser.add_argument("--folds", action="store_true", help="also StratifiedKFold and KFold")
+    parser.add_argument("--dir", default=None, help="parent of the temporary data folder")
+    parser.add_argument("--child", nargs=4, metavar=("URI", "ENGINE", "KIND", "SPILL"))
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    kinds = KINDS if args.folds else KINDS[:1]
+    print(f"{os.cpu_count()} cores; figures on a shared machine vary by +-20%", flush=True)
+    header = f"{'rows':>13} {'kind':>7} {'engine':>8} {'s':>8} {'peak GiB':>9} "
+    print(header + f"{'rows/s':>11} {'vs lancedb':>10}  hash / error", flush=True)
+    for rows in args.rows:
+        folder = Path(tempfile.mkdtemp(prefix="perm_assets-bench-scale-", dir=args.dir))
+        try:
+            uri = str(folder / "lancedb")
+            seconds = generate(uri, rows)
+            print(f"generated {rows:,} rows in {seconds:.1f} s", flush=True)
+            for kind in kinds:
+                reference: float | None = None
+                for engine in args.engines:
+                    figures = measure(uri, engine, kind, str(folder / "spill"))
+                    took = float(figures.get("seconds", float("nan")))  # type: ignore[arg-type]
+                    if engine == "lancedb" and figures.get("success"):
+                        reference = took
+                    ratio = f"{took / reference:.2f}x" if reference else "-"
+                    checked = "ok" if figures.get("checks_passed") else "FAILED"
+                    tail = (
+                        f"{figures.get('hash')} checks={checked}"
+                        if figures.get("success")
+                        else f"FAILED: {figures.get('error')}"
+                    )
+                    print(
+                        f"{rows:>13,} {kind:>7} {engine:>8} {took:>8.1f} "
+                        f"{float(figures['peak_gib']):>9.2f} {rows / took:>11,.0f} {ratio:>10}  "  # type: ignore[arg-type]
+                        + tail,
+                        flush=True,
+                    )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

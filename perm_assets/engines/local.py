@@ -1,0 +1,818 @@
+"""The out-of-core "local" engine: permutations of more rows than fit in memory, on one machine.
+
+lancedb's builder sorts every selected row id in one in-memory sort; this engine never holds
+more than one bucket of them. A row's split and its place in the read order are pure functions
+of ``(seed, row id)`` (plus, for stratified kinds, the per-class counts), so the work
+partitions: any batch of rows can be keyed independently (Ray's tasks will reuse the same
+functions, `order_key` / `rows_of_keys` / `split_of_rank`).
+
+1. **Scan** the filtered rows in batches: only ``_rowid`` and the label column (if any). Each
+   row gets an *assignment key* ``order_key(row_id, split seed)``, a bijection of uint64, so
+   keys never tie. Rows are spilled by the key's high bits into bucket files (numpy files under
+   a spill directory): bucket ``b`` holds exactly the keys in the ``b``-th slice of key space,
+   so the buckets in order are the keys in order. Class counts are accumulated on the way.
+2. **Assign**: the rows of each class and split follow from the counts alone
+   (`perm_assets.assign` apportionment / controlled rounding, the same guarantees as the
+   numpy assignment). Each bucket is sorted in memory; a row's *rank* within its class is the
+   rows of its class in earlier buckets plus its position in this one, and its split is the
+   interval of cumulative per-class sizes that rank falls in. Split sizes are therefore exact
+   (random: within 1 row of the share; stratified: within 1 per class and split), whatever the
+   bucket count. Sequential splits and unshuffled k-fold rank rows by scan position instead,
+   known during the scan itself.
+3. **Order**: each kept row is spilled again by split and by the high bits of its *read key*
+   (``order_key(row_id, shuffle seed)``, or the row id itself without a shuffle, bucketed by
+   sampled row-id boundaries), then each bucket is sorted in memory and streamed, split after
+   split, into the permutation table through a ``RecordBatchReader``.
+
+Rows differ from lancedb's builder for the same seed (another algorithm), but for one base
+table version, spec and seed the table is the same row for row, whatever the bucket and batch
+sizes. Without a shuffle a split is stored in row-id order (table order for a table that was
+never compacted). Spill files live in a per-run directory under ``spill_dir`` (default: the
+system temporary directory), removed when the build ends; a directory left by a killed run is
+removed by the next run on the machine once its process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.table import Table
+
+from perm_assets import assign
+from perm_assets.build import (
+    PermutationData,
+    _check_coverage,
+    _check_key_columns,
+    _count_filtered,
+    check_scalar_columns,
+    with_permutation_metadata,
+)
+from perm_assets.errors import SpecError
+from perm_assets.folds import FOLDS_KIND, TRAIN_KIND, TRAIN_SPLIT, FoldsData, _of_kind
+from perm_assets.specs import (
+    FoldsSpec,
+    KFold,
+    PermutationSpec,
+    RandomSplit,
+    SequentialSplit,
+    Shuffle,
+    StratifiedKFold,
+    StratifiedSplit,
+)
+from perm_assets.tables import BASE_VERSION_KEY, where
+
+ALGORITHM = "local-v1"
+"""Identity of this engine's assignment: part of the data version, so a change of algorithm
+that changes rows marks downstream assets stale."""
+
+SPILL_PREFIX = "perm_assets-spill-"
+_OWNER_FILE = "owner.json"
+# A spill directory without an owner file is being created (or its creator died before writing
+# it); only one older than this is reclaimed.
+_ORPHAN_SECONDS = 3600.0
+_OUT_BATCH_ROWS = 1 << 20
+# Up to this many classes in a bucket, each class's keys are sorted on their own.
+_SEGMENT_SORT_CLASSES = 4096
+# Domains keep the assignment and read-order keys of one seed unrelated.
+_DOMAIN_SPLIT = 0x5EED_0001
+_DOMAIN_ORDER = 0x5EED_0002
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = (
+    "no split, RandomSplit (ratios, counts or fixed; no clump_size), SequentialSplit, "
+    "StratifiedSplit, KFold, StratifiedKFold (shuffle=True); Shuffle without clump_size"
+)
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """How the local engine uses memory and disk.
+
+    Attributes:
+        spill_dir: parent of the per-run spill directories; None: the system temporary
+            directory (``tempfile.gettempdir()``).
+        bucket_rows: rows sorted in memory at once (about 40 bytes each at peak).
+        scan_batch_rows: rows per batch read from the base table.
+    """
+
+    spill_dir: str | None = None
+    bucket_rows: int = 8_000_000
+    scan_batch_rows: int = 1 << 20
+
+
+# ------------------------------------------------------------------------- pure functions
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_M1_INV = np.uint64(pow(0xBF58476D1CE4E5B9, -1, 1 << 64))
+_M2_INV = np.uint64(pow(0x94D049BB133111EB, -1, 1 << 64))
+_MASK = (1 << 64) - 1
+
+
+# Keys are computed in cache-sized slices, in place with one scratch buffer: whole-array numpy
+# expressions allocate a temporary per operation and run at memory speed (2-3x slower).
+_SLICE = 1 << 16
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+_S54, _S60, _S62 = np.uint64(54), np.uint64(60), np.uint64(62)
+
+
+def _xorshift(z: np.ndarray, shift: np.uint64, scratch: np.ndarray) -> None:
+    """``z ^= z >> shift`` in place."""
+    np.right_shift(z, shift, out=scratch)
+    z ^= scratch
+
+
+def _mix_slice(z: np.ndarray, scratch: np.ndarray) -> None:
+    """splitmix64's finalizer, a bijection of uint64, in place."""
+    _xorshift(z, _S30, scratch)
+    z *= _M1
+    _xorshift(z, _S27, scratch)
+    z *= _M2
+    _xorshift(z, _S31, scratch)
+
+
+def _unmix_slice(z: np.ndarray, scratch: np.ndarray) -> None:
+    """Inverse of `_mix_slice`, in place: ``x ^ x >> s`` is undone by ``^= >> s`` then
+    ``^= >> 2s`` (for 2s < 64), and multiplications by the constants' inverses mod 2**64."""
+    _xorshift(z, _S31, scratch)
+    _xorshift(z, _S62, scratch)
+    z *= _M2_INV
+    _xorshift(z, _S27, scratch)
+    _xorshift(z, _S54, scratch)
+    z *= _M1_INV
+    _xorshift(z, _S30, scratch)
+    _xorshift(z, _S60, scratch)
+
+
+def _sliced(values: np.ndarray, step: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """A uint64 copy of ``values`` with ``step`` applied slice by slice."""
+    out = values.astype(np.uint64, copy=True)
+    scratch = np.empty(min(out.size, _SLICE), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for start in range(0, out.size, _SLICE):
+            part = out[start : start + _SLICE]
+            step(part, scratch[: part.size])
+    return out
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    return _sliced(x, _mix_slice)
+
+
+def _unmix(z: np.ndarray) -> np.ndarray:
+    return _sliced(z, _unmix_slice)
+
+
+def _salts(seed: int, domain: int) -> tuple[np.uint64, np.uint64]:
+    """Two 64-bit salts derived from ``(seed, domain)``."""
+    first = int(_mix(np.array([(seed * 0x9E3779B97F4A7C15 + domain) & _MASK], np.uint64))[0])
+    second = int(_mix(np.array([first ^ 0xD1B54A32D192ED03], np.uint64))[0])
+    return np.uint64(first), np.uint64(second)
+
+
+def order_key(row_ids: np.ndarray, seed: int, domain: int = _DOMAIN_SPLIT) -> np.ndarray:
+    """The sort key of each row for ``seed``: a bijection of uint64 (no two rows tie), so
+    sorting by it is a seeded random order that depends on nothing but ``(seed, row id)``."""
+    a, b = _salts(seed, domain)
+
+    def step(z: np.ndarray, scratch: np.ndarray) -> None:
+        z ^= a
+        _mix_slice(z, scratch)
+        z += b  # wraps mod 2**64: still a bijection
+        _mix_slice(z, scratch)
+
+    return _sliced(row_ids, step)
+
+
+def rows_of_keys(keys: np.ndarray, seed: int, domain: int = _DOMAIN_SPLIT) -> np.ndarray:
+    """Inverse of `order_key`: the row ids of sorted keys, without carrying them along."""
+    a, b = _salts(seed, domain)
+
+    def step(z: np.ndarray, scratch: np.ndarray) -> None:
+        _unmix_slice(z, scratch)
+        z -= b
+        _unmix_slice(z, scratch)
+        z ^= a
+
+    return _sliced(keys, step)
+
+
+def split_of_rank(rank: np.ndarray, ends: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    """Split of each row from its rank within its class: ``ends[c, s]`` is the cumulative size
+    of splits ``0..s`` of class ``c``, ``codes`` each row's class (None: one class). A rank past
+    the last end gets ``S``: left out (counts, allow_discard)."""
+    split = np.zeros(rank.size, dtype=np.int64)
+    for s in range(ends.shape[1]):  # a loop over splits only
+        split += rank >= (ends[0, s] if codes is None else ends[codes, s])
+    return split
+
+
+def _key_bucket(keys: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 0:
+        return np.zeros(keys.size, dtype=np.int64)
+    return (keys >> np.uint64(64 - bits)).astype(np.int64)
+
+
+def _bits_for(rows: int, bucket_rows: int) -> int:
+    """log2 of the number of buckets that keeps each near ``bucket_rows`` rows."""
+    return max(0, math.ceil(math.log2(max(1, -(-rows // max(1, bucket_rows))))))
+
+
+def _groups(index: np.ndarray, count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(value, positions)`` for each value of a small non-negative ``index`` present."""
+    # numpy's stable sort of 8/16-bit keys is a radix sort: narrow the (small) index first.
+    narrow = index.astype(np.uint16) if count <= 1 << 16 else index
+    order = np.argsort(narrow, kind="stable")
+    sizes = np.bincount(index, minlength=count)
+    start = 0
+    for value in np.flatnonzero(sizes).tolist():
+        stop = start + int(sizes[value])
+        yield value, order[start:stop]
+        start = stop
+
+
+# ---------------------------------------------------------------------------------- spill
+class Spill:
+    """A per-run spill directory under ``root``, removed on exit (whatever happens).
+
+    The directory records its host and process id; entering a new one first removes those of
+    runs on this host whose process is gone (a SIGKILL leaves no chance to clean up).
+    """
+
+    def __init__(self, root: str | None) -> None:
+        self.root = Path(root or tempfile.gettempdir())
+        self.path: Path | None = None
+        self.bytes_written = 0
+        self.needed = 0
+
+    def __enter__(self) -> Spill:
+        self.root.mkdir(parents=True, exist_ok=True)
+        reclaim(self.root)
+        self.path = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.root))
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        (self.path / _OWNER_FILE).write_text(json.dumps(owner))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+    def _file(self, name: str) -> Path:
+        assert self.path is not None, "spill used outside its with-block"
+        return self.path / name
+
+    def require_space(self, needed: int) -> None:
+        """SpecError naming the directory when it lacks ``needed`` bytes."""
+        self.needed = needed
+        free = shutil.disk_usage(self._file(".")).free
+        if free < needed:
+            raise SpecError(
+                f"local engine: spill directory '{self.root}' has {free / 2**30:.2f} GiB free "
+                f"but this build needs about {needed / 2**30:.2f} GiB; free space there or set "
+                "LanceDBResource(spill_dir=...) to a larger local disk"
+            )
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        try:
+            with open(self._file(name), "ab") as out:
+                values.tofile(out)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise SpecError(
+                    f"local engine: spill directory '{self.root}' filled up after "
+                    f"{self.bytes_written / 2**30:.2f} GiB of spill files (this build needs "
+                    f"about {self.needed / 2**30:.2f} GiB); free space there or set "
+                    "LanceDBResource(spill_dir=...) to a larger local disk"
+                ) from exc
+            raise
+        self.bytes_written += values.nbytes
+
+    def read(self, name: str, dtype: type[np.generic]) -> np.ndarray:
+        path = self._file(name)
+        if not path.exists():
+            return np.zeros(0, dtype=dtype)
+        return np.fromfile(path, dtype=dtype)
+
+    def chunks(self, name: str, dtype: type[np.generic], rows: int) -> Iterator[np.ndarray]:
+        path = self._file(name)
+        if not path.exists():
+            return
+        with open(path, "rb") as source:
+            while True:
+                chunk = np.fromfile(source, dtype=dtype, count=rows)
+                if chunk.size == 0:
+                    return
+                yield chunk
+
+    def remove(self, name: str) -> None:
+        self._file(name).unlink(missing_ok=True)
+
+
+def reclaim(root: Path) -> int:
+    """Remove spill directories under ``root`` left by dead processes of this host; their
+    count. A live process's directory (a concurrent build) is left alone."""
+    removed = 0
+    host = socket.gethostname()
+    for entry in root.glob(SPILL_PREFIX + "*"):
+        if not entry.is_dir():
+            continue
+        try:
+            owner = json.loads((entry / _OWNER_FILE).read_text())
+        except FileNotFoundError:
+            try:
+                stale = time.time() - entry.stat().st_mtime > _ORPHAN_SECONDS
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+            continue
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") != host or _alive(int(owner.get("pid", 0))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.warning(
+            "local engine: removed %d spill folder(s) of killed builds in %s", removed, root
+        )
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------ the plan
+class _Classes:
+    """Distinct labels in order of first appearance and their running counts (columnar: a
+    label with many distinct values costs no Python loop)."""
+
+    def __init__(self) -> None:
+        self.lookup: pa.Array | None = None
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def codes(self, labels: pa.Array) -> np.ndarray:
+        """Code of each label (its index in order of first appearance), counted."""
+        unique = pc.unique(labels)  # pyright: ignore[reportAttributeAccessIssue]
+        lookup = self.lookup
+        if lookup is None:
+            lookup = unique
+        else:
+            seen = pc.is_in(unique, value_set=lookup)  # pyright: ignore[reportAttributeAccessIssue]
+            new = pc.filter(unique, pc.invert(seen))  # pyright: ignore[reportAttributeAccessIssue]
+            if len(new):
+                lookup = pa.concat_arrays([lookup, new])
+        self.lookup = lookup
+        grown = len(lookup) - self.counts.size
+        if grown:
+            self.counts = np.concatenate([self.counts, np.zeros(grown, dtype=np.int64)])
+        codes = pc.index_in(labels, value_set=lookup)  # pyright: ignore[reportAttributeAccessIssue]
+        codes = codes.to_numpy().astype(np.int64)
+        self.counts += np.bincount(codes, minlength=self.counts.size)
+        return codes
+
+    def sorted_order(self) -> np.ndarray:
+        """Code of each class in ascending label order (so the assignment does not depend on
+        which class the scan met first)."""
+        if self.lookup is None:
+            return np.zeros(0, dtype=np.int64)
+        order = np.asarray(pc.array_sort_indices(self.lookup))  # pyright: ignore[reportAttributeAccessIssue]
+        remap = np.empty(order.size, dtype=np.int64)
+        remap[order] = np.arange(order.size)
+        return remap
+
+    def fewer_than(self, rows: int) -> dict[str, int]:
+        """``{label: count}`` of the classes with fewer than ``rows`` rows."""
+        if self.lookup is None:
+            return {}
+        small = np.flatnonzero(self.counts < rows)
+        values = self.lookup.take(pa.array(small)).to_pylist()
+        return {str(v): int(c) for v, c in zip(values, self.counts[small].tolist(), strict=True)}
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One build: which rows, which label, how sizes follow from class counts, which keys."""
+
+    filter: str | None
+    label: str | None
+    num_splits: int
+    sizes: Callable[[np.ndarray], np.ndarray]
+    """class counts (ascending label order) → rows per (class, split)."""
+    split_seed: int | None
+    """None: rank by scan position (sequential kinds, single class only)."""
+    shuffle_seed: int | None
+
+
+@dataclass
+class _Result:
+    spill: Spill
+    split_rows: np.ndarray
+    bucket_bits: list[int]
+    shuffle_seed: int | None
+    filtered_rows: int
+    classes: _Classes
+
+    def batches(self, split: int) -> Iterator[pa.RecordBatch]:
+        """Split ``split``'s rows in read order, bucket after bucket."""
+        ids = pa.array(np.full(_OUT_BATCH_ROWS, split, dtype=np.uint64))
+        for bucket in range(1 << self.bucket_bits[split]):
+            name = f"c{split}_{bucket}"
+            values = self.spill.read(name, np.uint64)
+            values.sort()
+            if self.shuffle_seed is not None:
+                values = rows_of_keys(values, self.shuffle_seed, _DOMAIN_ORDER)
+            for start in range(0, values.size, _OUT_BATCH_ROWS):
+                chunk = values[start : start + _OUT_BATCH_ROWS]
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(chunk), ids.slice(0, chunk.size)], schema=_SCHEMA
+                )
+
+
+_SCHEMA = pa.schema(
+    [pa.field("row_id", pa.uint64()), pa.field("split_id", pa.uint64(), nullable=False)]
+)
+
+
+def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: int, asset: str):
+    """Scan, assign and spill in read order (stages 1-3 up to the final sort); see the module
+    docstring."""
+    bytes_per_row = 8 + (4 if job.label else 0)
+    spill.require_space(n * (bytes_per_row + 8) + (64 << 20))
+    bits = _bits_for(n, settings.bucket_rows)
+    classes = _Classes()
+    shuffled = job.shuffle_seed is not None
+    # Sequential ranks and their sizes are known before the scan (one class, n rows).
+    ends = np.cumsum(job.sizes(np.array([n], dtype=np.int64)), axis=1)
+    sample: list[np.ndarray] = []
+    sample_every = max(1, n // 4096)
+    position = 0
+    columns = [job.label] if job.label else ["_rowid"]
+    query = table.search().select(columns).with_row_id(True)
+    if job.filter is not None:
+        query = query.where(cast(str, where(job.filter)))
+    for batch in query.to_batches(batch_size=settings.scan_batch_rows):
+        row_ids = batch.column("_rowid").to_numpy().astype(np.uint64, copy=False)
+        size = row_ids.size
+        if size == 0:
+            continue
+        if not shuffled:  # row-id boundaries of the unshuffled read order, every k-th row
+            first = (-position) % sample_every
+            sample.append(row_ids[first::sample_every].copy())
+        if job.split_seed is None:
+            rank = np.arange(position, position + size, dtype=np.int64)
+            split = split_of_rank(rank, ends, None)
+            for s, at in _groups(split, job.num_splits + 1):
+                if s < job.num_splits:
+                    spill.append(f"p{s}", row_ids[at])
+        else:
+            keys = order_key(row_ids, job.split_seed)
+            codes = None
+            if job.label is not None:
+                labels = batch.column(job.label)
+                if labels.null_count:
+                    raise SpecError(
+                        f"asset '{asset}': column '{job.label}' of table '{table.name}' has "
+                        "null values among the selected rows; a row with no "
+                        f"{job.label} cannot be placed safely. Drop them with filter "
+                        f'"{job.label} IS NOT NULL" (combined with AND)'
+                    )
+                codes = classes.codes(labels)
+            for b, at in _groups(_key_bucket(keys, bits), 1 << bits):
+                spill.append(f"a{b}", keys[at])
+                if codes is not None:
+                    spill.append(f"l{b}", codes[at].astype(np.int32))
+        position += size
+    if position != n:
+        raise SpecError(
+            f"asset '{asset}': table '{table.name}' changed during the build ({n} rows counted, "
+            f"{position} scanned at version {table.version}); re-run"
+        )
+
+    # Sizes per (class, split), classes in ascending label order.
+    if job.label is not None:
+        remap = classes.sorted_order()
+        counts = np.zeros(classes.counts.size, dtype=np.int64)
+        counts[remap] = classes.counts
+    else:
+        remap, counts = None, np.array([n], dtype=np.int64)
+    matrix = np.asarray(job.sizes(counts), dtype=np.int64)
+    split_rows = matrix.sum(axis=0)
+    out_bits = [_bits_for(int(r), settings.bucket_rows) for r in split_rows]
+    bounds: list[np.ndarray] = []
+    if not shuffled:
+        pool = np.sort(np.concatenate(sample)) if sample else np.zeros(0, np.uint64)
+        for b in out_bits:
+            parts = 1 << b
+            picks = (np.arange(1, parts) * pool.size) // parts
+            bounds.append(pool[picks])
+
+    emitted = np.zeros(job.num_splits, dtype=np.int64)
+
+    def emit(row_ids: np.ndarray, split: np.ndarray) -> None:
+        for s, at in _groups(split, job.num_splits + 1):
+            if s >= job.num_splits:
+                continue  # left out on purpose (counts, allow_discard)
+            rows = row_ids[at]
+            emitted[s] += rows.size
+            if shuffled:
+                values = order_key(rows, cast(int, job.shuffle_seed), _DOMAIN_ORDER)
+                buckets = _key_bucket(values, out_bits[s])
+            else:
+                values = rows
+                buckets = np.searchsorted(bounds[s], rows, side="right").astype(np.int64)
+            for b, where_b in _groups(buckets, 1 << out_bits[s]):
+                spill.append(f"c{s}_{b}", values[where_b])
+
+    if job.split_seed is None:
+        for s in range(job.num_splits):
+            for chunk in spill.chunks(f"p{s}", np.uint64, settings.bucket_rows):
+                emit(chunk, np.full(chunk.size, s, dtype=np.int64))
+            spill.remove(f"p{s}")
+    else:
+        ends_by_class = np.cumsum(matrix, axis=1)
+        done = np.zeros(counts.size, dtype=np.int64)  # rows of each class in earlier buckets
+        for b in range(1 << bits):
+            keys = spill.read(f"a{b}", np.uint64)
+            if job.label is None:
+                keys.sort()
+                rank = np.arange(done[0], done[0] + keys.size, dtype=np.int64)
+                done[0] += keys.size
+                split = split_of_rank(rank, ends_by_class, None)
+            else:
+                assert remap is not None
+                codes = remap[spill.read(f"l{b}", np.int32)]
+                per_class = np.bincount(codes, minlength=counts.size)
+                present = np.flatnonzero(per_class)
+                if present.size <= _SEGMENT_SORT_CLASSES:
+                    # Rows grouped by class (a radix sort of the narrow codes), then each
+                    # class's keys sorted in place: about half the time of an argsort.
+                    narrow = codes.astype(np.uint16) if counts.size <= 1 << 16 else codes
+                    keys = keys[np.argsort(narrow, kind="stable")]
+                    starts = np.cumsum(per_class) - per_class
+                    for c in present.tolist():  # a loop over classes, not rows
+                        keys[starts[c] : starts[c] + per_class[c]].sort()
+                    codes = np.repeat(np.arange(counts.size), per_class)
+                else:  # many classes: one argsort by key, then rows grouped by class
+                    order = np.lexsort((keys, codes))
+                    keys, codes = keys[order], codes[order]
+                    starts = np.cumsum(per_class) - per_class
+                # Rank within the class: rows of it in earlier buckets, then position in it.
+                rank = np.arange(keys.size, dtype=np.int64) - np.repeat(starts - done, per_class)
+                done += per_class
+                split = split_of_rank(rank, ends_by_class, codes)
+            emit(rows_of_keys(keys, job.split_seed), split)
+            spill.remove(f"a{b}")
+            spill.remove(f"l{b}")
+    if not np.array_equal(emitted, split_rows):
+        raise RuntimeError(f"local engine: emitted {emitted.tolist()}, planned {split_rows}")
+    return _Result(
+        spill=spill,
+        split_rows=split_rows,
+        bucket_bits=out_bits,
+        shuffle_seed=job.shuffle_seed,
+        filtered_rows=n,
+        classes=classes,
+    )
+
+
+# --------------------------------------------------------------------------- permutations
+def unsupported(spec: PermutationSpec | FoldsSpec) -> str | None:
+    """What of ``spec`` this engine cannot build yet (None: all of it)."""
+    shuffle = spec.shuffle
+    if shuffle is not None and shuffle.clump_size not in (None, 1):
+        return "Shuffle(clump_size=...)"
+    if isinstance(spec, PermutationSpec):
+        split = spec.split
+        if split is None or isinstance(split, SequentialSplit | StratifiedSplit):
+            return None
+        if isinstance(split, RandomSplit):
+            return "RandomSplit(clump_size=...)" if split.clump_size not in (None, 1) else None
+        return type(split).__name__
+    folds = spec.folds
+    if isinstance(folds, KFold):
+        return None
+    if isinstance(folds, StratifiedKFold):
+        return None if folds.shuffle else "StratifiedKFold(shuffle=False)"
+    return type(folds).__name__
+
+
+def _refuse(spec: PermutationSpec | FoldsSpec, *, asset: str) -> None:
+    missing = unsupported(spec)
+    if missing is not None:
+        raise SpecError(
+            f"asset '{asset}': engine 'local' does not build {missing} yet (it builds: "
+            f"{SUPPORTED}); use LanceDBResource(engine='lancedb') or engine='auto' for it"
+        )
+
+
+def _shuffle_seed(shuffle: Shuffle | None) -> int | None:
+    if shuffle is None:
+        return None
+    assert shuffle.seed is not None  # seeds are resolved before building
+    return shuffle.seed
+
+
+def _single(sizes: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda counts: np.asarray(sizes, dtype=np.int64)[None, :]
+
+
+def _split_job(table: Table, spec: PermutationSpec, n: int, *, asset: str) -> _Job:
+    split = spec.split
+    shuffle_seed = _shuffle_seed(spec.shuffle)
+    if split is None:
+        return _Job(spec.filter, None, 1, _single(np.array([n])), None, shuffle_seed)
+    if isinstance(split, StratifiedSplit):
+        assert split.seed is not None
+        ratios, seed = list(split.ratios), split.seed
+
+        def stratified(counts: np.ndarray) -> np.ndarray:
+            return assign.stratified_counts(counts, ratios, seed)
+
+        return _Job(spec.filter, split.label, len(ratios), stratified, seed, shuffle_seed)
+    assert isinstance(split, RandomSplit | SequentialSplit)
+    ratios, counts = split.builder_sizes()
+    if counts is not None:
+        if sum(counts) > n:
+            raise SpecError(
+                f"asset '{asset}': counts {counts} ask for {sum(counts)} rows but the filter "
+                f"selects {n}; lower the counts or loosen the filter"
+            )
+        sizes = np.asarray(counts, dtype=np.int64)
+    else:
+        assert ratios is not None
+        left_out = 1.0 - math.fsum(ratios)
+        with_rest = [*ratios, left_out] if left_out > 1e-9 else list(ratios)
+        sizes = assign.apportion(n, with_rest)[: len(ratios)]
+    seed = split.seed if isinstance(split, RandomSplit) else None
+    return _Job(spec.filter, None, sizes.size, _single(sizes), seed, shuffle_seed)
+
+
+def _check_sizes(names: list[str], rows: np.ndarray, *, asset: str) -> None:
+    sizes = dict(zip(names, rows.tolist(), strict=True))
+    empty = [name for name, count in sizes.items() if count == 0]
+    if empty:
+        raise SpecError(
+            f"asset '{asset}': split(s) {empty} would be empty (rows per split: {sizes}); "
+            "use larger ratios or fewer splits, or loosen the filter"
+        )
+
+
+def _schema_only(*, base_version: int, base_table: str, names: list[str], spec) -> pa.Table:
+    empty = _SCHEMA.empty_table().replace_schema_metadata({BASE_VERSION_KEY: str(base_version)})
+    return with_permutation_metadata(empty, base_table=base_table, split_names=names, spec=spec)
+
+
+def build_permutation(
+    table: Table, spec: PermutationSpec, *, asset: str, spill: Spill, settings: LocalSettings
+) -> PermutationData:
+    """The permutation of ``spec`` over ``table`` (at its checked-out version), streamed from
+    ``spill``: valid while ``spill`` is open. Seeds must be resolved."""
+    _refuse(spec, asset=asset)
+    n = _count_filtered(table, spec.filter, asset=asset)
+    if n == 0:
+        raise SpecError(
+            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
+            f"(version {table.version}); loosen the filter"
+        )
+    _check_key_columns(table, spec, expected=n, asset=asset)
+    job = _split_job(table, spec, n, asset=asset)
+    names = spec.split_names()
+    if job.split_seed is None or job.label is None:
+        # Sizes follow from n alone: refuse an empty split before scanning anything.
+        _check_sizes(names, job.sizes(np.array([n]))[0], asset=asset)
+    result = _run(table, job, spill, settings, n=n, asset=asset)
+    _check_sizes(names, result.split_rows, asset=asset)
+    _check_coverage(spec, kept=int(result.split_rows.sum()), expected=n, asset=asset)
+
+    def stream() -> Iterator[pa.RecordBatch]:
+        for split in range(len(names)):
+            yield from result.batches(split)
+
+    return PermutationData(
+        data=_schema_only(
+            base_version=table.version, base_table=table.name, names=names, spec=spec
+        ),
+        base_table=table.name,
+        base_version=table.version,
+        split_names=tuple(names),
+        split_rows=tuple(int(r) for r in result.split_rows),
+        spec=spec,
+        filtered_rows=n,
+        stream=stream,
+        algorithm=ALGORITHM,
+    )
+
+
+# ---------------------------------------------------------------------------------- folds
+def build_folds(
+    table: Table, spec: FoldsSpec, *, asset: str, spill: Spill, settings: LocalSettings
+) -> FoldsData:
+    """k-fold or stratified k-fold folds of ``table``, both tables streamed from ``spill``
+    (see `perm_assets.folds` for their shape)."""
+    _refuse(spec, asset=asset)
+    folds = spec.folds
+    assert isinstance(folds, KFold | StratifiedKFold)
+    k = folds.k
+    n = _count_filtered(table, spec.filter, asset=asset)
+    if n == 0:
+        raise SpecError(
+            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
+            f"(version {table.version}); loosen the filter"
+        )
+    if k > n:
+        raise SpecError(
+            f"asset '{asset}', table '{table.name}': k={k} folds need at least {k} rows; the "
+            f"filter selects {n}"
+        )
+    shuffle_seed = _shuffle_seed(spec.shuffle)
+    seed = folds.seed if folds.seed is not None else 0
+    if isinstance(folds, StratifiedKFold):
+        check_scalar_columns(table, [folds.label], role="stratify", asset=asset)
+
+        def stratified(counts: np.ndarray) -> np.ndarray:
+            return assign.stratified_kfold_counts(counts, k, seed)
+
+        job = _Job(spec.filter, folds.label, k, stratified, seed, shuffle_seed)
+    else:
+        sizes = np.full(k, n // k, dtype=np.int64)
+        sizes[: n % k] += 1
+        job = _Job(
+            spec.filter, None, k, _single(sizes), seed if folds.shuffle else None, shuffle_seed
+        )
+    result = _run(table, job, spill, settings, n=n, asset=asset)
+    small: dict[str, int] = {}
+    if isinstance(folds, StratifiedKFold):
+        small = result.classes.fewer_than(k)
+        if small and folds.on_small_class == "error":
+            raise SpecError(
+                f"asset '{asset}', table '{table.name}': labels: {len(small)} class(es) have "
+                f"fewer rows than k={k}, so some folds get none of them: {small}; use a smaller "
+                "k or filter those classes out"
+            )
+    names = spec.split_names()
+    rows = result.split_rows
+    empty = [name for name, r in zip(names, rows.tolist(), strict=True) if r == 0]
+    if empty:
+        raise SpecError(
+            f"asset '{asset}': fold(s) {empty} would be empty ({n} rows for k={k}); "
+            "use fewer folds or loosen the filter"
+        )
+    starts = np.r_[0, np.cumsum(rows)]
+    ranges = tuple((int(starts[i + 1] - rows[0]), int(n - rows[i])) for i in range(k))
+
+    def validation() -> Iterator[pa.RecordBatch]:
+        for fold in range(k):
+            yield from result.batches(fold)
+
+    def train() -> Iterator[pa.RecordBatch]:
+        # The folds table rotated: folds 1..k-1 then 0..k-2 (see perm_assets.folds._rotated).
+        for fold in [*range(1, k), *range(0, k - 1)]:
+            for batch in result.batches(fold):
+                yield batch.set_column(1, "split_id", pa.array(np.zeros(batch.num_rows, np.uint64)))
+
+    meta = {"base_version": table.version, "base_table": table.name, "spec": spec}
+    return FoldsData(
+        validation=PermutationData(
+            data=_of_kind(_schema_only(names=names, **meta), FOLDS_KIND),
+            base_table=table.name,
+            base_version=table.version,
+            split_names=tuple(names),
+            split_rows=tuple(int(r) for r in rows),
+            spec=spec,
+            filtered_rows=n,
+            stream=validation,
+            algorithm=ALGORITHM,
+        ),
+        train=_of_kind(_schema_only(names=[TRAIN_SPLIT], **meta), TRAIN_KIND),
+        train_ranges=ranges,
+        small_classes=small,
+        train_stream=train,
+        train_total=int(2 * n - rows[0] - rows[-1]),
+    )
