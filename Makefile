@@ -8,10 +8,10 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run ui test check bench clean
+.PHONY: help venv run ui test check bench bench-scale clean
 
 help: ## List the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_torch.py
+
+bench-scale: $(STAMP) ## Engines (lancedb, local) at 10M and 100M rows: time, peak RSS, rows/s (~15 min)
+	$(BIN)/python bench/bench_scale.py --rows 10000000 100000000 --folds
 
 clean: ## Remove the virtualenv, demo data and Dagster history
 	rm -rf $(VENV) data .dagster_home
