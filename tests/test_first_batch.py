@@ -12,7 +12,7 @@ take by offset.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 import lancedb
@@ -165,9 +165,8 @@ def test_interleaved_splits_over_many_fragments(tmp_path: Path) -> None:
     for start in range(500, 2_000, 500):
         stored.add(data.slice(start, 500))
     for split in range(3):
-        view = PermutationView.from_tables(base, stored, split)
-        assert isinstance(view, PermutationView)
-        view = view.select_columns(["id", "name"]).with_format("arrow")
+        opened = PermutationView.from_tables(base, stored, split)
+        view = cast(PermutationView, opened.select_columns(["id", "name"]).with_format("arrow"))
         expected = lancedb_rows(view)
         assert expected.num_rows == int((split_id == split).sum())
         offsets = np.arange(len(view))[::-1]
@@ -192,7 +191,7 @@ def test_rows_missing_at_the_pinned_version_are_an_error_not_fewer_rows(
     ids = view.split_rows()
     assert ids is not None
     wanted = np.concatenate([ids.all()[:3], [np.uint64(10**12)]])
-    with pytest.raises(LineageError, match="asked 4, got 3.*1000000000000"):
+    with pytest.raises(LineageError, match=r"asked 4, got 3.*1000000000000"):
         view.take_row_ids(wanted)
 
 
