@@ -620,8 +620,11 @@ def _serve_forked_reads() -> None:
             data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # an exception that does not pickle travels as its text
             data = pickle.dumps(("error", RuntimeError(repr(message[1]))))
-        replies.write(data)
-        replies.flush()
+        try:
+            replies.write(data)
+            replies.flush()
+        except BrokenPipeError:  # the forked worker exited while this reply was on its way
+            return
 
 
 def _reopen_with_factory(factory: Callable[[str], Table], lineage: ViewLineage) -> PermutationView:
