@@ -8,7 +8,7 @@ Reads rank ``RANK`` of ``WORLD``'s shard of split 'train' for ``EPOCHS`` epochs 
 ``CKPT`` atomically: the loader's state and the length of ``OUT`` at that moment. On start it
 loads ``CKPT`` if there is one, cuts ``OUT`` back to the recorded length and continues.
 ``KIND`` is ``loader`` (`BatchLoader` over the shard) or ``stateful`` (torchdata's
-``StatefulDataLoader`` over the shard as a map-style dataset, 2 worker processes).
+``StatefulDataLoader`` over the shard as a map-style dataset, 2 forked worker processes).
 ``RESUME_CHILD_DELAY`` seconds of sleep per batch give the test time to kill it mid-epoch.
 """
 
@@ -90,7 +90,7 @@ def run_stateful(
             batch_size=BATCH,
             num_workers=2,
             collate_fn=default_convert,
-            multiprocessing_context="spawn",
+            multiprocessing_context="fork",
         )
         if state is not None and state["epoch"] == epoch:
             loader.load_state_dict(state["loader"])
