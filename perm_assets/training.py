@@ -60,6 +60,7 @@ from torch.utils.data import Dataset
 
 from perm_assets.batches import reslice
 from perm_assets.errors import LineageError, SpecError
+from perm_assets.reader import ramp
 from perm_assets.views import PermutationView, ViewLineage
 
 __all__ = [
@@ -415,14 +416,17 @@ class BatchLoader:
             if isinstance(self.source, Shard):
                 ids = rows.window(view.offset, view.limit)
                 offsets = self.source.offsets[start:]
-                for first in range(0, len(offsets), self.io_rows):
-                    yield view.take_row_ids(ids[offsets[first : first + self.io_rows]])
-                return
+                first = 0
+                for size in ramp(self.batch_size, self.io_rows):
+                    if first >= len(offsets):
+                        return
+                    yield view.take_row_ids(ids[offsets[first : first + size]])
+                    first += size
             # Streamed from the permutation table: the first read does not wait for the
-            # split's other row ids.
+            # split's other row ids, and it is one training batch, not a whole I/O batch.
             offset = (view.offset or 0) + start
             limit = None if view.limit is None else max(view.limit - start, 0)
-            for ids in rows.stream(offset, limit, self.io_rows):
+            for ids in rows.stream(offset, limit, ramp(self.batch_size, self.io_rows)):
                 yield view.take_row_ids(ids)
             return
         if isinstance(self.source, Shard):  # a plain Permutation, or a forked child's view
