@@ -422,8 +422,12 @@ class BatchLoader:
                         return
                     yield view.take_row_ids(ids[offsets[first : first + size]])
                     first += size
-            # Streamed from the permutation table: the first read does not wait for the
-            # split's other row ids, and it is one training batch, not a whole I/O batch.
+            if start == 0:
+                yield from self._stream(view)
+                return
+            # A resumed pass: streamed from the permutation table from row ``start`` (lancedb's
+            # with_skip rebuilds its reader first, ~3 s at 100M rows), reads ramping up from one
+            # training batch.
             offset = (view.offset or 0) + start
             limit = None if view.limit is None else max(view.limit - start, 0)
             for ids in rows.stream(offset, limit, ramp(self.batch_size, self.io_rows)):
@@ -434,14 +438,44 @@ class BatchLoader:
             for first in range(0, len(offsets), self.io_rows):
                 yield view.take_offsets(offsets[first : first + self.io_rows].tolist())
             return
-        if start and isinstance(view, PermutationView):  # a forked child: skip is relative
+        if not start:
+            yield from self._stream(view)
+            return
+        if isinstance(view, PermutationView):  # a forked child: skip is relative
             view = view.with_skip(start)
-        elif start:  # a plain lancedb Permutation: its with_skip replaces the offset
+        else:  # a plain lancedb Permutation: its with_skip replaces the offset
             for first in range(start, self.num_rows, self.io_rows):
                 stop = min(first + self.io_rows, self.num_rows)
                 yield view.take_offsets(list(range(first, stop)))
             return
         yield from view.iter(self.io_rows, skip_last_batch=False)
+
+    def _stream(self, view: Permutation) -> Iterator[pa.RecordBatch]:
+        """A whole pass through lancedb's own stream (``Permutation.iter``, no offset map),
+        which measured ~15% faster here than taking the same rows by id; its first read is
+        one training batch from a separate small stream, so the first batch does not wait for
+        a whole I/O batch."""
+        first = cast(Iterator[pa.RecordBatch], view.iter(self.batch_size, skip_last_batch=False))
+        try:
+            head = next(first, None)
+        finally:
+            _close(first)
+        if head is None:
+            return
+        yield head
+        skip = head.num_rows  # lancedb's first read may be shorter than asked (misaligned)
+        if skip >= self.num_rows:
+            return
+        reads = cast(Iterator[pa.RecordBatch], view.iter(self.io_rows, skip_last_batch=False))
+        try:
+            for batch in reads:
+                if skip:
+                    dropped = min(skip, batch.num_rows)
+                    batch, skip = batch.slice(dropped), skip - dropped
+                if batch.num_rows:
+                    yield batch
+        finally:
+            _close(reads)
 
     def _measure_row_bytes(self) -> int:
         fixed = _fixed_row_bytes(self._arrow.schema)
@@ -512,6 +546,13 @@ class BatchLoader:
         if not 0 <= position <= self.num_rows:
             raise SpecError(f"loader state position {position} is outside 0..{self.num_rows}")
         self._start = self._position = position
+
+
+def _close(stream: Iterator[Any]) -> None:
+    """End a lancedb read stream (a generator) now, not when it is garbage-collected."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
 
 
 _LOADER_STATE = "perm_assets.BatchLoader/1"

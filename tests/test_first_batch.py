@@ -171,8 +171,13 @@ def test_interleaved_splits_over_many_fragments(tmp_path: Path) -> None:
         assert expected.num_rows == int((split_id == split).sum())
         offsets = np.arange(len(view))[::-1]
         taken = lancedb_take(view, offsets)
-        assert as_table(BatchLoader(refusing(view), 100, io_bytes=1600)).equals(expected)
+        loader = BatchLoader(refusing(view), 100, io_bytes=1600)
+        assert as_table(loader).equals(expected)
         assert view.take_offsets(offsets).equals(taken)
+        # A resumed pass streams the split's row ids from the permutation table itself.
+        state = {**loader.state_dict(), "position": 100}
+        loader.load_state_dict(state)
+        assert as_table(loader).equals(expected.slice(100))
 
 
 def test_offsets_out_of_range_are_refused(splits: LanceDBResource) -> None:
