@@ -20,6 +20,11 @@ figures over the ids delivered: the share of adjacent pairs that are consecutive
 uniform shuffle) and the mean jump between adjacent rows relative to a uniform shuffle's
 (1.0 for a uniform shuffle).
 
+First, time to first batch, each on a freshly opened view (nothing read before): `BatchLoader`,
+`BatchLoader` over rank 0 of a 2-rank `shard`, a map-style ``DataLoader(view, num_workers=2)``
+under ``spawn`` (worker start-up included), ``Permutation.iter`` and lancedb's own
+``Permutation.take_offsets`` (whose first call builds an offset map of the whole split).
+
 Tables are kept under ``--data-dir`` and reused by later runs of the same size. Prints figures,
 asserts nothing. Run: ``make bench`` or ``.venv/bin/python bench/bench_torch.py --rows 1000000``.
 No ``from __future__ import annotations``: Dagster reads the asset functions' annotations.
@@ -55,7 +60,7 @@ from perm_assets import (
     open_view,
     permutation_asset,
 )
-from perm_assets.training import BatchLoader
+from perm_assets.training import BatchLoader, shard
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "torch"
 SOURCE = "torch_rows"
@@ -166,6 +171,63 @@ def hand_built(db: LanceDBResource, asset: str) -> Permutation:
 
 
 # ----------------------------------------------------------------------------- measuring
+def first_batch_times(db: LanceDBResource, batch: int, io_bytes: int) -> list[tuple[str, float]]:
+    """Seconds from opening a view to holding its first training batch, per read path."""
+
+    def timed(first: Callable[[], Any]) -> float:
+        started = time.perf_counter()
+        first()
+        return _since(started)
+
+    def loader() -> Any:
+        return next(iter(BatchLoader(train_view(db, SPLITS), batch, io_bytes=io_bytes)))
+
+    def sharded() -> Any:
+        part = shard(train_view(db, SPLITS), rank=0, world_size=2, seed=1)
+        return next(iter(BatchLoader(part, batch, io_bytes=io_bytes)))
+
+    def workers() -> Any:
+        batches = DataLoader(
+            cast(Any, train_view(db, SPLITS)),
+            batch_size=batch,
+            num_workers=2,
+            multiprocessing_context="spawn",
+            collate_fn=torch.utils.data.default_convert,
+        )
+        iterator = iter(batches)
+        try:
+            return next(iterator)
+        finally:
+            del iterator  # stops the workers
+
+    def lancedb_iter() -> Any:
+        return next(iter(hand_built(db, SPLITS).iter(batch, skip_last_batch=False)))
+
+    def lancedb_take() -> Any:
+        return hand_built(db, SPLITS).take_offsets(list(range(batch)))
+
+    def worker_start() -> Any:
+        # A DataLoader over a dataset that reads nothing: the start-up part of `workers`.
+        return next(iter(DataLoader(_Empty(), num_workers=2, multiprocessing_context="spawn")))
+
+    return [
+        ("(1) BatchLoader(view)", timed(loader)),
+        ("(1b) BatchLoader(shard(view, rank 0 of 2))", timed(sharded)),
+        ("DataLoader(view, num_workers=2, spawn)", timed(workers)),
+        ("  of which spawn worker start-up (no reads)", timed(worker_start)),
+        (f"(2) Permutation.iter({batch})", timed(lancedb_iter)),
+        (f"lancedb Permutation.take_offsets({batch} rows)", timed(lancedb_take)),
+    ]
+
+
+class _Empty(torch.utils.data.Dataset[int]):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
 @dataclass
 class Figure:
     label: str
@@ -277,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in BatchLoader(view, 1 << 20):
         pass
 
+    print("\ntime to first batch (s), each on a freshly opened view of split 'train':")
+    for label, seconds in first_batch_times(db, args.batch, io_bytes):
+        print(f"  {label:<46} {seconds:8.2f}")
+
     figures: list[Figure] = []
     loader = BatchLoader(view, args.batch, io_bytes=io_bytes)
     figures.append(drain("(1) perm_assets BatchLoader", loader, arrow_columns, args.budget))
@@ -320,7 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         batches = shuffled.with_format("arrow").iter(batch_size=args.batch)
         figures.append(drain("(4) HF datasets shuffled", batches, arrow_columns, args.budget))
 
+    sharded = drain(
+        "(1b) BatchLoader, shard rank 0 of 2",
+        BatchLoader(shard(view, rank=0, world_size=2, seed=1), args.batch, io_bytes=io_bytes),
+        arrow_columns,
+        args.budget,
+    )
     print(f"\ntrain split: {split_rows:,} rows; rows/s delivered to the training loop:")
+    print(
+        f"  {sharded.label:<34} {sharded.rows:>11,} rows {sharded.seconds:7.2f} s "
+        f"{sharded.rows_per_s:>12,.0f} rows/s  (one rank's loop; 2 ranks share the cores)"
+    )
     hf_figure = figures[3] if len(figures) > 3 else None
     for figure in figures:
         vs_hf = (

@@ -22,6 +22,7 @@ from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 from lancedb.permutation import Permutation, Transforms
 from lancedb.table import Table
@@ -31,6 +32,7 @@ from perm_assets.batches import OWN_TRANSFORMS, VIEW_FORMATS, ViewFormat, reslic
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, fold_index
 from perm_assets.pins import VersionIdentity, verify_identity, verify_pin, version_stamp
+from perm_assets.reader import SplitRows, take_rows
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import (
     BASE_TABLE_KEY,
@@ -174,6 +176,52 @@ class PermutationView(Permutation):
         super().__init__(*args, **kwargs)
         # The process whose lancedb runtime holds this view's table handles (_build_reader).
         self._home_pid = os.getpid()
+        # The split's row ids, read by this project (lancedb's take_offsets builds an offset
+        # map of the whole split first: 39 s at 72M rows). Copies share it: read once.
+        self._split_rows = SplitRows(self.base_table, self.permutation_table, self.split)
+
+    def forked(self) -> bool:
+        """Whether this process is a fork of the one that opened the view (lancedb 0.40 is
+        not fork-safe there: reads go through a helper interpreter, see _ForkedReader)."""
+        return self.__dict__.get("_home_pid", os.getpid()) != os.getpid()
+
+    def split_rows(self) -> SplitRows | None:
+        """The row ids this view reads by position, or None in a forked child."""
+        rows: SplitRows | None = self.__dict__.get("_split_rows")
+        return None if self.forked() else rows
+
+    def take_offsets(self, offsets: list[int] | np.ndarray) -> Any:
+        """Rows at positions ``offsets`` of the view, in that order and the view's format.
+
+        Reads the split's row ids once (`SplitRows`) and the base rows by id at the pinned
+        version, instead of lancedb's take_offsets and its offset map of the whole split.
+
+        Raises:
+            IndexError: an offset outside ``[0, len(view))``.
+        """
+        transform = cast(Callable[[pa.RecordBatch], Any], self.transform_fn)
+        return transform(self.take_arrow(offsets))
+
+    def take_arrow(self, offsets: list[int] | np.ndarray) -> pa.RecordBatch:
+        """`take_offsets` as an Arrow batch, whatever the view's format."""
+        rows = self.split_rows()
+        if rows is None:  # a forked child: the helper interpreter answers
+            self._ensure_open()  # on this view, so the copy shares its helper (see iter)
+            arrow = copy.copy(self)
+            arrow.transform_fn = Transforms.arrow2arrow
+            return cast(pa.RecordBatch, Permutation.take_offsets(arrow, list(offsets)))
+        ids = rows.window(self.offset, self.limit)
+        positions = np.asarray(offsets, dtype=np.int64)
+        if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= ids.size):
+            bad = positions[(positions < 0) | (positions >= ids.size)][0]
+            raise IndexError(f"offset {bad} is out of range for a view of {ids.size:,} rows")
+        return self.take_row_ids(ids[positions])
+
+    def take_row_ids(self, row_ids: np.ndarray) -> pa.RecordBatch:
+        """Base rows ``row_ids`` (from `split_rows`) at the pinned version, in that order."""
+        lineage: ViewLineage | None = self.__dict__.get("lineage")
+        what = f"view of asset '{lineage.asset}'" if lineage is not None else "view"
+        return take_rows(self.base_table, row_ids, self.selection, what=what)
 
     async def _build_reader(self) -> Any:
         # lancedb 0.40 is not fork-safe: in a forked child (DataLoader's default on Linux)
@@ -572,8 +620,11 @@ def _serve_forked_reads() -> None:
             data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # an exception that does not pickle travels as its text
             data = pickle.dumps(("error", RuntimeError(repr(message[1]))))
-        replies.write(data)
-        replies.flush()
+        try:
+            replies.write(data)
+            replies.flush()
+        except BrokenPipeError:  # the forked worker exited while this reply was on its way
+            return
 
 
 def _reopen_with_factory(factory: Callable[[str], Table], lineage: ViewLineage) -> PermutationView:

@@ -1,0 +1,165 @@
+"""A view's rows by position, read by this project instead of lancedb's offset map.
+
+lancedb 0.40's ``Permutation.take_offsets`` builds an offset map of the whole split on its
+first call (39 s for a 72M-row split of a 100M-row table), once per process and per DataLoader
+worker. The project owns its permutation tables (``row_id`` = base row address, ``split_id``,
+both uint64, at a pinned version), so it reads them itself:
+
+- `SplitRows` holds a split's row ids in view order: the ``row_id`` of every permutation-table
+  row whose ``split_id`` is the split's, in stored order (lancedb's reader uses the same order;
+  tests compare them). The whole array is read once, on the first random access, in 1M-row
+  batches (~0.3 s per 10M table rows); sequential reads stream it and never wait for the
+  whole split.
+- `take_rows` reads base rows by row id at the pinned base version (``Table.take_row_ids``)
+  and puts them in the requested order (lancedb returns them sorted by address).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from lancedb.table import Table
+
+from perm_assets.errors import LineageError
+
+__all__ = ["ROW_ID_BATCH", "SplitRows", "ramp", "take_rows"]
+
+ROW_ID_BATCH = 1 << 20
+"""Permutation-table rows per read batch (1M: ~20 ms for the two uint64 columns)."""
+
+_ROWID = "_rowid"
+
+
+class SplitRows:
+    """The row ids (base row addresses) of one split of a permutation table, in view order.
+
+    ``stored`` None is an identity view: every row of ``base`` in stored order. Shared by
+    every copy of a view (see `perm_assets.views.PermutationView`), so the array is read at
+    most once per process; thread-safe.
+    """
+
+    def __init__(self, base: Table, stored: Table | None, split: int) -> None:
+        self.base = base
+        self.stored = stored
+        self.split = split
+        self._all: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def all(self) -> np.ndarray:
+        """Every row id of the split, uint64, in view order (read on first call)."""
+        with self._lock:
+            if self._all is None:
+                parts = list(self._scan())
+                self._all = np.concatenate(parts) if parts else np.empty(0, np.uint64)
+            return self._all
+
+    def window(self, offset: int | None, limit: int | None) -> np.ndarray:
+        """Row ids of the view that skips ``offset`` rows and takes ``limit`` (lancedb's
+        ``with_skip``/``with_take``), a slice of `all`."""
+        start = offset or 0
+        stop = None if limit is None else start + limit
+        return self.all()[start:stop]
+
+    def stream(
+        self, offset: int | None, limit: int | None, sizes: Iterable[int]
+    ) -> Iterator[np.ndarray]:
+        """The row ids of `window` in chunks of the next of ``sizes`` rows (the last chunk
+        shorter), read as they are needed: the first chunk does not wait for the rest of the
+        split."""
+        wanted = iter(sizes)
+        if self._all is not None:
+            ids = self.window(offset, limit)
+            start = 0
+            while start < ids.size:
+                size = next(wanted)
+                yield ids[start : start + size]
+                start += size
+            return
+        chunk_rows = next(wanted)
+        skip = offset or 0
+        left = -1 if limit is None else limit
+        pending: list[np.ndarray] = []
+        held = 0
+        for part in self._scan():
+            if skip:
+                dropped = min(skip, part.size)
+                part, skip = part[dropped:], skip - dropped
+            if left >= 0:
+                part = part[:left]
+                left -= part.size
+            if part.size:
+                pending.append(part)
+                held += part.size
+            while held >= chunk_rows:
+                joined = np.concatenate(pending)
+                yield joined[:chunk_rows]
+                pending, held = [joined[chunk_rows:]], held - chunk_rows
+                chunk_rows = next(wanted)
+            if left == 0:
+                break
+        if held:
+            yield np.concatenate(pending)
+
+    def _scan(self) -> Iterator[np.ndarray]:
+        """The split's row ids batch by batch, in stored order."""
+        if self.stored is None:  # identity view: the base table's own row ids
+            query = self.base.search().select([]).with_row_id(True)
+            for batch in query.to_batches(ROW_ID_BATCH):
+                yield batch.column(_ROWID).to_numpy().astype(np.uint64, copy=False)
+            return
+        # Filtered in lancedb, to_batches rather than to_arrow: query.to_arrow() took 2.3 s for
+        # an 8M-row split, these batches 0.26 s (and 5.2 s for a 80M-row split of 100M rows,
+        # where reading both columns and masking in numpy took 7.7 s).
+        query = self.stored.search().where(f"split_id = {int(self.split)}").select(["row_id"])
+        for batch in query.to_batches(ROW_ID_BATCH):
+            yield batch.column("row_id").to_numpy()
+
+
+def ramp(first: int, full: int) -> Iterator[int]:
+    """Read sizes ``first, 2 * first, 4 * first, ...`` up to ``full``, then ``full`` forever:
+    a pass's first batch waits for one small read, not for a whole I/O batch."""
+    size = min(first, full)
+    while size < full:
+        yield size
+        size *= 2
+    while True:
+        yield full
+
+
+def take_rows(
+    base: Table, row_ids: np.ndarray, selection: Mapping[str, str], *, what: str
+) -> pa.RecordBatch:
+    """Rows ``row_ids`` of ``base`` (at its checked-out version), in that order, as one batch
+    with the columns of ``selection`` (output name → source column, as lancedb keeps it).
+
+    Raises:
+        LineageError: a row id is not in ``base`` at this version (``what`` names the view).
+    """
+    names = list(selection)
+    # lancedb returns rows sorted by address whatever order they were asked in, and once
+    # per distinct id: ask for the sorted distinct ids, then gather them in the wanted order.
+    unique, inverse = np.unique(np.asarray(row_ids, dtype=np.uint64), return_inverse=True)
+    columns: dict[str, Any] = {name: selection[name] for name in names if name != _ROWID}
+    query = base.take_row_ids(unique.tolist()).with_row_id()
+    query = query.select(columns if columns else [])
+    found = query.to_arrow()
+    got = found.column(_ROWID).to_numpy() if found.num_rows else np.empty(0, np.uint64)
+    if got.size != unique.size or not np.array_equal(got, unique):
+        missing = np.setdiff1d(unique, got)[:5].tolist()
+        raise LineageError(
+            f"{what}: base table '{base.name}' at version {base.version} does not return the "
+            f"rows asked for (asked {unique.size:,}, got {got.size:,}; missing e.g. row ids "
+            f"{missing}); its pinned version no longer holds the view's rows"
+        )
+    ordered = found.take(pa.array(inverse.reshape(-1)))
+    sources = [_ROWID if name == _ROWID else name for name in names]
+    schema = pa.schema(
+        [found.schema.field(src).with_name(name) for src, name in zip(sources, names, strict=True)]
+    )
+    table = pa.Table.from_arrays([ordered.column(src) for src in sources], schema=schema)
+    batches = table.combine_chunks().to_batches()
+    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=schema)
