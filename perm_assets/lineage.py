@@ -82,12 +82,17 @@ def load_view(
     instance: dg.DagsterInstance,
     run_id: str | None = None,
     request: ViewRequest | None = None,
+    cache: bool = False,
 ) -> PermutationView:
     """The view of permutation (or table) asset ``key`` as run ``run_id`` materialized it.
 
     Without ``run_id``: its latest materialization. The tables are opened at the Lance versions
     that materialization recorded, so later re-materializations do not change the rows.
+    ``cache=True`` reads through the resource's local column cache (as ``ViewRequest(cache=
+    True)``): same rows, same order.
     """
+    if cache:
+        request = (request or ViewRequest()).model_copy(update={"cache": True})
     asset_key = dg.AssetKey.from_user_string(key) if isinstance(key, str) else key
     label = asset_key.to_user_string()
     records = instance.fetch_materializations(asset_key, limit=1000).records

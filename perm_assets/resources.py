@@ -150,6 +150,31 @@ class LanceDBResource(StrictFields, dg.ConfigurableResource):
         description="Rows per batch the local engine reads from the base table.",
     )
 
+    cache_dir: str | None = Field(
+        default=None,
+        description=(
+            "Local folder of the column cache that views opened with cache=True read from "
+            "(ViewRequest / AssetIn metadata {'cache': True}, load_view(cache=True)): the "
+            "selected columns at the pinned version, fetched once, shared by the processes "
+            "of a node. None: $XDG_CACHE_HOME/perm_assets (else ~/.cache/perm_assets)."
+        ),
+    )
+    cache_max_bytes: int = Field(
+        default=64 << 30,
+        gt=0,
+        description=(
+            "Bound on the column cache's size in bytes (default 64 GiB); least recently used "
+            "entries are removed first. A view needing more than this fails with a clear error."
+        ),
+    )
+
+    def column_cache(self) -> tuple[str, int]:
+        """``(folder, max bytes)`` of the column cache (the folder resolved now, not at import)."""
+        if self.cache_dir is not None:
+            return self.cache_dir, self.cache_max_bytes
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "perm_assets"), self.cache_max_bytes
+
     def connect(self) -> DBConnection:
         """Open a connection to the database (cheap; nothing is read until a table is opened)."""
         interval = (

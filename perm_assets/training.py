@@ -422,7 +422,7 @@ class BatchLoader:
                         return
                     yield view.take_row_ids(ids[offsets[first : first + size]])
                     first += size
-            if start == 0:
+            if start == 0 and not view.cached:
                 # The first batch by id: streaming its row ids takes one small read (lancedb's
                 # own first read of a stream took 0.7-2.5 s at 10M-100M rows here).
                 ids = rows.stream(view.offset, view.limit, ramp(self.batch_size, self.batch_size))
@@ -430,7 +430,8 @@ class BatchLoader:
                 _close(ids)
                 yield from self._stream(view, None if first is None else view.take_row_ids(first))
                 return
-            # A resumed pass: streamed from the permutation table from row ``start`` (lancedb's
+            # A resumed or cached pass (the cache gathers by row id; lancedb's stream would
+            # read the table): streamed from the permutation table from row ``start`` (lancedb's
             # with_skip rebuilds its reader first, ~3 s at 100M rows), reads ramping up from one
             # training batch.
             offset = (view.offset or 0) + start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import json
 import os
 import pickle
@@ -29,6 +30,7 @@ from lancedb.table import Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from perm_assets.batches import OWN_TRANSFORMS, VIEW_FORMATS, ViewFormat, reslice
+from perm_assets.cache import CacheEntry, ColumnCache
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, fold_index
 from perm_assets.pins import VersionIdentity, verify_identity, verify_pin, version_stamp
@@ -46,6 +48,8 @@ from perm_assets.tables import (
     is_permutation_schema,
     looks_like_permutation,
 )
+
+_CACHED_READ_ROWS = 65_536  # row ids per gather from the column cache in `iter`
 
 
 class ViewRequest(BaseModel):
@@ -91,6 +95,15 @@ class ViewRequest(BaseModel):
         ),
     )
 
+    cache: bool = Field(
+        default=False,
+        description=(
+            "Read the selected base columns from the local column cache (LanceDBResource."
+            "cache_dir): fetched once, sequentially, at the pinned version, then every batch "
+            "is a local gather in the view's order. Same rows, order and values as without."
+        ),
+    )
+
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
@@ -114,7 +127,7 @@ class ViewRequest(BaseModel):
 
 VIEW_KEYS_HELP = (
     "split (name, index or list), fold (for folds assets), columns (list of names), format (one "
-    f"of {', '.join(VIEW_FORMATS)}), batch_size (>= 1)"
+    f"of {', '.join(VIEW_FORMATS)}), batch_size (>= 1), cache (true/false)"
 )
 
 
@@ -218,10 +231,43 @@ class PermutationView(Permutation):
         return self.take_row_ids(ids[positions])
 
     def take_row_ids(self, row_ids: np.ndarray) -> pa.RecordBatch:
-        """Base rows ``row_ids`` (from `split_rows`) at the pinned version, in that order."""
+        """Base rows ``row_ids`` (from `split_rows`) at the pinned version, in that order:
+        from the column cache when the view uses one (`use_cache`), else from the table."""
         lineage: ViewLineage | None = self.__dict__.get("lineage")
         what = f"view of asset '{lineage.asset}'" if lineage is not None else "view"
+        if self.__dict__.get("_cache") is not None:
+            return self._cache_entry(what).take(row_ids, self.selection)
         return take_rows(self.base_table, row_ids, self.selection, what=what)
+
+    def use_cache(self, folder: str, max_bytes: int) -> PermutationView:
+        """This view reading its selected columns from the column cache under ``folder``
+        (`perm_assets.cache`); the entry is fetched on first read, once per node."""
+        view = copy.copy(self)
+        view._cache = (folder, max_bytes)
+        view._cache_entries = {}
+        return view
+
+    @property
+    def cached(self) -> bool:
+        """Whether reads come from the local column cache."""
+        return self.__dict__.get("_cache") is not None
+
+    def _cache_entry(self, what: str) -> CacheEntry:
+        # Copies share the dict: one entry per column set, opened once per process.
+        entries: dict[tuple[str, ...], CacheEntry] = self.__dict__["_cache_entries"]
+        columns = tuple(sorted(c for c in self.selection.values() if c != "_rowid"))
+        entry = entries.get(columns)
+        if entry is None:
+            folder, max_bytes = self.__dict__["_cache"]
+            lineage: ViewLineage | None = self.__dict__.get("lineage")
+            entry = ColumnCache(folder, max_bytes).open(
+                self.base_table,
+                list(columns),
+                pin=lineage.pin if lineage is not None else None,
+                what=what,
+            )
+            entries[columns] = entry
+        return entry
 
     async def _build_reader(self) -> Any:
         # lancedb 0.40 is not fork-safe: in a forked child (DataLoader's default on Linux)
@@ -272,6 +318,7 @@ class PermutationView(Permutation):
             "limit": self.limit,
             "connection_factory": factory,
             "connection": connection,
+            "cache": self.__dict__.get("_cache"),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -303,6 +350,9 @@ class PermutationView(Permutation):
         self.offset = state["offset"]
         self.limit = state["limit"]
         self.connection_factory = factory
+        if state.get("cache") is not None:  # the worker gathers from the same local entry
+            self._cache = tuple(state["cache"])
+            self._cache_entries = {}
         if self.offset is not None or self.limit is not None:
             # lancedb's _ensure_open rebuilds the reader, with skip and take, on first use.
             self._pid = None
@@ -358,6 +408,15 @@ class PermutationView(Permutation):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1 rows")
         transform = cast(Callable[[pa.RecordBatch], Any], self.transform_fn)
+        rows = self.split_rows()
+        if self.cached and rows is not None:  # gathers from the local cache, in view order
+            chunks = rows.stream(
+                self.offset, self.limit, itertools.repeat(max(batch_size, _CACHED_READ_ROWS))
+            )
+            cached = (self.take_row_ids(ids) for ids in chunks)
+            for batch in reslice(cached, batch_size, drop_last=skip_last_batch):
+                yield transform(batch)
+            return
         # Open (or reuse) the reader on this view first: the copy then shares it, instead of
         # building one per pass (in a forked worker, a helper interpreter per epoch).
         self._ensure_open()
@@ -695,7 +754,7 @@ def open_view(
     _refuse_fold_of_non_folds(stored, request, asset=asset)
     fold = request.fold if request.fold is not None else partition_key
     view = _open_split(db, stored, request.split, asset=asset, fold=fold)
-    return refine(view, request, asset=asset)
+    return _cached(refine(view, request, asset=asset), request, db)
 
 
 def open_split_views(
@@ -725,6 +784,7 @@ def open_split_views(
     views = {}
     for split in wanted:
         view = refine(_open_split(db, stored, split, asset=asset, fold=fold), request, asset=asset)
+        view = _cached(view, request, db)
         # Keyed as asked ("train", "validation"), else by the split's recorded name.
         key = split if isinstance(split, str) else view.lineage.split or str(split)
         views[key] = view
@@ -838,6 +898,11 @@ def _fold_table(
         return names[index], train, index, None
     offset, rows = json.loads(ranges)[index]
     return names[index], train, 0, (int(offset), int(rows))
+
+
+def _cached(view: PermutationView, request: ViewRequest, db: LanceDBResource) -> PermutationView:
+    """The view reading from the resource's column cache when the request asks for it."""
+    return view.use_cache(*db.column_cache()) if request.cache else view
 
 
 def refine(view: PermutationView, request: ViewRequest, *, asset: str) -> PermutationView:

@@ -4,18 +4,37 @@ re-created tables never hit old entries, damaged entries refetched, least recent
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import dagster as dg
 import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+from lancedb.permutation import Permutation
 
+from perm_assets import (
+    KFold,
+    LanceDBIOManager,
+    LanceDBResource,
+    RandomSplit,
+    Shuffle,
+    ViewRequest,
+    folds_asset,
+    open_view,
+    permutation_asset,
+)
 from perm_assets import cache as cache_module
 from perm_assets.cache import ColumnCache
 from perm_assets.errors import LineageError
+from perm_assets.lineage import load_view
+from perm_assets.training import BatchLoader, shard
+from perm_assets.views import PermutationView
+from tests.conftest import Runner, table_asset
 from tests.processes import REPO, child_env
 
 N = 20_000
@@ -161,3 +180,124 @@ def test_least_recently_used_entries_go_first(table: lancedb.table.Table, tmp_pa
     too_small = ColumnCache(tmp_path / "small", 1_000)
     with pytest.raises(LineageError, match=r"above the cache's max_bytes=1,000"):
         too_small.open(table, ["x", "vec"], pin=None, what="view 'v'")
+
+
+# ------------------------------------------------------------------ views through the cache
+SPLITS = permutation_asset(
+    "splits",
+    source=table_asset("rows", 6_007),
+    split=RandomSplit(ratios=[0.7, 0.3], seed=3, split_names=["train", "test"]),
+    shuffle=Shuffle(seed=4),
+)
+FOLDS = folds_asset("folds", source=table_asset("rows", 6_007), folds=KFold(k=3, seed=5))
+
+
+def _views(db: LanceDBResource, asset: str, split: str, **extra: Any) -> list[Any]:
+    """The same view without and with the cache."""
+    return [
+        open_view(
+            db,
+            asset=asset,
+            table=asset,
+            version=None,
+            request=ViewRequest(
+                split=split, columns=["id", "value", "name"], format="arrow", cache=cache, **extra
+            ),
+        )
+        for cache in (False, True)
+    ]
+
+
+def _ids(batches: Any) -> list[int]:
+    return [int(i) for b in batches for i in b.column("id").to_pylist()]
+
+
+def test_a_cached_view_reads_the_same_rows_in_the_same_order(
+    run: Runner, db: LanceDBResource, tmp_path: Path
+) -> None:
+    db = db.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    run([table_asset("rows", 6_007), SPLITS])
+    plain, cached = _views(db, "splits", "train")
+    assert cached.cached and not plain.cached
+    full = pa.Table.from_batches(list(plain.iter(1000)))
+    assert pa.Table.from_batches(list(cached.iter(1000))).equals(full)
+    assert pa.Table.from_batches(list(BatchLoader(cached, batch_size=256))).equals(full)
+    positions = np.random.default_rng(0).permutation(len(plain))[:500]
+    assert cached.take_offsets(positions).equals(plain.take_offsets(positions))
+    for rank in range(2):
+        shards = [shard(v, rank=rank, world_size=2, seed=1, epoch=1) for v in (plain, cached)]
+        assert _ids(BatchLoader(shards[1], batch_size=64)) == _ids(
+            BatchLoader(shards[0], batch_size=64)
+        )
+    # A pickled view (a spawned DataLoader worker) gathers from the same entry.
+    again = pickle.loads(pickle.dumps(cached))
+    assert again.cached
+    assert pa.Table.from_batches(list(again.iter(1000))).equals(full)
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_cached_folds_and_resume_match_the_uncached_reads(
+    run: Runner, db: LanceDBResource, tmp_path: Path
+) -> None:
+    db = db.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    run([table_asset("rows", 6_007), FOLDS])
+    for split in ("train", "validation"):
+        plain, cached = _views(db, "folds", split, fold=1)
+        assert _ids(cached.iter(500)) == _ids(plain.iter(500))
+    plain, cached = _views(db, "folds", "train", fold=2)
+    loader = BatchLoader(cached, batch_size=100)
+    head = []
+    for batch in loader:
+        head.append(batch)
+        if len(head) == 7:
+            break
+    state = loader.state_dict()
+    resumed = BatchLoader(cached, batch_size=100)
+    resumed.load_state_dict(state)
+    assert _ids(head) + _ids(resumed) == _ids(BatchLoader(plain, batch_size=100))
+
+
+def test_asset_in_cache_true_hands_a_cached_view_with_the_same_rows(
+    run: Runner, db: LanceDBResource, tmp_path: Path
+) -> None:
+    cache_db = db.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    seen: dict[str, list[int]] = {}
+
+    def consumer(name: str, cache: bool) -> dg.AssetsDefinition:
+        @dg.asset(
+            name=name,
+            ins={
+                "train": dg.AssetIn(
+                    key=SPLITS.key,
+                    metadata={
+                        "split": "train",
+                        "columns": ["id"],
+                        "format": "arrow",
+                        "cache": cache,
+                    },
+                )
+            },
+        )
+        def _consume(train: Permutation) -> None:
+            assert isinstance(train, PermutationView) and train.cached is cache
+            seen[name] = _ids(train.iter(333))
+
+        return _consume
+
+    resources = {"lancedb": cache_db, "io_manager": LanceDBIOManager(db=cache_db)}
+    result = dg.materialize(
+        [table_asset("rows", 6_007), SPLITS, consumer("plain", False), consumer("cached", True)],
+        resources=resources,
+        instance=run.instance,
+    )
+    assert result.success
+    assert seen["cached"] == seen["plain"] and len(seen["plain"]) > 4_000
+    # load_view(cache=True): the same rows as the run read.
+    view = load_view(
+        "splits",
+        db=cache_db,
+        instance=run.instance,
+        cache=True,
+        request=ViewRequest(split="train", columns=["id"], format="arrow"),
+    )
+    assert view.cached and _ids(view.iter(1000)) == seen["plain"]
