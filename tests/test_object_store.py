@@ -41,6 +41,7 @@ from perm_assets import (
     permutation_asset,
 )
 from perm_assets.tables import WriteMode, write_table
+from perm_assets.training import BatchLoader
 from perm_assets.views import ViewRequest, open_view, read_arrow
 from tests import test_io_manager as local_io
 from tests import test_lineage as local_lineage
@@ -314,6 +315,42 @@ def test_table_asset_lives_in_the_bucket_at_its_recorded_versions(
     prefix = s3_uri.removeprefix(f"s3://{s3.bucket}/") + "/rows.lance/_versions/"
     listing = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
     assert len(listing.get("Contents", [])) == second["lance/version"]
+
+
+def test_a_cached_view_reads_the_base_table_once_then_makes_no_data_requests(
+    run: Runner, db: LanceDBResource, s3: S3Server, s3_uri: str, tmp_path: Path
+) -> None:
+    """Without the cache every shuffled pass GETs the base table's data files again; with it,
+    one sequential fetch, then passes read only the permutation table's row ids."""
+    source = table_asset("rows", 3_000)
+    splits = permutation_asset(
+        "splits",
+        source=source,
+        split=RandomSplit(ratios=[0.8, 0.2], seed=0, split_names=["train", "test"]),
+        shuffle=Shuffle(seed=0),
+    )
+    run([source, splits])
+    cached_db = db.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    data = s3_uri.removeprefix(f"s3://{s3.bucket}/") + "/rows.lance/data/"
+
+    def read(cache: bool) -> tuple[list[int], int]:
+        with s3.recorded_requests() as requests:
+            view = open_view(
+                cached_db,
+                asset="splits",
+                table="splits",
+                version=None,
+                request=ViewRequest(split="train", columns=["id"], format="arrow", cache=cache),
+            )
+            ids = [i for b in BatchLoader(view, batch_size=100) for i in b.column("id").to_pylist()]
+        return ids, sum(1 for r in requests if r["method"] == "GET" and data in r["url"])
+
+    plain, plain_gets = read(cache=False)
+    first, fetch_gets = read(cache=True)  # fetches the column once
+    again, cached_gets = read(cache=True)
+    assert first == plain and again == plain and len(plain) == 2_400
+    assert plain_gets > 0 and fetch_gets > 0
+    assert cached_gets == 0
 
 
 # ------------------------------------------------------- two processes, one permutation asset
