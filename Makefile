@@ -49,6 +49,7 @@ bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_torch.py
+	$(BIN)/python bench/bench_s3.py --rows 1000000
 
 bench-scale: $(STAMP) ## Engines (lancedb, local) at 10M and 100M rows: time, peak RSS, rows/s (~15 min)
 	$(BIN)/python bench/bench_scale.py --rows 10000000 100000000 --folds
