@@ -106,7 +106,7 @@ def _read(db: LanceDBResource, *, cache: bool) -> tuple[float, int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the table")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="perm_assets-bench-s3-"))
