@@ -17,12 +17,14 @@ upstream's latest materialization recorded:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, cast, get_origin
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from lancedb.permutation import Permutation
@@ -48,6 +50,7 @@ from perm_assets.tables import (
     BASE_VERSION_KEY,
     PIN_KEY,
     SOURCE_TABLE_KEY,
+    SPLIT_RANGES_KEY,
     WriteMode,
     is_permutation_schema,
     read_all,
@@ -239,7 +242,11 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         pin(base, pin_name, perm.base_version)
         base.checkout(perm.base_version)  # its schema: the columns a consumer may select
         # A table, or a stream from an out-of-core engine (written batch by batch).
-        data = perm.persistable({PIN_KEY.encode(): pin_name.encode()})
+        metadata_added = {PIN_KEY.encode(): pin_name.encode()}
+        ranges = _split_ranges(perm)
+        if ranges is not None:  # readers take a split's row ids by table offset
+            metadata_added[SPLIT_RANGES_KEY.encode()] = json.dumps(ranges).encode()
+        data = perm.persistable(metadata_added)
         table = write_table(connection, name, data, WriteMode.OVERWRITE)
         for written in [table, *(also_pin or [])]:
             pin(written, pin_name, written.version)
@@ -469,3 +476,15 @@ def _column_schema(schema: pa.Schema) -> dg.TableSchema:
 def _display_uri(uri: str, name: str) -> str:
     root = uri if "://" in uri else os.path.abspath(uri)
     return f"{root.rstrip('/')}/{name}.lance"
+
+
+def _split_ranges(perm: PermutationData) -> list[list[int]] | None:
+    """``[[first row, rows], ...]`` when the rows are stored split after split: always for an
+    out-of-core engine's stream (it emits split by split; readers verify the split ids they
+    take), checked here for an in-memory table (lancedb's builder output is not guaranteed)."""
+    if perm.stream is None:
+        split_ids = perm.data.column("split_id").to_numpy()
+        if split_ids.size > 1 and not bool(np.all(split_ids[1:] >= split_ids[:-1])):
+            return None
+    starts = np.cumsum([0, *perm.split_rows[:-1]])
+    return [[int(start), int(rows)] for start, rows in zip(starts, perm.split_rows, strict=True)]

@@ -414,13 +414,15 @@ class BatchLoader:
         view = self._arrow
         if isinstance(view, PermutationView) and (rows := view.split_rows()) is not None:
             if isinstance(self.source, Shard):
-                ids = rows.window(view.offset, view.limit)
                 offsets = self.source.offsets[start:]
                 first = 0
                 for size in ramp(self.batch_size, self.io_rows):
                     if first >= len(offsets):
                         return
-                    yield view.take_row_ids(ids[offsets[first : first + size]])
+                    part = offsets[first : first + size]
+                    yield view.take_row_ids(rows.at(view.offset, view.limit, part))
+                    if first == 0:  # later batches: slices of the whole split, read once now
+                        rows.all()
                     first += size
             if start == 0 and not view.cached:
                 # The first batch by id: streaming its row ids takes one small read (lancedb's

@@ -223,12 +223,7 @@ class PermutationView(Permutation):
             arrow = copy.copy(self)
             arrow.transform_fn = Transforms.arrow2arrow
             return cast(pa.RecordBatch, Permutation.take_offsets(arrow, list(offsets)))
-        ids = rows.window(self.offset, self.limit)
-        positions = np.asarray(offsets, dtype=np.int64)
-        if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= ids.size):
-            bad = positions[(positions < 0) | (positions >= ids.size)][0]
-            raise IndexError(f"offset {bad} is out of range for a view of {ids.size:,} rows")
-        return self.take_row_ids(ids[positions])
+        return self.take_row_ids(rows.at(self.offset, self.limit, np.asarray(offsets)))
 
     def take_row_ids(self, row_ids: np.ndarray) -> pa.RecordBatch:
         """Base rows ``row_ids`` (from `split_rows`) at the pinned version, in that order:

@@ -209,3 +209,59 @@ def test_the_first_batch_does_not_wait_for_the_whole_split(splits: LanceDBResour
     assert first.num_rows == 8
     assert rows._all is None  # the whole split's row ids were never read into memory
     assert first.equals(lancedb_take(view, np.arange(8)))
+
+
+def test_recorded_split_ranges_answer_takes_without_reading_the_whole_split(
+    run: Runner, db: LanceDBResource
+) -> None:
+    """The first batch of a map-style worker or a shard reads only the row ids it needs."""
+    source = dg.asset(name="rows")(lambda: make_rows(ROWS))
+    splits = permutation_asset(
+        "ranged",
+        source=source,
+        split=RandomSplit(ratios=[0.5, 0.3, 0.2], seed=5, split_names=["a", "b", "c"]),
+        shuffle=Shuffle(seed=6),
+    )
+    run([source, splits])
+    request = ViewRequest(split="b", columns=["id"], format="arrow")
+    full = open_view(db, asset="ranged", table="ranged", version=None, request=request)
+    expected = lancedb_rows(full).column("id").to_numpy()
+    view = open_view(db, asset="ranged", table="ranged", version=None, request=request)
+    rows = view.split_rows()
+    assert rows is not None and rows._range is not None
+
+    def whole_split_read() -> Any:
+        raise AssertionError("the whole split's row ids were read")
+
+    rows._scan = whole_split_read  # type: ignore[method-assign]
+    positions = np.random.default_rng(1).permutation(len(expected))[:300]
+    got = view.take_offsets(positions).column("id").to_numpy()
+    assert np.array_equal(got, expected[positions])
+    with pytest.raises(IndexError, match=f"offset {len(expected)} is out of range"):
+        view.take_offsets([len(expected)])
+
+
+def test_split_ranges_that_do_not_match_the_split_ids_are_refused(tmp_path: Path) -> None:
+    db = LanceDBResource(uri=str(tmp_path / "db"))
+    connection = db.connect()
+    connection.create_table("base", make_rows(10))
+    # Splits interleave, but the metadata claims split 1 is rows 5..9.
+    bad = pa.table(
+        {
+            "row_id": pa.array(range(10), pa.uint64()),
+            "split_id": pa.array([0, 1] * 5, pa.uint64()),
+        }
+    ).replace_schema_metadata(
+        {
+            "split_names": '["x", "y"]',
+            "base_version": "1",
+            "perm_assets.base_table": "base",
+            "perm_assets.split_ranges": "[[0, 5], [5, 5]]",
+        }
+    )
+    connection.create_table("perm", bad)
+    view = open_view(
+        db, asset="perm", table="perm", version=None, request=ViewRequest(split="y", format="arrow")
+    )
+    with pytest.raises(LineageError, match=r"split ranges metadata places split 1"):
+        view.take_offsets([0, 1])
