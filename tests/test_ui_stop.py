@@ -59,8 +59,19 @@ def _names(pids: list[int]) -> list[str]:
 def test_make_ui_stops_every_process_within_10_s(tmp_path: Path, how: str) -> None:
     port = free_port()
     log = tmp_path / "make_ui.log"
-    command = ["make", "-o", str(VENV / ".installed"), "ui", f"VENV={VENV}", f"UI_PORT={port}"]
-    env = child_env(DAGSTER_HOME=str(tmp_path / "home"))
+    # DAGSTER_HOME as a make variable: the Makefile's own export wins over the environment,
+    # and the repo's .dagster_home may hold runs that the daemon would launch now.
+    home = f"DAGSTER_HOME={tmp_path / 'home'}"
+    command = [
+        "make",
+        "-o",
+        str(VENV / ".installed"),
+        "ui",
+        f"VENV={VENV}",
+        f"UI_PORT={port}",
+        home,
+    ]
+    env = child_env()
     with log.open("wb") as out:
         make = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
