@@ -384,8 +384,9 @@ def _build_without_builder(table: Table, spec: PermutationSpec, *, asset: str) -
     return permutation_table(row_ids[order], split_ids[order], base_version=table.version)
 
 
-def _sized_assignment(split: RandomSplit | SequentialSplit, n: int, *, asset: str) -> np.ndarray:
-    """Split id per row in table order; -1 for rows the spec leaves out (counts, discard)."""
+def split_sizes(split: RandomSplit | SequentialSplit, n: int, *, asset: str) -> np.ndarray:
+    """Rows of each split of ``n`` selected rows: the counts asked, or the ratios apportioned
+    (within 1 row of each share; a remainder below 1 is left out)."""
     ratios, counts = split.builder_sizes()
     if counts is not None:
         if sum(counts) > n:
@@ -393,12 +394,16 @@ def _sized_assignment(split: RandomSplit | SequentialSplit, n: int, *, asset: st
                 f"asset '{asset}': counts {counts} ask for {sum(counts)} rows but the filter "
                 f"selects {n}; lower the counts or loosen the filter"
             )
-        sizes = np.asarray(counts, dtype=np.int64)
-    else:
-        assert ratios is not None
-        left_out = 1.0 - math.fsum(ratios)
-        with_rest = [*ratios, left_out] if left_out > 1e-9 else list(ratios)
-        sizes = assign.apportion(n, with_rest)[: len(ratios)]
+        return np.asarray(counts, dtype=np.int64)
+    assert ratios is not None
+    left_out = 1.0 - math.fsum(ratios)
+    with_rest = [*ratios, left_out] if left_out > 1e-9 else list(ratios)
+    return assign.apportion(n, with_rest)[: len(ratios)]
+
+
+def _sized_assignment(split: RandomSplit | SequentialSplit, n: int, *, asset: str) -> np.ndarray:
+    """Split id per row in table order; -1 for rows the spec leaves out (counts, discard)."""
+    sizes = split_sizes(split, n, asset=asset)
     ends = np.cumsum(sizes)
     # Position p of the assignment order goes to the split whose range holds p.
     by_position = np.full(n, -1, dtype=np.int64)

@@ -29,6 +29,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_make_ui(
+    *, cwd: Path, port: int, home: Path, log: Path, venv: Path
+) -> subprocess.Popen[bytes]:
+    """``make ui`` on ``port`` with its own Dagster ``home``, leading a new process group.
+
+    The home is a make variable: the Makefile's own ``export DAGSTER_HOME`` wins over the
+    environment (the repo's .dagster_home may hold runs the daemon would launch). ``-o`` keeps
+    make from reinstalling ``venv``.
+    """
+    command = ["make", "-o", str(venv / ".installed"), "ui", f"VENV={venv}", f"UI_PORT={port}"]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*command, f"DAGSTER_HOME={home}"],
+            cwd=cwd,
+            env=child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def webserver_answers(port: int) -> bool:
     """Whether a Dagster webserver answers ``/server_info`` on 127.0.0.1:``port``."""
     try:

@@ -36,6 +36,7 @@ from tests.processes import (
     child_env,
     free_port,
     kill_group,
+    start_make_ui,
     wait_for,
     webserver_answers,
 )
@@ -116,24 +117,7 @@ def test_split_table_and_chart_in_the_browser_and_a_resplit_from_the_launchpad(
     port = free_port()
     base = f"http://{HOST}:{port}"
     log = tmp_path / "make_ui.log"
-    command = [
-        "make",
-        "-o",
-        str(VENV / ".installed"),
-        "ui",
-        f"VENV={VENV}",
-        f"UI_PORT={port}",
-        f"DAGSTER_HOME={home}",  # a make variable: the Makefile's own export would win
-    ]
-    with log.open("wb") as out:
-        make = subprocess.Popen(
-            command,
-            cwd=project,
-            env=child_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    make = start_make_ui(cwd=project, port=port, home=home, log=log, venv=VENV)
     try:
         wait_for(
             lambda: webserver_answers(port),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,10 +19,10 @@ import pytest
 from tests.processes import (
     HOST,
     REPO,
-    child_env,
     free_port,
     kill_group,
     log_tail,
+    start_make_ui,
     wait_for,
     webserver_answers,
 )
@@ -59,23 +58,7 @@ def _names(pids: list[int]) -> list[str]:
 def test_make_ui_stops_every_process_within_10_s(tmp_path: Path, how: str) -> None:
     port = free_port()
     log = tmp_path / "make_ui.log"
-    # DAGSTER_HOME as a make variable: the Makefile's own export wins over the environment,
-    # and the repo's .dagster_home may hold runs that the daemon would launch now.
-    home = f"DAGSTER_HOME={tmp_path / 'home'}"
-    command = [
-        "make",
-        "-o",
-        str(VENV / ".installed"),
-        "ui",
-        f"VENV={VENV}",
-        f"UI_PORT={port}",
-        home,
-    ]
-    env = child_env()
-    with log.open("wb") as out:
-        make = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    make = start_make_ui(cwd=REPO, port=port, home=tmp_path / "home", log=log, venv=VENV)
     try:
         wait_for(
             lambda: webserver_answers(port),

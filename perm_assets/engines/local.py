@@ -60,6 +60,7 @@ from perm_assets.build import (
     _check_key_columns,
     _count_filtered,
     check_scalar_columns,
+    split_sizes,
     with_permutation_metadata,
 )
 from perm_assets.errors import SpecError
@@ -657,19 +658,7 @@ def _split_job(table: Table, spec: PermutationSpec, n: int, *, asset: str) -> _J
 
         return _Job(spec.filter, split.label, len(ratios), stratified, seed, shuffle_seed)
     assert isinstance(split, RandomSplit | SequentialSplit)
-    ratios, counts = split.builder_sizes()
-    if counts is not None:
-        if sum(counts) > n:
-            raise SpecError(
-                f"asset '{asset}': counts {counts} ask for {sum(counts)} rows but the filter "
-                f"selects {n}; lower the counts or loosen the filter"
-            )
-        sizes = np.asarray(counts, dtype=np.int64)
-    else:
-        assert ratios is not None
-        left_out = 1.0 - math.fsum(ratios)
-        with_rest = [*ratios, left_out] if left_out > 1e-9 else list(ratios)
-        sizes = assign.apportion(n, with_rest)[: len(ratios)]
+    sizes = split_sizes(split, n, asset=asset)
     seed = split.seed if isinstance(split, RandomSplit) else None
     return _Job(spec.filter, None, sizes.size, _single(sizes), seed, shuffle_seed)
 
