@@ -37,8 +37,11 @@ ui: $(STAMP) ## dg dev: the Dagster webserver and daemon on http://127.0.0.1:300
 	@# webserver, daemon and code server within ~4 s (tests/test_ui_stop.py).
 	$(BIN)/dg dev --use-active-venv -h $(UI_HOST) -p $(UI_PORT)
 
-test: $(STAMP) ## Run the whole test suite
-	$(BIN)/pytest
+test: $(STAMP) ## Run the whole test suite: on both cores, then the wall-clock-bound tests alone
+	@# Most tests wait on child processes and servers, so two workers nearly halve the time;
+	@# tests marked `serial` assert wall-clock bounds and run after, on a quiet machine.
+	$(BIN)/pytest -n 2 --dist loadfile -m "not serial" --durations=15
+	$(BIN)/pytest -m serial
 
 check: $(STAMP) ## ruff, ruff format --check, pyright
 	$(BIN)/ruff check .
@@ -50,6 +53,7 @@ bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_torch.py
 	$(BIN)/python bench/bench_s3.py --rows 1000000
+	$(BIN)/python bench/bench_exit.py --rows 10000000 --runs 20
 
 bench-scale: $(STAMP) ## Engines (lancedb, local) at 10M and 100M rows: time, peak RSS, rows/s (~15 min)
 	$(BIN)/python bench/bench_scale.py --rows 10000000 100000000 --folds

@@ -54,6 +54,7 @@ def _names(pids: list[int]) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a 10 s bound: not beside another worker's test
 @pytest.mark.parametrize("how", ["sigterm_to_make", "ctrl_c"])
 def test_make_ui_stops_every_process_within_10_s(tmp_path: Path, how: str) -> None:
     port = free_port()
