@@ -23,7 +23,7 @@ import pytest
 
 from perm_assets import LanceDBResource, ViewRequest, open_view
 from perm_assets.errors import LineageError, SpecError
-from perm_assets.training import BatchLoader, shard
+from perm_assets.training import BatchLoader, ShardOrder, shard
 from tests.exit_table import SPLITS, build
 from tests.processes import REPO, child_env
 
@@ -134,9 +134,10 @@ def test_stateful_dataloader_over_a_shard_resumes_exactly(table_uri: str, tmp_pa
     assert np.array_equal(resumed, expected_ids(table_uri, 1))
 
 
-def test_state_is_small_json_and_names_the_lineage(table_uri: str) -> None:
+@pytest.mark.parametrize("order", ["bijection", "distributed_sampler"])
+def test_state_is_small_json_and_names_the_lineage(table_uri: str, order: ShardOrder) -> None:
     view = train_view(table_uri)
-    loader = BatchLoader(shard(view, rank=1, world_size=2, seed=11, epoch=3), 64)
+    loader = BatchLoader(shard(view, rank=1, world_size=2, seed=11, epoch=3, order=order), 64)
     batches = iter(loader)
     for _ in range(3):
         next(batches)
@@ -155,13 +156,36 @@ def test_state_is_small_json_and_names_the_lineage(table_uri: str) -> None:
         "seed": 11,
         "shuffle": True,
         "remainder": "drop",
+        "order": order,
     }
 
-    again = BatchLoader(shard(train_view(table_uri), rank=1, world_size=2, seed=11), 64)
+    again_shard = shard(train_view(table_uri), rank=1, world_size=2, seed=11, order=order)
+    again = BatchLoader(again_shard, 64)
     again.load_state_dict(json.loads(text))
     rest = [b.column("id").to_numpy() for b in again]
     expected = [b.column("id").to_numpy() for b in batches]
     assert np.array_equal(np.concatenate(rest), np.concatenate(expected))
+    # Both ranks of the epoch: disjoint, and together the split less its odd row.
+    ranks = [
+        BatchLoader(shard(view, rank=r, world_size=2, seed=11, epoch=3, order=order), 64)
+        for r in range(2)
+    ]
+    ids = np.concatenate([b.column("id").to_numpy() for loader in ranks for b in loader])
+    assert np.unique(ids).size == ids.size == (len(view) // 2) * 2
+
+
+def test_a_state_saved_before_shard_orders_reads_distributed_samplers_order(
+    table_uri: str,
+) -> None:
+    """Shard states saved before `ShardOrder` existed name no order: they were saved over
+    DistributedSampler's order, and resume only onto it."""
+    view = train_view(table_uri)
+    old = BatchLoader(shard(view, rank=0, world_size=2, seed=11, order="distributed_sampler"), 64)
+    state = old.state_dict()
+    del state["shard"]["order"]
+    with pytest.raises(SpecError, match=r"saved with shard=.*'order': 'distributed_sampler'"):
+        BatchLoader(shard(view, rank=0, world_size=2, seed=11), 64).load_state_dict(state)
+    old.load_state_dict(state)
 
 
 def test_state_of_another_view_or_layout_is_refused(table_uri: str) -> None:
