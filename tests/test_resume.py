@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import numpy as np
 import pytest
 
 from perm_assets import LanceDBResource, ViewRequest, open_view
 from perm_assets.errors import LineageError, SpecError
+from perm_assets.lineage import reproduce_input
 from perm_assets.training import BatchLoader, ShardOrder, shard
 from tests.exit_table import SPLITS, build
 from tests.processes import REPO, child_env
@@ -47,12 +49,14 @@ def train_view(uri: str, columns: tuple[str, ...] = ("id",)) -> Any:
     )
 
 
-def start(uri: str, out: Path, rank: int, kind: str, delay: float) -> subprocess.Popen[bytes]:
+def start(
+    uri: str, out: Path, rank: int, kind: str, delay: float, **env: str
+) -> subprocess.Popen[bytes]:
     args = [uri, SPLITS, str(out), str(out.with_suffix(".ckpt"))]
     args += [str(rank), "2", str(EPOCHS), str(EVERY), kind]
     return subprocess.Popen(
         [sys.executable, str(CHILD), *args],
-        env=child_env(RESUME_CHILD_DELAY=str(delay)),
+        env=child_env(RESUME_CHILD_DELAY=str(delay), **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -98,13 +102,13 @@ def expected_ids(uri: str, rank: int) -> np.ndarray:
     return np.concatenate(ids)
 
 
-def killed_and_resumed(uri: str, out: Path, rank: int, kind: str) -> np.ndarray:
+def killed_and_resumed(uri: str, out: Path, rank: int, kind: str, **env: str) -> np.ndarray:
     """Rank ``rank``'s ids from a run killed mid-epoch 0 and mid-epoch 1, resumed each time."""
-    process = start(uri, out, rank, kind, delay=0.02)
+    process = start(uri, out, rank, kind, delay=0.02, **env)
     kill_when(process, out, epoch=0, batches=40)
-    process = start(uri, out, rank, kind, delay=0.02)
+    process = start(uri, out, rank, kind, delay=0.02, **env)
     kill_when(process, out, epoch=1, batches=70)
-    finish(start(uri, out, rank, kind, delay=0.0))
+    finish(start(uri, out, rank, kind, delay=0.0, **env))
     return np.fromfile(out, dtype=np.int64)
 
 
@@ -132,6 +136,57 @@ def test_stateful_dataloader_over_a_shard_resumes_exactly(table_uri: str, tmp_pa
     )
     resumed = killed_and_resumed(table_uri, tmp_path / "resumed.bin", 1, "stateful")
     assert np.array_equal(resumed, expected_ids(table_uri, 1))
+
+
+@pytest.mark.slow
+def test_reproduce_input_reopens_the_view_a_killed_and_resumed_training_run_read(
+    table_uri: str, tmp_path: Path
+) -> None:
+    """A training asset killed with SIGKILL mid-epoch 1 and resumed from its checkpoint (two
+    Dagster runs in a real instance): each run recorded the view it read, the loader state
+    names the same tables and pinned versions, and `reproduce_input` of either run reopens a
+    view whose shard gives exactly the rows of an uninterrupted run."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    out = tmp_path / "resumed.bin"
+    process = start(table_uri, out, 1, "dagster", delay=0.01, DAGSTER_HOME=str(home))
+    kill_when(process, out, epoch=1, batches=30)
+    finish(start(table_uri, out, 1, "dagster", delay=0.0, DAGSTER_HOME=str(home)))
+    whole = expected_ids(table_uri, 1)
+    assert np.array_equal(np.fromfile(out, dtype=np.int64), whole)
+
+    db = LanceDBResource(uri=table_uri)
+    saved = checkpoint(out)
+    assert saved is not None
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_run_records(order_by="create_timestamp", ascending=True)
+        assert [r.dagster_run.status for r in runs][-1] == dg.DagsterRunStatus.SUCCESS
+        assert len(runs) == 2  # killed in epoch 1, resumed to the end
+        for record in runs:
+            view = reproduce_input(
+                db, instance, run_id=record.dagster_run.run_id, input_name="train_rows"
+            )
+            # The loader state of the resumed run names this view: it loads without complaint.
+            loader = BatchLoader(shard(view, rank=1, world_size=2, seed=11), 64)
+            loader.load_state_dict(saved["loader"])
+            state_view = saved["loader"]["view"]
+            lineage = view.lineage
+            assert (state_view["table"], state_view["table_version"]) == (
+                lineage.table,
+                lineage.table_version,
+            )
+            assert (state_view["base_table"], state_view["base_version"], state_view["pin"]) == (
+                lineage.base_table,
+                lineage.base_version,
+                lineage.pin,
+            )
+            part = shard(view, rank=1, world_size=2, seed=11)
+            again = [
+                b.column("id").to_numpy()
+                for epoch in range(EPOCHS)
+                for b in BatchLoader(part.with_epoch(epoch), 64)
+            ]
+            assert np.array_equal(np.concatenate(again), whole)
 
 
 @pytest.mark.parametrize("order", ["bijection", "distributed_sampler"])
