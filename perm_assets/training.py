@@ -7,7 +7,9 @@ Three ways to feed a training loop from a `PermutationView` (or any lancedb `Per
   receive a pickle of under 1 KB and reopen the pinned tables themselves (see
   `PermutationView.__getstate__`). Under ``fork`` (the default on Linux) lancedb 0.40 hangs or
   crashes in some children, so each forked worker reads through a helper interpreter that
-  reopens the view the same way (2-3 s of start-up per worker). Formats ``torch`` and
+  reopens the view the same way (2-3 s of start-up per worker); a cached view warmed in the
+  parent (`PermutationView.warm`) needs none: forked workers gather from the inherited row ids
+  and memory-mapped cache entry. Formats ``torch`` and
   ``torch_row`` work with the default collate; ``torch_col``, ``arrow`` and ``numpy`` return
   whole batches, so pass ``collate_fn=torch.utils.data.default_convert``. Each batch is one
   random-access read of ``batch_size`` rows: about 55k rows/s per worker at 1,024 rows on a
@@ -24,8 +26,11 @@ None of them waits for lancedb's offset map of the whole split (``Permutation.ta
 builds one on its first call: 39 s at 72M rows, in every process and worker): reads by
 position go through `perm_assets.reader` (the split's row ids, then base rows by id at the
 pinned version). A plain `BatchLoader` pass streams the row ids, so its first batch does not
-wait for the rest of the split; a shard or a DataLoader worker reads the split's row ids once
-(8 bytes a row) before its first batch.
+wait for the rest of the split. A shard's order is a seeded bijection of positions computed
+per batch (`ShardOrder`; DistributedSampler's exact order on request), and tables built here
+record their split ranges, so a shard's or a DataLoader worker's first batch reads only its
+own row ids; a shard then reads the split's row ids once (8 bytes a row) on its prefetch
+thread.
 
 Resume: `BatchLoader.state_dict` / `load_state_dict` (and `Shard`'s, for torchdata's
 ``StatefulDataLoader`` over a shard) record the view's lineage, the shard, epoch and position;
