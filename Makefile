@@ -8,7 +8,7 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run ui test check bench bench-scale clean
+.PHONY: help venv run ui test check bench bench-scale bench-read-scale clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,9 +54,14 @@ bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
 	$(BIN)/python bench/bench_torch.py
 	$(BIN)/python bench/bench_s3.py --rows 1000000
 	$(BIN)/python bench/bench_exit.py --rows 10000000 --runs 20
+	$(BIN)/python bench/bench_read.py --rows 10000000
 
 bench-scale: $(STAMP) ## Engines (lancedb, local) at 10M and 100M rows: time, peak RSS, rows/s (~15 min)
 	$(BIN)/python bench/bench_scale.py --rows 10000000 100000000 --folds
 
 clean: ## Remove the virtualenv, demo data and Dagster history
 	rm -rf $(VENV) data .dagster_home
+
+bench-read-scale: $(STAMP) ## Issue 11's read paths at 100M rows: first batch, rows/s, peak RSS (~25 min, ~4 GB temporary data)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/bench_read.py --rows 100000000 --data-dir $(or $(BENCH_DATA),bench/data/read-scale) --remove-data

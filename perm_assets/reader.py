@@ -96,6 +96,11 @@ class SplitRows:
         rest = max(total - (offset or 0), 0)
         return rest if limit is None else min(limit, rest)
 
+    def held(self) -> np.ndarray | None:
+        """`all` if it was read already, else None; never reads, never takes the lock (a
+        forked child may have inherited it locked)."""
+        return self._all
+
     def all(self) -> np.ndarray:
         """Every row id of the split, uint64, in view order (read on first call)."""
         with self._lock:

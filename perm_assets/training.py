@@ -7,7 +7,9 @@ Three ways to feed a training loop from a `PermutationView` (or any lancedb `Per
   receive a pickle of under 1 KB and reopen the pinned tables themselves (see
   `PermutationView.__getstate__`). Under ``fork`` (the default on Linux) lancedb 0.40 hangs or
   crashes in some children, so each forked worker reads through a helper interpreter that
-  reopens the view the same way (2-3 s of start-up per worker). Formats ``torch`` and
+  reopens the view the same way (2-3 s of start-up per worker); a cached view warmed in the
+  parent (`PermutationView.warm`) needs none: forked workers gather from the inherited row ids
+  and memory-mapped cache entry. Formats ``torch`` and
   ``torch_row`` work with the default collate; ``torch_col``, ``arrow`` and ``numpy`` return
   whole batches, so pass ``collate_fn=torch.utils.data.default_convert``. Each batch is one
   random-access read of ``batch_size`` rows: about 55k rows/s per worker at 1,024 rows on a
@@ -24,8 +26,11 @@ None of them waits for lancedb's offset map of the whole split (``Permutation.ta
 builds one on its first call: 39 s at 72M rows, in every process and worker): reads by
 position go through `perm_assets.reader` (the split's row ids, then base rows by id at the
 pinned version). A plain `BatchLoader` pass streams the row ids, so its first batch does not
-wait for the rest of the split; a shard or a DataLoader worker reads the split's row ids once
-(8 bytes a row) before its first batch.
+wait for the rest of the split. A shard's order is a seeded bijection of positions computed
+per batch (`ShardOrder`; DistributedSampler's exact order on request), and tables built here
+record their split ranges, so a shard's or a DataLoader worker's first batch reads only its
+own row ids; a shard then reads the split's row ids once (8 bytes a row) on its prefetch
+thread.
 
 Resume: `BatchLoader.state_dict` / `load_state_dict` (and `Shard`'s, for torchdata's
 ``StatefulDataLoader`` over a shard) record the view's lineage, the shard, epoch and position;
@@ -44,11 +49,12 @@ Example (one rank of a DDP job):
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any, Literal, cast
 
@@ -68,6 +74,8 @@ __all__ = [
     "BatchLoader",
     "Remainder",
     "Shard",
+    "ShardOrder",
+    "feistel_permute",
     "shard",
     "shard_length",
     "shard_offsets",
@@ -76,6 +84,22 @@ __all__ = [
 
 Remainder = Literal["drop", "pad"]
 """What `shard` does with the ``n % world_size`` rows that do not divide evenly."""
+
+ShardOrder = Literal["bijection", "distributed_sampler"]
+"""How a shuffled `shard` orders the split's positions each epoch.
+
+- ``"bijection"`` (the default): a seeded pseudo-random bijection of ``[0, n)`` (a Feistel
+  network with cycle walking, keyed by seed and epoch), evaluated only at the positions a batch
+  needs: the first batch costs O(batch), whatever the split's size, and no process ever holds
+  an order array.
+- ``"distributed_sampler"``: exactly ``torch.utils.data.DistributedSampler``'s order
+  (``torch.randperm`` of the whole split, seeded with ``seed + epoch``), for runs that must
+  match one that used the sampler. Its first batch waits for the whole permutation (several
+  seconds and 8 bytes a row at 80M rows, in every rank and DataLoader worker).
+
+Both give disjoint, equally long shards that cover the split as ``remainder`` says, and both
+resume exactly (`Shard.state_dict` records which one).
+"""
 
 DEFAULT_IO_BYTES = 4 * 1024 * 1024
 """Bytes per read-ahead I/O batch: 262,144 rows of two 8-byte columns (fastest here: 2-8 MiB)."""
@@ -99,13 +123,17 @@ def shard_offsets(
     epoch: int = 0,
     shuffle: bool = True,
     remainder: Remainder = "drop",
+    order: ShardOrder = "bijection",
+    positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Offsets (positions in a split of ``num_rows``) that rank ``rank`` reads, in order.
 
-    Exactly the indices of ``torch.utils.data.DistributedSampler(dataset, world_size, rank,
-    shuffle, seed, drop_last=remainder == "drop")`` after ``set_epoch(epoch)``, computed as
-    arrays: ``torch.randperm`` seeded with ``seed + epoch`` (so seed 1 epoch 0 equals seed 0
-    epoch 1, as in torch), then every ``world_size``-th offset from ``rank``.
+    The epoch's order of the split's positions (`ShardOrder`; unshuffled: stored order) is
+    dealt out as ``DistributedSampler`` deals: rank ``r`` takes every ``world_size``-th entry
+    from ``r``. With ``order="distributed_sampler"`` the result is exactly the indices of
+    ``torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle, seed,
+    drop_last=remainder == "drop")`` after ``set_epoch(epoch)``: ``torch.randperm`` seeded with
+    ``seed + epoch`` (so seed 1 epoch 0 equals seed 0 epoch 1, as in torch).
 
     Args:
         num_rows: rows in the split (``len(view)``).
@@ -116,12 +144,18 @@ def shard_offsets(
         shuffle: False keeps the split's stored order (already shuffled if the asset shuffled).
         remainder: 'drop' leaves out the last ``num_rows % world_size`` offsets of the order;
             'pad' repeats the first ones until every rank has ``ceil(num_rows / world_size)``.
+        order: see `ShardOrder`.
+        positions: positions in the shard to compute (None: all of them). With the
+            bijection only these are computed, in O(len(positions)).
 
     Returns:
-        int64 array of ``shard_length(num_rows, world_size, remainder)`` offsets.
+        int64 array of offsets: ``shard_length(num_rows, world_size, remainder)`` of them,
+        or one per entry of ``positions``.
 
     Raises:
-        ValueError: a negative row count, ``world_size < 1``, or a rank out of range.
+        ValueError: a negative row count or seed, ``world_size < 1``, a rank out of range,
+            or an unknown ``remainder`` or ``order``.
+        IndexError: a position outside the shard.
     """
     if num_rows < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
@@ -130,22 +164,101 @@ def shard_offsets(
         )
     if remainder not in ("drop", "pad"):
         raise ValueError(f"remainder must be 'drop' or 'pad', not {remainder!r}")
-    total = shard_length(num_rows, world_size, remainder) * world_size
-    if shuffle:
+    if order not in ("bijection", "distributed_sampler"):
+        raise ValueError(f"order must be 'bijection' or 'distributed_sampler', not {order!r}")
+    length = shard_length(num_rows, world_size, remainder)
+    total = length * world_size
+    if shuffle and order == "distributed_sampler":
         generator = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(num_rows, generator=generator).numpy()
-    else:
-        order = np.arange(num_rows, dtype=np.int64)
-    if total > num_rows:  # 'pad': np.resize repeats the order cyclically, as torch pads
-        order = np.resize(order, total)
-    return order[rank:total:world_size]
+        permuted = torch.randperm(num_rows, generator=generator).numpy()
+        if total > num_rows:  # 'pad': np.resize repeats the order cyclically, as torch pads
+            permuted = np.resize(permuted, total)
+        dealt = permuted[rank:total:world_size]
+        return dealt if positions is None else dealt[_checked(positions, length)]
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"shard needs seed >= 0 and epoch >= 0; got seed={seed}, epoch={epoch}")
+    wanted = np.arange(length, dtype=np.int64) if positions is None else positions
+    # Entry i of the epoch's order, dealt as DistributedSampler deals; 'pad' wraps around.
+    index = _checked(wanted, length) * world_size + rank
+    if total > num_rows:
+        index %= max(num_rows, 1)
+    if not shuffle:
+        return index
+    return feistel_permute(index, num_rows, seed=seed, epoch=epoch)
+
+
+def _checked(positions: np.ndarray, length: int) -> np.ndarray:
+    """``positions`` as int64, refusing any outside ``[0, length)`` (numpy would wrap -1)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= length):
+        bad = positions[(positions < 0) | (positions >= length)][0]
+        raise IndexError(f"position {bad} is out of range for a shard of {length:,} rows")
+    return positions
+
+
+_FEISTEL_ROUNDS = 6  # 4 make a pseudo-random permutation (Luby-Rackoff); 2 more for mixing
+
+
+def feistel_permute(index: np.ndarray, num_rows: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Entries ``index`` of a seeded pseudo-random permutation of ``[0, num_rows)``.
+
+    A Feistel network over the smallest power of two ``2**b >= num_rows`` (a bijection there,
+    halves of ``b // 2`` and ``b - b // 2`` bits), with cycle walking: an output
+    ``>= num_rows`` goes through the network again until it falls inside, which keeps a
+    bijection of ``[0, num_rows)`` (under 2 passes on average). Vectorized and
+    O(len(index)): no order array of the whole split. Keys come from
+    ``SeedSequence([seed, epoch])``, so every rank and worker computes the same order.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    if index.size == 0:
+        return index
+    bits = max(2, (num_rows - 1).bit_length())
+    keys = np.random.SeedSequence([seed, epoch]).generate_state(_FEISTEL_ROUNDS, np.uint64)
+    out = _feistel(index.astype(np.uint64), bits, keys)
+    limit = np.uint64(num_rows)
+    pending = np.flatnonzero(out >= limit)
+    while pending.size:
+        out[pending] = _feistel(out[pending], bits, keys)
+        pending = pending[out[pending] >= limit]
+    return out.astype(np.int64)
+
+
+def _feistel(values: np.ndarray, bits: int, keys: np.ndarray) -> np.ndarray:
+    """One pass of an unbalanced Feistel network over ``bits``-bit values (uint64 arrays).
+
+    Each round maps ``(left, right)`` to ``(right, left ^ F(right))``, invertible whatever the
+    two halves' widths, which swap every round."""
+    left_bits, right_bits = bits // 2, bits - bits // 2
+    left = values >> np.uint64(right_bits)
+    right = values & np.uint64((1 << right_bits) - 1)
+    for key in keys:
+        mixed = _mix(right ^ key)
+        mixed &= np.uint64((1 << left_bits) - 1)
+        mixed ^= left
+        left, right = right, mixed
+        left_bits, right_bits = right_bits, left_bits
+    left <<= np.uint64(right_bits)
+    left |= right
+    return left
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place on ``z``: every input bit flips about half the
+    output bits."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 class Shard(Dataset[Any]):
     """One rank's rows of a view for one epoch: a map-style dataset. Build it with `shard`.
 
-    Pickles to the view's state (under 1 KB) plus seven numbers; a worker recomputes the
-    offsets instead of receiving them (8 bytes a row).
+    Pickles to the view's state (under 1 KB) plus a few settings; a worker recomputes the
+    offsets instead of receiving them (8 bytes a row), and with the default bijection order
+    only those of the batches it reads (`offsets_at`).
     """
 
     def __init__(
@@ -158,6 +271,7 @@ class Shard(Dataset[Any]):
         epoch: int,
         shuffle: bool,
         remainder: Remainder,
+        order: ShardOrder = "bijection",
     ) -> None:
         self.view = view
         self.rank = rank
@@ -166,25 +280,41 @@ class Shard(Dataset[Any]):
         self.epoch = epoch
         self.shuffle = shuffle
         self.remainder: Remainder = remainder
+        self.order: ShardOrder = order
         self.split_rows = view.num_rows
         self._offsets: np.ndarray | None = None
-        # Fail on a bad rank or remainder now, not in a worker process.
-        shard_offsets(0, rank=rank, world_size=world_size, remainder=remainder)
+        # Fail on a bad rank, remainder, order or seed now, not in a worker process.
+        shard_offsets(
+            0, rank=rank, world_size=world_size, seed=seed, remainder=remainder, order=order
+        )
 
     @property
     def offsets(self) -> np.ndarray:
-        """Positions in the view that this shard reads, in order (computed once)."""
+        """Positions in the view that this shard reads, in order: the whole array, computed
+        once (8 bytes a row; readers use `offsets_at`)."""
         if self._offsets is None:
-            self._offsets = shard_offsets(
-                self.split_rows,
-                rank=self.rank,
-                world_size=self.world_size,
-                seed=self.seed,
-                epoch=self.epoch,
-                shuffle=self.shuffle,
-                remainder=self.remainder,
-            )
+            self._offsets = self._compute(None)
         return self._offsets
+
+    def offsets_at(self, positions: np.ndarray) -> np.ndarray:
+        """Positions in the view of the shard's rows at ``positions`` (IndexError outside
+        it): O(len(positions)) with the bijection order, a slice of `offsets` otherwise."""
+        if self._offsets is not None or (self.shuffle and self.order == "distributed_sampler"):
+            return self.offsets[_checked(positions, len(self))]
+        return self._compute(np.asarray(positions))
+
+    def _compute(self, positions: np.ndarray | None) -> np.ndarray:
+        return shard_offsets(
+            self.split_rows,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=self.shuffle,
+            remainder=self.remainder,
+            order=self.order,
+            positions=positions,
+        )
 
     def with_epoch(self, epoch: int) -> Shard:
         """The same rank's shard for another epoch (a new order; nothing is re-materialized)."""
@@ -196,6 +326,7 @@ class Shard(Dataset[Any]):
             epoch=epoch,
             shuffle=self.shuffle,
             remainder=self.remainder,
+            order=self.order,
         )
 
     def __len__(self) -> int:
@@ -203,11 +334,11 @@ class Shard(Dataset[Any]):
 
     def __getitem__(self, index: int) -> Any:
         """Row ``index`` of the shard, in the view's format (lancedb: a one-row batch)."""
-        return self.view.take_offsets([int(self.offsets[index])])
+        return self.view.take_offsets(self.offsets_at(np.array([index])).tolist())
 
     def __getitems__(self, indices: list[int]) -> Any:
         """Rows at ``indices`` in one read; DataLoader calls this once per batch."""
-        return self.view.take_offsets(self.offsets[indices].tolist())
+        return self.view.take_offsets(self.offsets_at(np.asarray(indices)).tolist())
 
     def __iter__(self) -> Iterator[Any]:
         """Every row in batches of the view's batch size (the last one shorter)."""
@@ -217,13 +348,15 @@ class Shard(Dataset[Any]):
         return {**self.__dict__, "_offsets": None}
 
     def settings(self) -> dict[str, Any]:
-        """The shard's layout besides its epoch: rank, world size, seed, shuffle, remainder."""
+        """The shard's layout besides its epoch: rank, world size, seed, shuffle, remainder
+        and order."""
         return {
             "rank": self.rank,
             "world_size": self.world_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "remainder": self.remainder,
+            "order": self.order,
         }
 
     def set_epoch(self, epoch: int) -> None:
@@ -255,7 +388,7 @@ class Shard(Dataset[Any]):
                 f"not a Shard state (kind {_kind_of(state)!r}, expected {_SHARD_STATE!r})"
             )
         check_view_identity(state["view"], view_identity(self.view))
-        _same_settings("shard", state["shard"], self.settings())
+        _same_settings("shard", _with_order(state["shard"]), self.settings())
         self.set_epoch(int(state["epoch"]))
 
 
@@ -268,6 +401,7 @@ def shard(
     epoch: int = 0,
     shuffle: bool = True,
     remainder: Remainder = "drop",
+    order: ShardOrder = "bijection",
 ) -> Shard:
     """Rank ``rank`` of ``world_size``'s share of ``view`` for ``epoch``.
 
@@ -278,12 +412,19 @@ def shard(
     permutation in memory: the asset is never re-materialized. The result works with
     `BatchLoader` (fast) and as a map-style DataLoader dataset.
 
+    The epoch's order is a seeded bijection of positions computed per batch (first batch in
+    O(batch) at any size); ``order="distributed_sampler"`` gives exactly
+    ``DistributedSampler``'s rows instead, after a ``randperm`` of the whole split (see
+    `ShardOrder`).
+
     Why not the existing pieces:
-    - ``torch.utils.data.DistributedSampler`` defines the assignment used here, offset for
-      offset (`shard_offsets`), but yields one Python int per row and leaves reading to the
-      DataLoader, one random-access read per training batch. `Shard` keeps its offsets as a
-      numpy array, so `BatchLoader` reads them in large I/O batches. Passing the sampler to a
-      DataLoader over the view still works and gives the same rows.
+    - ``torch.utils.data.DistributedSampler`` deals rows to ranks as here (with
+      ``order="distributed_sampler"``, offset for offset: `shard_offsets`), but needs a
+      ``randperm`` of the whole split per epoch, yields one Python int per row and leaves
+      reading to the DataLoader, one random-access read per training batch. `Shard` computes
+      its offsets as numpy arrays, so `BatchLoader` reads them in large I/O batches. Passing
+      the sampler to a DataLoader over the view still works and gives the same rows as
+      ``order="distributed_sampler"``.
     - ``lancedb.streaming.StreamingDataset`` (elastic sharding, epoch reshuffle, resumable
       ``state_dict``) builds its own permutation of a table from a filter and a seed: it cannot
       read a persisted split (lancedb issue 4016), so it would lose the asset's split, pinned
@@ -294,9 +435,11 @@ def shard(
     Args:
         view: the split to shard (every rank must pass the same view).
         rank, world_size, seed, epoch, shuffle, remainder: see `shard_offsets`.
+        order: ``"bijection"`` (default) or ``"distributed_sampler"``, see `ShardOrder`.
 
     Raises:
-        ValueError: a rank out of ``[0, world_size)`` or an unknown ``remainder``.
+        ValueError: a rank out of ``[0, world_size)``, a negative seed, or an unknown
+            ``remainder`` or ``order``.
     """
     return Shard(
         view,
@@ -306,6 +449,7 @@ def shard(
         epoch=epoch,
         shuffle=shuffle,
         remainder=remainder,
+        order=order,
     )
 
 
@@ -414,16 +558,13 @@ class BatchLoader:
         view = self._arrow
         if isinstance(view, PermutationView) and (rows := view.split_rows()) is not None:
             if isinstance(self.source, Shard):
-                offsets = self.source.offsets[start:]
-                first = 0
-                for size in ramp(self.batch_size, self.io_rows):
-                    if first >= len(offsets):
-                        return
-                    part = offsets[first : first + size]
+                first = True
+                for part in self._shard_offsets(start, ramp(self.batch_size, self.io_rows)):
                     yield view.take_row_ids(rows.at(view.offset, view.limit, part))
-                    if first == 0:  # later batches: slices of the whole split, read once now
+                    if first:  # later batches: slices of the whole split, read once now
                         rows.all()
-                    first += size
+                        first = False
+                return
             if start == 0 and not view.cached:
                 # The first batch by id: streaming its row ids takes one small read (lancedb's
                 # own first read of a stream took 0.7-2.5 s at 10M-100M rows here).
@@ -442,9 +583,8 @@ class BatchLoader:
                 yield view.take_row_ids(ids)
             return
         if isinstance(self.source, Shard):  # a plain Permutation, or a forked child's view
-            offsets = self.source.offsets[start:]
-            for first in range(0, len(offsets), self.io_rows):
-                yield view.take_offsets(offsets[first : first + self.io_rows].tolist())
+            for part in self._shard_offsets(start, itertools.repeat(self.io_rows)):
+                yield view.take_offsets(part.tolist())
             return
         if not start:
             yield from self._stream(view)
@@ -457,6 +597,18 @@ class BatchLoader:
                 yield view.take_offsets(list(range(first, stop)))
             return
         yield from view.iter(self.io_rows, skip_last_batch=False)
+
+    def _shard_offsets(self, start: int, sizes: Iterable[int]) -> Iterator[np.ndarray]:
+        """The shard's offsets from position ``start`` on, in chunks of the next of ``sizes``
+        rows, each computed when it is needed (`Shard.offsets_at`)."""
+        source = cast(Shard, self.source)
+        end = len(source)
+        for size in sizes:
+            if start >= end:
+                return
+            stop = min(start + size, end)
+            yield source.offsets_at(np.arange(start, stop, dtype=np.int64))
+            start = stop
 
     def _stream(
         self, view: Permutation, head: pa.RecordBatch | None = None
@@ -503,7 +655,8 @@ class BatchLoader:
     def _read_head(self, rows: int) -> Iterator[pa.RecordBatch]:
         """The first ``rows`` rows of a pass (the row-size probe of variable-width columns)."""
         if isinstance(self.source, Shard):
-            yield self._arrow.take_offsets(self.source.offsets[:rows].tolist())
+            head = self.source.offsets_at(np.arange(rows, dtype=np.int64))
+            yield self._arrow.take_offsets(head.tolist())
             return
         reads = self._arrow.iter(rows, skip_last_batch=False)
         try:
@@ -546,7 +699,7 @@ class BatchLoader:
         view = source.view if isinstance(source, Shard) else source
         check_view_identity(state["view"], view_identity(view))
         ours = source.settings() if isinstance(source, Shard) else None
-        _same_settings("shard", state["shard"], ours)
+        _same_settings("shard", _with_order(state["shard"]), ours)
         for key in ("batch_size", "drop_last"):
             _same_settings(key, state[key], getattr(self, key))
         self.set_epoch(int(state["epoch"]))
@@ -623,6 +776,13 @@ def _same_settings(name: str, saved: Any, ours: Any) -> None:
             f"loader state was saved with {name}={saved!r}, this loader has {name}={ours!r}; "
             f"resuming with another {name} would deliver other rows"
         )
+
+
+def _with_order(saved: Any) -> Any:
+    """Shard settings saved before shards had an order read DistributedSampler's order."""
+    if isinstance(saved, Mapping) and "order" not in saved:
+        return {**saved, "order": "distributed_sampler"}
+    return saved
 
 
 def _kind_of(state: Any) -> Any:

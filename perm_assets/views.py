@@ -218,6 +218,8 @@ class PermutationView(Permutation):
     def take_arrow(self, offsets: list[int] | np.ndarray) -> pa.RecordBatch:
         """`take_offsets` as an Arrow batch, whatever the view's format."""
         rows = self.split_rows()
+        if rows is None and (held := self._held_cached_ids()) is not None:
+            return self.take_row_ids(held[_in_range(np.asarray(offsets), held.size)])
         if rows is None:  # a forked child: the helper interpreter answers
             self._ensure_open()  # on this view, so the copy shares its helper (see iter)
             arrow = copy.copy(self)
@@ -247,10 +249,45 @@ class PermutationView(Permutation):
         """Whether reads come from the local column cache."""
         return self.__dict__.get("_cache") is not None
 
+    def warm(self) -> PermutationView:
+        """Read the split's row ids and open the view's cache entry (fetching it if needed)
+        now, in this process; returns the view.
+
+        Call it on a cached view before handing it to a ``fork`` DataLoader: each forked worker
+        then gathers its batches from the inherited row ids and memory-mapped entry, without
+        lancedb (not fork-safe) and without a helper interpreter. Uncached views, spawned
+        workers and this process gain nothing they would not do on first use anyway."""
+        rows = self.split_rows()
+        if rows is not None:
+            rows.all()
+            if self.cached:
+                self._cache_entry(self._what())
+        return self
+
+    def _held_cached_ids(self) -> np.ndarray | None:
+        """In a forked child, the view's row ids if the parent had read them and opened the
+        cache entry for these columns (`warm`): plain arrays and memory maps, safe to use
+        after a fork. None otherwise (lancedb's reads go through the helper interpreter)."""
+        if not self.cached:
+            return None
+        rows: SplitRows | None = self.__dict__.get("_split_rows")
+        held = None if rows is None else rows.held()
+        if held is None or self._cache_columns() not in self.__dict__["_cache_entries"]:
+            return None
+        start = self.offset or 0
+        return held[start : None if self.limit is None else start + self.limit]
+
+    def _cache_columns(self) -> tuple[str, ...]:
+        return tuple(sorted(c for c in self.selection.values() if c != "_rowid"))
+
+    def _what(self) -> str:
+        lineage: ViewLineage | None = self.__dict__.get("lineage")
+        return f"view of asset '{lineage.asset}'" if lineage is not None else "view"
+
     def _cache_entry(self, what: str) -> CacheEntry:
         # Copies share the dict: one entry per column set, opened once per process.
         entries: dict[tuple[str, ...], CacheEntry] = self.__dict__["_cache_entries"]
-        columns = tuple(sorted(c for c in self.selection.values() if c != "_rowid"))
+        columns = self._cache_columns()
         entry = entries.get(columns)
         if entry is None:
             folder, max_bytes = self.__dict__["_cache"]
@@ -693,6 +730,15 @@ def _reopen_with_factory(factory: Callable[[str], Table], lineage: ViewLineage) 
     verify_identity(stored, lineage.identity(), asset=lineage.asset)
     verify_pin(base, lineage.pin, lineage.base_version, asset=lineage.asset)
     return _as_view(PermutationView.from_tables(base, stored, lineage.split_index))
+
+
+def _in_range(positions: np.ndarray, size: int) -> np.ndarray:
+    """``positions`` as int64, IndexError for any outside ``[0, size)``."""
+    positions = positions.astype(np.int64, copy=False)
+    if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= size):
+        bad = positions[(positions < 0) | (positions >= size)][0]
+        raise IndexError(f"offset {bad} is out of range for a view of {size:,} rows")
+    return positions
 
 
 def split_names_of(schema: pa.Schema) -> list[str]:

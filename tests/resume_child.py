@@ -7,8 +7,11 @@ Reads rank ``RANK`` of ``WORLD``'s shard of split 'train' for ``EPOCHS`` epochs 
 64 and appends every delivered ``id`` (int64) to ``OUT``. Every ``EVERY`` batches it writes
 ``CKPT`` atomically: the loader's state and the length of ``OUT`` at that moment. On start it
 loads ``CKPT`` if there is one, cuts ``OUT`` back to the recorded length and continues.
-``KIND`` is ``loader`` (`BatchLoader` over the shard) or ``stateful`` (torchdata's
-``StatefulDataLoader`` over the shard as a map-style dataset, 2 forked worker processes).
+``KIND`` is ``loader`` (`BatchLoader` over the shard), ``stateful`` (torchdata's
+``StatefulDataLoader`` over the shard as a map-style dataset, 2 forked worker processes) or
+``dagster`` (the ``loader`` loop inside a training asset, ``trained``, materialized in the
+instance of ``$DAGSTER_HOME``: its ``train`` input is the view the IO manager hands out, and the
+run records that view's lineage for `reproduce_input`).
 ``RESUME_CHILD_DELAY`` seconds of sleep per batch give the test time to kill it mid-epoch.
 """
 
@@ -23,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import numpy as np
 
-from perm_assets import LanceDBResource, ViewRequest, open_view
+from perm_assets import LanceDBIOManager, LanceDBResource, ViewRequest, open_view
 from perm_assets.training import BatchLoader, shard
 
 BATCH = 64
@@ -42,19 +46,44 @@ def main(uri: str, asset: str, out: str, ckpt_path: str, *numbers: str) -> None:
     kind = numbers[4]
     delay = float(os.environ.get("RESUME_CHILD_DELAY", "0"))
     db = LanceDBResource(uri=uri, read_consistency_seconds=None)
-    request = ViewRequest(split="train", columns=["id"], format="arrow")
-    view = open_view(db, asset=asset, table=asset, version=None, request=request)
-    part = shard(view, rank=rank, world_size=world, seed=11)
     ckpt = Path(ckpt_path)
-    state = pickle.loads(ckpt.read_bytes()) if ckpt.exists() else None
-    with open(out, "ab") as sink:
-        if state is not None:
-            sink.truncate(state["out_bytes"])  # rows delivered after the checkpoint: again
-        if kind == "loader":
-            run_loader(part, state, sink, ckpt, epochs, every, delay)
-        else:
-            run_stateful(part, state, sink, ckpt, epochs, every, delay)
+
+    def train(view: Any) -> None:
+        part = shard(view, rank=rank, world_size=world, seed=11)
+        state = pickle.loads(ckpt.read_bytes()) if ckpt.exists() else None
+        with open(out, "ab") as sink:
+            if state is not None:
+                sink.truncate(state["out_bytes"])  # rows delivered after the checkpoint: again
+            if kind == "stateful":
+                run_stateful(part, state, sink, ckpt, epochs, every, delay)
+            else:
+                run_loader(part, state, sink, ckpt, epochs, every, delay)
+
+    if kind == "dagster":
+        run_asset(db, asset, train)
+    else:
+        request = ViewRequest(split="train", columns=["id"], format="arrow")
+        train(open_view(db, asset=asset, table=asset, version=None, request=request))
     print("finished", flush=True)
+
+
+def run_asset(db: LanceDBResource, asset: str, train: Any) -> None:
+    """``train`` as the body of a training asset materialized in ``$DAGSTER_HOME``'s instance."""
+    metadata = {"split": "train", "columns": ["id"], "format": "arrow"}
+
+    @dg.asset(ins={"train_rows": dg.AssetIn(key=asset, metadata=metadata)})
+    def trained(train_rows: Any) -> dg.MaterializeResult:
+        train(train_rows)
+        return dg.MaterializeResult()
+
+    with dg.DagsterInstance.get() as instance:
+        dg.materialize(
+            [dg.AssetSpec(asset), trained],
+            selection=[trained],
+            resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+            instance=instance,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
 
 
 def run_loader(

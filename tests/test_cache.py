@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from lancedb.permutation import Permutation
+from torch.utils.data import DataLoader, default_convert
 
 from perm_assets import (
     KFold,
@@ -27,6 +28,7 @@ from perm_assets import (
     folds_asset,
     open_view,
     permutation_asset,
+    views,
 )
 from perm_assets import cache as cache_module
 from perm_assets.cache import ColumnCache
@@ -301,3 +303,41 @@ def test_asset_in_cache_true_hands_a_cached_view_with_the_same_rows(
         request=ViewRequest(split="train", columns=["id"], format="arrow"),
     )
     assert view.cached and _ids(view.iter(1000)) == seen["plain"]
+
+
+@pytest.mark.filterwarnings("ignore:lancedb fork support is experimental:RuntimeWarning")
+def test_forked_workers_of_a_warmed_cached_view_gather_from_the_cache(
+    run: Runner, db: LanceDBResource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `warm`, forked DataLoader workers gather from the inherited row ids and entry:
+    the same rows as without the cache, and no helper interpreter (lancedb) in any worker."""
+    db = db.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    run([table_asset("rows", 6_007), SPLITS])
+    plain, cached = _views(db, "splits", "train")
+    expected = pa.Table.from_batches(list(plain.iter(1000)))
+    cached = cached.with_skip(11).with_take(3_000).warm()
+    expected = expected.slice(11, 3_000)
+
+    class NoHelper:
+        def __init__(self, *args: Any) -> None:
+            raise AssertionError("a forked worker started a helper interpreter")
+
+    monkeypatch.setattr(views, "_ForkedReader", NoHelper)  # inherited by the forked workers
+    workers = DataLoader(
+        cached,
+        batch_size=256,
+        num_workers=2,
+        multiprocessing_context="fork",
+        collate_fn=default_convert,
+    )
+    assert pa.Table.from_batches(list(workers)).equals(expected)
+    positions = [2_999, 0, 5]
+    sampled = DataLoader(
+        cached,
+        batch_size=3,
+        sampler=positions,
+        num_workers=1,
+        multiprocessing_context="fork",
+        collate_fn=default_convert,
+    )
+    assert pa.Table.from_batches(list(sampled)).equals(expected.take(positions))

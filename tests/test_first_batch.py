@@ -19,7 +19,9 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from lancedb.permutation import Permutation
+from torch.utils.data import DataLoader, default_convert
 
 from perm_assets import (
     KFold,
@@ -265,3 +267,36 @@ def test_split_ranges_that_do_not_match_the_split_ids_are_refused(tmp_path: Path
     )
     with pytest.raises(LineageError, match=r"split ranges metadata places split 1"):
         view.take_offsets([0, 1])
+
+
+@pytest.mark.filterwarnings("ignore:lancedb fork support is experimental:RuntimeWarning")
+def test_a_shards_first_batch_computes_only_its_own_offsets(
+    splits: LanceDBResource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default shard order is a bijection evaluated per batch: no randperm of the split
+    and no order array before the first batch, in a BatchLoader or a DataLoader worker."""
+    view = view_of(splits, "splits", split="train")
+    expected = lancedb_rows(view)
+    reference = shard(view, rank=1, world_size=2, seed=4, epoch=2)
+    whole = expected.take(reference.offsets)
+
+    def randperm(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("torch.randperm of the whole split")
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    part = shard(view, rank=1, world_size=2, seed=4, epoch=2)
+    first = next(iter(BatchLoader(part, 64, io_bytes=4096)))
+    assert part._offsets is None
+    assert as_table([first]).equals(whole.slice(0, 64))
+    assert part.__getitems__(list(range(100, 164))).equals(
+        whole.slice(100, 64).combine_chunks().to_batches()[0]
+    )
+    assert part._offsets is None
+    workers = DataLoader(
+        part,
+        batch_size=64,
+        num_workers=2,
+        multiprocessing_context="fork",
+        collate_fn=default_convert,
+    )
+    assert as_table(workers).equals(whole)

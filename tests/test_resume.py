@@ -18,12 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import numpy as np
 import pytest
 
 from perm_assets import LanceDBResource, ViewRequest, open_view
 from perm_assets.errors import LineageError, SpecError
-from perm_assets.training import BatchLoader, shard
+from perm_assets.lineage import reproduce_input
+from perm_assets.training import BatchLoader, ShardOrder, shard
 from tests.exit_table import SPLITS, build
 from tests.processes import REPO, child_env
 
@@ -47,12 +49,14 @@ def train_view(uri: str, columns: tuple[str, ...] = ("id",)) -> Any:
     )
 
 
-def start(uri: str, out: Path, rank: int, kind: str, delay: float) -> subprocess.Popen[bytes]:
+def start(
+    uri: str, out: Path, rank: int, kind: str, delay: float, **env: str
+) -> subprocess.Popen[bytes]:
     args = [uri, SPLITS, str(out), str(out.with_suffix(".ckpt"))]
     args += [str(rank), "2", str(EPOCHS), str(EVERY), kind]
     return subprocess.Popen(
         [sys.executable, str(CHILD), *args],
-        env=child_env(RESUME_CHILD_DELAY=str(delay)),
+        env=child_env(RESUME_CHILD_DELAY=str(delay), **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -98,13 +102,13 @@ def expected_ids(uri: str, rank: int) -> np.ndarray:
     return np.concatenate(ids)
 
 
-def killed_and_resumed(uri: str, out: Path, rank: int, kind: str) -> np.ndarray:
+def killed_and_resumed(uri: str, out: Path, rank: int, kind: str, **env: str) -> np.ndarray:
     """Rank ``rank``'s ids from a run killed mid-epoch 0 and mid-epoch 1, resumed each time."""
-    process = start(uri, out, rank, kind, delay=0.02)
+    process = start(uri, out, rank, kind, delay=0.02, **env)
     kill_when(process, out, epoch=0, batches=40)
-    process = start(uri, out, rank, kind, delay=0.02)
+    process = start(uri, out, rank, kind, delay=0.02, **env)
     kill_when(process, out, epoch=1, batches=70)
-    finish(start(uri, out, rank, kind, delay=0.0))
+    finish(start(uri, out, rank, kind, delay=0.0, **env))
     return np.fromfile(out, dtype=np.int64)
 
 
@@ -134,9 +138,61 @@ def test_stateful_dataloader_over_a_shard_resumes_exactly(table_uri: str, tmp_pa
     assert np.array_equal(resumed, expected_ids(table_uri, 1))
 
 
-def test_state_is_small_json_and_names_the_lineage(table_uri: str) -> None:
+@pytest.mark.slow
+def test_reproduce_input_reopens_the_view_a_killed_and_resumed_training_run_read(
+    table_uri: str, tmp_path: Path
+) -> None:
+    """A training asset killed with SIGKILL mid-epoch 1 and resumed from its checkpoint (two
+    Dagster runs in a real instance): each run recorded the view it read, the loader state
+    names the same tables and pinned versions, and `reproduce_input` of either run reopens a
+    view whose shard gives exactly the rows of an uninterrupted run."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    out = tmp_path / "resumed.bin"
+    process = start(table_uri, out, 1, "dagster", delay=0.01, DAGSTER_HOME=str(home))
+    kill_when(process, out, epoch=1, batches=30)
+    finish(start(table_uri, out, 1, "dagster", delay=0.0, DAGSTER_HOME=str(home)))
+    whole = expected_ids(table_uri, 1)
+    assert np.array_equal(np.fromfile(out, dtype=np.int64), whole)
+
+    db = LanceDBResource(uri=table_uri)
+    saved = checkpoint(out)
+    assert saved is not None
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_run_records(order_by="create_timestamp", ascending=True)
+        assert [r.dagster_run.status for r in runs][-1] == dg.DagsterRunStatus.SUCCESS
+        assert len(runs) == 2  # killed in epoch 1, resumed to the end
+        for record in runs:
+            view = reproduce_input(
+                db, instance, run_id=record.dagster_run.run_id, input_name="train_rows"
+            )
+            # The loader state of the resumed run names this view: it loads without complaint.
+            loader = BatchLoader(shard(view, rank=1, world_size=2, seed=11), 64)
+            loader.load_state_dict(saved["loader"])
+            state_view = saved["loader"]["view"]
+            lineage = view.lineage
+            assert (state_view["table"], state_view["table_version"]) == (
+                lineage.table,
+                lineage.table_version,
+            )
+            assert (state_view["base_table"], state_view["base_version"], state_view["pin"]) == (
+                lineage.base_table,
+                lineage.base_version,
+                lineage.pin,
+            )
+            part = shard(view, rank=1, world_size=2, seed=11)
+            again = [
+                b.column("id").to_numpy()
+                for epoch in range(EPOCHS)
+                for b in BatchLoader(part.with_epoch(epoch), 64)
+            ]
+            assert np.array_equal(np.concatenate(again), whole)
+
+
+@pytest.mark.parametrize("order", ["bijection", "distributed_sampler"])
+def test_state_is_small_json_and_names_the_lineage(table_uri: str, order: ShardOrder) -> None:
     view = train_view(table_uri)
-    loader = BatchLoader(shard(view, rank=1, world_size=2, seed=11, epoch=3), 64)
+    loader = BatchLoader(shard(view, rank=1, world_size=2, seed=11, epoch=3, order=order), 64)
     batches = iter(loader)
     for _ in range(3):
         next(batches)
@@ -155,13 +211,36 @@ def test_state_is_small_json_and_names_the_lineage(table_uri: str) -> None:
         "seed": 11,
         "shuffle": True,
         "remainder": "drop",
+        "order": order,
     }
 
-    again = BatchLoader(shard(train_view(table_uri), rank=1, world_size=2, seed=11), 64)
+    again_shard = shard(train_view(table_uri), rank=1, world_size=2, seed=11, order=order)
+    again = BatchLoader(again_shard, 64)
     again.load_state_dict(json.loads(text))
     rest = [b.column("id").to_numpy() for b in again]
     expected = [b.column("id").to_numpy() for b in batches]
     assert np.array_equal(np.concatenate(rest), np.concatenate(expected))
+    # Both ranks of the epoch: disjoint, and together the split less its odd row.
+    ranks = [
+        BatchLoader(shard(view, rank=r, world_size=2, seed=11, epoch=3, order=order), 64)
+        for r in range(2)
+    ]
+    ids = np.concatenate([b.column("id").to_numpy() for loader in ranks for b in loader])
+    assert np.unique(ids).size == ids.size == (len(view) // 2) * 2
+
+
+def test_a_state_saved_before_shard_orders_reads_distributed_samplers_order(
+    table_uri: str,
+) -> None:
+    """Shard states saved before `ShardOrder` existed name no order: they were saved over
+    DistributedSampler's order, and resume only onto it."""
+    view = train_view(table_uri)
+    old = BatchLoader(shard(view, rank=0, world_size=2, seed=11, order="distributed_sampler"), 64)
+    state = old.state_dict()
+    del state["shard"]["order"]
+    with pytest.raises(SpecError, match=r"saved with shard=.*'order': 'distributed_sampler'"):
+        BatchLoader(shard(view, rank=0, world_size=2, seed=11), 64).load_state_dict(state)
+    old.load_state_dict(state)
 
 
 def test_state_of_another_view_or_layout_is_refused(table_uri: str) -> None:

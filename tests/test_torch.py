@@ -43,6 +43,7 @@ from perm_assets import LanceDBResource, PermutationView, RandomSplit, Shuffle, 
 from perm_assets.batches import reslice
 from perm_assets.training import (
     BatchLoader,
+    feistel_permute,
     shard,
     shard_length,
     shard_offsets,
@@ -322,22 +323,26 @@ class _Sized(Dataset[int]):
     epoch=st.integers(0, 50),
     shuffle=st.booleans(),
     remainder=st.sampled_from(["drop", "pad"]),
+    order=st.sampled_from(["bijection", "distributed_sampler"]),
 )
 def test_shards_are_equal_disjoint_and_cover_the_split(
-    num_rows: int, world_size: int, seed: int, epoch: int, shuffle: bool, remainder: Any
+    num_rows: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    remainder: Any,
+    order: Any,
 ) -> None:
-    shards = [
-        shard_offsets(
-            num_rows,
-            rank=r,
-            world_size=world_size,
-            seed=seed,
-            epoch=epoch,
-            shuffle=shuffle,
-            remainder=remainder,
-        )
-        for r in range(world_size)
-    ]
+    layout: dict[str, Any] = {
+        "world_size": world_size,
+        "seed": seed,
+        "epoch": epoch,
+        "shuffle": shuffle,
+        "remainder": remainder,
+        "order": order,
+    }
+    shards = [shard_offsets(num_rows, rank=r, **layout) for r in range(world_size)]
     length = shard_length(num_rows, world_size, remainder)
     assert [len(s) for s in shards] == [length] * world_size
     every = np.concatenate(shards)
@@ -349,6 +354,13 @@ def test_shards_are_equal_disjoint_and_cover_the_split(
     else:
         assert counts.min(initial=1) >= 1  # every row
         assert every.size - num_rows == (-num_rows) % world_size <= world_size - 1
+    # Any positions computed alone equal those of the whole shard (how batches compute them).
+    for rank, offsets in enumerate(shards):
+        positions = np.random.default_rng(seed).permutation(length)[:50]
+        alone = shard_offsets(num_rows, rank=rank, positions=positions, **layout)
+        assert np.array_equal(alone, offsets[positions])
+    if order == "bijection" and shuffle:
+        return
     # Exactly torch's DistributedSampler, rank by rank.
     for rank, offsets in enumerate(shards):
         sampler = DistributedSampler(
@@ -362,16 +374,41 @@ def test_shards_are_equal_disjoint_and_cover_the_split(
         sampler.set_epoch(epoch)
         assert offsets.tolist() == list(sampler)
     # Deterministic per (seed, epoch): every rank can compute it alone.
-    again = shard_offsets(
-        num_rows,
-        rank=0,
-        world_size=world_size,
-        seed=seed,
-        epoch=epoch,
-        shuffle=shuffle,
-        remainder=remainder,
-    )
-    assert np.array_equal(again, shards[0])
+    assert np.array_equal(shard_offsets(num_rows, rank=0, **layout), shards[0])
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 1000, 1024, 1025, 100_003])
+def test_the_bijection_is_a_seeded_uniform_looking_permutation(num_rows: int) -> None:
+    everything = np.arange(num_rows)
+    order = feistel_permute(everything, num_rows, seed=7, epoch=0)
+    assert np.array_equal(np.sort(order), everything)  # a permutation of [0, n)
+    assert np.array_equal(order, feistel_permute(everything, num_rows, seed=7, epoch=0))
+    if num_rows < 1000:
+        return
+    # Shuffled like a uniform permutation: adjacent entries jump n / 3 on average, almost
+    # never to a neighbour, positions and values uncorrelated; epochs and seeds differ.
+    jumps = np.abs(np.diff(order))
+    assert 0.95 < jumps.mean() / (num_rows / 3) < 1.05
+    assert np.mean(jumps == 1) < 0.01
+    assert abs(np.corrcoef(everything, order)[0, 1]) < 0.1
+    for other in (
+        feistel_permute(everything, num_rows, seed=7, epoch=1),
+        feistel_permute(everything, num_rows, seed=8, epoch=0),
+    ):
+        assert np.mean(other == order) < 0.01
+
+
+def test_bad_shard_order_seed_or_position_is_refused() -> None:
+    with pytest.raises(ValueError, match="order must be 'bijection' or 'distributed_sampler'"):
+        shard_offsets(10, rank=0, world_size=2, order=cast(Any, "random"))
+    with pytest.raises(ValueError, match="seed >= 0"):
+        shard_offsets(10, rank=0, world_size=2, seed=-1)
+    with pytest.raises(IndexError, match="position 5 is out of range for a shard of 5 rows"):
+        shard_offsets(10, rank=0, world_size=2, positions=np.array([0, 5]))
+    with pytest.raises(IndexError, match="position -1"):
+        shard_offsets(
+            10, rank=1, world_size=2, order="distributed_sampler", positions=np.array([-1])
+        )
 
 
 @pytest.mark.parametrize(("rank", "world_size"), [(-1, 2), (2, 2), (0, 0)])
@@ -415,6 +452,7 @@ def test_rank_shards_of_a_real_split_reshuffle_per_epoch(run: Runner, db: LanceD
     # The same shard as a map-style dataset in forked DataLoader workers, and torch's own
     # DistributedSampler over the view: the same rows in the same order.
     rank1 = shard(view, rank=1, world_size=world_size, seed=11, epoch=1)
+    assert rank1.order == "bijection"
     workers = DataLoader(
         rank1,
         batch_size=50,
@@ -424,11 +462,17 @@ def test_rank_shards_of_a_real_split_reshuffle_per_epoch(run: Runner, db: LanceD
     )
     from_workers = [i for b in workers for i in b.column("id").to_pylist()]
     assert from_workers == epoch1[1]
+    # order="distributed_sampler": torch's own DistributedSampler over the view, row for row.
+    like_torch = shard(
+        view, rank=1, world_size=world_size, seed=11, epoch=1, order="distributed_sampler"
+    )
+    ids = pa.Table.from_batches(list(BatchLoader(like_torch, 50))).column("id").to_pylist()
+    assert sorted(ids) != ids and ids != epoch1[1]
     dataset = cast(Dataset[Any], view)  # a Dataset by protocol, not by subclass
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=1, seed=11, drop_last=True)
     sampler.set_epoch(1)
     with_sampler = DataLoader(dataset, batch_size=50, sampler=sampler, collate_fn=default_convert)
-    assert [i for b in with_sampler for i in b.column("id").to_pylist()] == epoch1[1]
+    assert [i for b in with_sampler for i in b.column("id").to_pylist()] == ids
 
     assert len(pickle.dumps(rank1)) < 4096  # offsets are recomputed, not shipped
 
