@@ -26,6 +26,17 @@ from lancedb.table import Table
 from perm_assets import assign
 from perm_assets.build import PermutationData, Scanned, positions_in, scan_columns
 from perm_assets.folds import FoldsData
+from perm_assets.membership import (
+    Membership,
+    cover_figures,
+    exact,
+    group_figures,
+    normalised,
+    scan_filtered,
+    stratified_figures,
+    table_batches,
+    time_figures,
+)
 from perm_assets.resources import LanceDBResource
 from perm_assets.specs import (
     FoldsSpec,
@@ -139,16 +150,22 @@ def run_permutation_checks(
     assert isinstance(data.spec, PermutationSpec)
     spec = data.spec
     base = db.open_table(data.base_table, version=data.base_version)
-    row_ids, split_ids = _rows_of(db, table, data)
     split = spec.split
     num_splits = len(spec.split_names())
+    drops = bool(
+        (isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard))
+        or (isinstance(split, HashSplit) and split.discard_weight > 0)
+    )
+    if not isinstance(split, HashSplit):  # hash stability compares keys: the in-memory path
+        streamed = _streamed_permutation_checks(db, table, data, base, checks, drops=drops)
+        if streamed is not None:
+            yield from streamed
+            return
+    row_ids, split_ids = _rows_of(db, table, data)
     # The build counted the filtered rows at the same pinned version: no second scan.
     expected = data.filtered_rows
     if expected is None:
         expected = base.count_rows(where(spec.filter))
-    drops = (
-        isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard)
-    ) or (isinstance(split, HashSplit) and split.discard_weight > 0)
     columns = key_columns(split)
     cover: _Cover | None = None
     scanned: Scanned | None = None
@@ -198,6 +215,67 @@ def run_permutation_checks(
         yield _result(
             Check.TIME_ORDER, _no_cover() if by_row is None else _time_order(times, by_row)
         )
+
+
+def _streamed_permutation_checks(
+    db: LanceDBResource,
+    table: str,
+    data: PermutationData,
+    base: Table,
+    checks: list[Check],
+    *,
+    drops: bool,
+) -> list[dg.AssetCheckResult] | None:
+    """The permutation checks over the written table and the base, both read in batches
+    (`perm_assets.membership`): one byte per base row, not 16+ per permuted row and a sort.
+    None when the row ids are not row addresses (stable row ids): the caller's in-memory path.
+    """
+    assert isinstance(data.spec, PermutationSpec)
+    spec, split = data.spec, data.spec.split
+    stored = db.open_table(table)
+    stored = db.open_table(table, version=stored.version)  # one version for scan and count
+    member = Membership.build(base, table_batches(stored), len(spec.split_names()))
+    if member is None:
+        return None
+    with member:
+        scan = scan_filtered(
+            member,
+            base,
+            spec.filter,
+            asset=table,
+            label=split.label if isinstance(split, StratifiedSplit) else None,
+            group=split.group if isinstance(split, GroupSplit) else None,
+            time=split.column if isinstance(split, TimeSplit) else None,
+        )
+    figures = cover_figures(member, scan)
+    persisted = stored.count_rows()
+    figures = {
+        **figures,
+        "persisted_version": stored.version,
+        "persisted_rows": persisted,
+        "passed": figures["passed"] and persisted == data.num_rows,
+    }
+    if drops:  # rows were left out on purpose: only duplicates and stray ids are errors
+        figures["passed"] = (
+            figures["duplicate_rows"] == 0
+            and figures["extra_rows"] == 0
+            and figures["persisted_rows"] == data.num_rows
+        )
+        figures["documented_discard"] = True
+    results = [_result(Check.DISJOINT_COMPLETE, figures)]
+    if Check.SIZES in checks:
+        results.append(
+            _result(Check.SIZES, _sizes(split, np.asarray(data.split_rows, dtype=np.int64)))
+        )
+    covered = exact(member, scan)
+    if isinstance(split, StratifiedSplit):
+        stratified = stratified_figures(scan, normalised(split.ratios)) if covered else None
+        results.append(_result(Check.STRATIFIED, stratified or _no_cover()))
+    if isinstance(split, GroupSplit):
+        results.append(_result(Check.GROUPS, group_figures(scan) if covered else _no_cover()))
+    if isinstance(split, TimeSplit):
+        results.append(_result(Check.TIME_ORDER, time_figures(scan) if covered else _no_cover()))
+    return results
 
 
 def run_folds_checks(
