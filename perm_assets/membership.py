@@ -84,10 +84,12 @@ class Membership:
         num_splits: int,
         *,
         spill_dir: str | None = None,
+        budget_bytes: int = MEMORY_BUDGET_BYTES,
     ) -> Membership | None:
         """Membership of the ``row_id``/``split_id`` ``batches`` in ``base`` (checked out at
         the permutation's base version); None when ids are not addresses (stable row ids) or
-        there are too many splits for one byte."""
+        there are too many splits for one byte. Beyond ``budget_bytes`` base rows, ``split_of``
+        is a memmap in ``spill_dir``."""
         if num_splits > MAX_SPLITS:
             return None
         dataset = base.to_lance()  # at the checked-out version (the pinned base version)
@@ -101,7 +103,7 @@ class Membership:
         extents = np.zeros(top + 1, dtype=np.int64)
         starts[ids] = np.cumsum(sizes) - sizes
         extents[ids] = sizes
-        split_of, spill = _byte_array(int(sizes.sum()), spill_dir)
+        split_of, spill = _byte_array(int(sizes.sum()), spill_dir, budget_bytes)
         split_of[:] = ABSENT
         member = cls(split_of, starts, extents, num_splits, _spill=spill)
         member._fill(batches)
@@ -176,10 +178,10 @@ def _count_present(split_of: np.ndarray) -> int:
     return present
 
 
-def _byte_array(size: int, spill_dir: str | None) -> tuple[np.ndarray, str | None]:
-    """``size`` bytes: in memory within `MEMORY_BUDGET_BYTES`, else a memmap in ``spill_dir``
-    (the system's temporary folder by default), unlinked by `Membership.close`."""
-    if size <= MEMORY_BUDGET_BYTES:
+def _byte_array(size: int, spill_dir: str | None, budget: int) -> tuple[np.ndarray, str | None]:
+    """``size`` bytes: in memory within ``budget``, else a memmap in ``spill_dir`` (the
+    system's temporary folder by default), unlinked by `Membership.close`."""
+    if size <= budget:
         return np.empty(size, dtype=np.uint8), None
     handle, path = tempfile.mkstemp(prefix="perm_assets-membership-", dir=spill_dir)
     os.close(handle)
