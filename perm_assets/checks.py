@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 import numpy as np
@@ -291,6 +291,11 @@ def run_folds_checks(
     folds = spec.folds
     k = folds.k
     base = db.open_table(data.validation.base_table, version=data.validation.base_version)
+    if not isinstance(folds, TimeSeriesFolds):  # time-series folds: the in-memory path
+        streamed = _streamed_folds_checks(db, table, data, base, checks)
+        if streamed is not None:
+            yield from streamed
+            return
     row_ids, fold_ids = _rows_of(db, table, data.validation)
     scanned = scan_columns(base, spec.filter, key_columns(folds), asset=table)
     cover = _cover(scanned.row_ids, row_ids, fold_ids, k)
@@ -347,6 +352,137 @@ def run_folds_checks(
             Check.TIME_ORDER,
             _fold_time_order(scanned, folds.column, row_ids, fold_ids, train_ids, ranges),
         )
+
+
+def _streamed_folds_checks(
+    db: LanceDBResource, table: str, data: FoldsData, base: Table, checks: list[Check]
+) -> list[dg.AssetCheckResult] | None:
+    """The k-fold kinds' checks over the written folds and training tables and the base,
+    all read in batches (as `_streamed_permutation_checks`); None for stable row ids."""
+    spec = cast(FoldsSpec, data.validation.spec)
+    folds = spec.folds
+    k = folds.k
+    stored = db.open_table(table)
+    stored = db.open_table(table, version=stored.version)  # one version for scan and count
+    member = Membership.build(base, table_batches(stored), k)
+    if member is None:
+        return None
+    with member:
+        scan = scan_filtered(
+            member,
+            base,
+            spec.filter,
+            asset=table,
+            label=folds.label if isinstance(folds, StratifiedKFold) else None,
+            group=folds.group if isinstance(folds, GroupKFold) else None,
+        )
+    figures = cover_figures(member, scan)
+    persisted = stored.count_rows()
+    figures = {
+        **figures,
+        "persisted_version": stored.version,
+        "persisted_rows": persisted,
+        "passed": figures["passed"] and persisted == data.validation.num_rows,
+    }
+    results = [_result(Check.DISJOINT_COMPLETE, figures)]
+    train, ranges = _persisted_training(db, table, stored.version)
+    sizes = member.split_rows
+    results.append(
+        _result(Check.TRAIN_VALIDATION, _rotated_training_streamed(stored, sizes, train, ranges))
+    )
+    if Check.SIZES in checks:
+        spread = int(sizes.max() - sizes.min())
+        results.append(
+            _result(
+                Check.SIZES,
+                {"fold_rows": sizes.tolist(), "max_minus_min": spread, "passed": spread <= 1},
+            )
+        )
+    covered = exact(member, scan)
+    if isinstance(folds, StratifiedKFold):
+        stratified = stratified_figures(scan, normalised(k)) if covered else None
+        results.append(_result(Check.STRATIFIED, stratified or _no_cover()))
+    if isinstance(folds, GroupKFold):
+        results.append(_result(Check.GROUPS, group_figures(scan) if covered else _no_cover()))
+    return results
+
+
+def _rotated_training_streamed(
+    folds_table: Table, sizes: np.ndarray, train: Table, ranges: list[list[int]]
+) -> dict[str, Any]:
+    """`_rotated_training` with both tables read in batches, in lockstep: training position
+    ``p`` must hold folds-table row ``(p + sizes[0]) % n``; each fold's range is counted for
+    its own validation rows and for rows of other folds it lacks."""
+    n, first, last = int(sizes.sum()), int(sizes[0]), int(sizes[-1])
+    expected = _Cyclic(folds_table, first)
+    own = [0] * len(ranges)
+    length, matches = 0, True
+    for ids in _row_id_batches(train):
+        want_ids, want_folds = expected.take(ids.size)
+        matches = matches and bool(np.array_equal(ids, want_ids))
+        if matches:  # the fold of every position is known: count each range's share of it
+            low, high = length, length + ids.size
+            for i, (offset, rows) in enumerate(ranges):
+                start, stop = max(offset, low, 0), min(offset + rows, high)
+                if start < stop:
+                    own[i] += int(np.count_nonzero(want_folds[start - low : stop - low] == i))
+        length += ids.size
+    matches = matches and length == 2 * n - first - last
+    figures: dict[str, Any] = {
+        "training_table_rows": length,
+        "training_table_matches_folds": matches,
+    }
+    if not matches:
+        return {**figures, "passed": False}
+    overlap, missing = [], []
+    for i, (offset, rows) in enumerate(ranges):
+        inside = offset >= 0 and rows <= n and offset + rows <= length
+        mine = own[i] if inside else rows
+        overlap.append(mine)
+        missing.append(int(n - sizes[i]) - (rows - mine) if inside else int(n - sizes[i]))
+    return {
+        **figures,
+        "train_rows": [rows for _, rows in ranges],
+        "train_rows_in_own_validation_fold": overlap,
+        "rows_missing_per_fold": missing,
+        "passed": not any(overlap) and not any(missing),
+    }
+
+
+class _Cyclic:
+    """A table's (row id, split id) from row ``start`` on, wrapping to row 0 at its end, read
+    in batches and handed out in any sizes (each pass re-reads the table)."""
+
+    def __init__(self, table: Table, start: int) -> None:
+        self.table, self.skip = table, start
+        self.batches: Iterator[pa.RecordBatch] = iter(())
+        self.ids = np.zeros(0, dtype=np.uint64)
+        self.folds = np.zeros(0, dtype=np.uint64)
+
+    def take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``count`` rows (fewer only when the table is empty)."""
+        ids, folds, have = [self.ids], [self.folds], self.ids.size
+        empty_passes = 0
+        while have < count and empty_passes < 2:
+            batch = next(self.batches, None)
+            if batch is None:  # a pass ended: start over from row 0
+                self.batches = iter(table_batches(self.table))
+                empty_passes += 1
+                continue
+            row_ids, split_ids = batch.column(0).to_numpy(), batch.column(1).to_numpy()
+            if self.skip:
+                cut = min(self.skip, row_ids.size)
+                self.skip -= cut
+                empty_passes = 0  # rows were there, skipped
+                row_ids, split_ids = row_ids[cut:], split_ids[cut:]
+            if row_ids.size:
+                empty_passes = 0
+            ids.append(row_ids)
+            folds.append(split_ids)
+            have += row_ids.size
+        all_ids, all_folds = np.concatenate(ids), np.concatenate(folds)
+        self.ids, self.folds = all_ids[count:], all_folds[count:]
+        return all_ids[:count], all_folds[:count]
 
 
 def _no_cover() -> dict[str, Any]:
