@@ -321,3 +321,33 @@ def test_stable_row_ids_keep_the_in_memory_path(tmp_path: Path) -> None:
     assert all(e["passed"] for e in _evaluations(result).values())
     perm = db.open_table("perm")
     assert Membership.build(db.open_table("base"), table_batches(perm), 2) is None
+
+
+def test_cyclic_reader_wraps_across_batches(tmp_path: Path) -> None:
+    """The folds check reads the folds table from row ``first`` on, wrapping at its end, in
+    lockstep with the training table: across fragments and any take sizes."""
+    db = lancedb.connect(str(tmp_path / "db"))
+    rows = pa.table(
+        {"row_id": pa.array(range(10), pa.uint64()), "split_id": pa.array([0] * 10, pa.uint64())}
+    )
+    table = db.create_table("t", rows.slice(0, 4))
+    table.add(rows.slice(4, 3))
+    table.add(rows.slice(7))
+    cyclic = checks._Cyclic(table, 3)
+    taken = [cyclic.take(size)[0].tolist() for size in (2, 6, 9, 0, 3)]
+    flat = [i for part in taken for i in part]
+    assert [len(part) for part in taken] == [2, 6, 9, 0, 3]
+    assert flat == [(3 + i) % 10 for i in range(20)]
+
+
+def test_a_failing_read_is_raised_not_swallowed() -> None:
+    def batches() -> Any:
+        yield pa.record_batch({"row_id": pa.array([1], pa.uint64())})
+        raise OSError("disk went away")
+
+    from perm_assets.membership import prefetched
+
+    got = prefetched(batches())
+    assert next(got).num_rows == 1
+    with pytest.raises(OSError, match="disk went away"):
+        next(got)
