@@ -234,7 +234,9 @@ def _streamed_permutation_checks(
     spec, split = data.spec, data.spec.split
     stored = db.open_table(table)
     stored = db.open_table(table, version=stored.version)  # one version for scan and count
-    member = Membership.build(base, table_batches(stored), len(spec.split_names()))
+    member = Membership.build(
+        base, table_batches(stored), len(spec.split_names()), spill_dir=db.spill_dir
+    )
     if member is None:
         return None
     with member:
@@ -364,7 +366,7 @@ def _streamed_folds_checks(
     k = folds.k
     stored = db.open_table(table)
     stored = db.open_table(table, version=stored.version)  # one version for scan and count
-    member = Membership.build(base, table_batches(stored), k)
+    member = Membership.build(base, table_batches(stored), k, spill_dir=db.spill_dir)
     if member is None:
         return None
     with member:

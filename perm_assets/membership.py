@@ -196,15 +196,19 @@ def _byte_array(size: int, spill_dir: str | None, budget: int) -> tuple[np.ndarr
     if size <= budget:
         return np.empty(size, dtype=np.uint8), None
     handle, path = tempfile.mkstemp(prefix="perm_assets-membership-", dir=spill_dir)
-    os.close(handle)
     try:
-        return np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,)), path
+        # Blocks reserved now: a sparse memmap on a full disk would die of SIGBUS mid-check.
+        os.posix_fallocate(handle, 0, size)
+        return np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,)), path
     except OSError as exc:
         os.unlink(path)
         raise OSError(
             f"cannot create the {size:,}-byte split membership spill file in "
-            f"{os.path.dirname(path)}: {exc}"
+            f"{os.path.dirname(path)} (set LanceDBResource.spill_dir to a folder with room): "
+            f"{exc}"
         ) from exc
+    finally:
+        os.close(handle)
 
 
 def table_batches(table: Table) -> Iterator[pa.RecordBatch]:
