@@ -1,12 +1,13 @@
 """Asset checks that run with every materialization of a permutation or folds asset.
 
-Each check takes the exact Arrow table the IO manager has just written (and confirms the new
-table version holds as many rows), re-reads only the needed base columns at the pinned base
-version, and recomputes its guarantee from scratch, independently of the code that assigned the
-rows. (Reading 10M row ids back from Lance costs 0.8 s, more than all the checks together.)
-Leakage checks (rows in two splits, a group in two splits, train rows in their own validation
-fold, time order) are blocking: a failure stops downstream training assets. Every check
-reports its figures as metadata.
+Each check reads what the IO manager has just written (the permutation table's latest
+version, batch by batch), re-reads only the needed base columns at the pinned base version,
+and recomputes its guarantee from scratch, independently of the code that assigned the rows.
+Membership and counts stream through `perm_assets.membership` (one byte per base row, no row
+ids in Python); hash splits (their stability check joins keys), time-series folds and tables
+with stable row ids keep the in-memory path below. Leakage checks (rows in two splits, a group
+in two splits, train rows in their own validation fold, time order) are blocking: a failure
+stops downstream training assets. Every check reports its figures as metadata.
 """
 
 from __future__ import annotations
@@ -521,7 +522,8 @@ def _rows_of(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row and split ids of ``data``: in memory, or, for a permutation an out-of-core engine
     streamed into ``table``, read back from its latest version (as `_persisted` counts it).
-    Reading back holds 16 bytes per row: these checks are not out-of-core yet."""
+    16 bytes per row: only the in-memory path (hash splits, time-series folds, stable row
+    ids) reads them."""
     if data.stream is None:
         return _columns(data.data)
     # Filled batch by batch: no Arrow copy of the table besides the two arrays.
