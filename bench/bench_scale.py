@@ -62,8 +62,30 @@ def generate(uri: str, rows: int) -> float:
     return time.perf_counter() - started
 
 
+def builder_child(uri: str) -> None:
+    """The reference: lancedb's builder + ``create_table`` alone (same spec as ``split``, the
+    builder's sort pool raised as the resource does), in this process."""
+    import lancedb
+    from lancedb.permutation import permutation_builder
+
+    os.environ.setdefault("LANCEDB_PERM_BUILDER_MEMORY_LIMIT", str(4096 << 20))  # as the resource
+    db = lancedb.connect(uri)
+    started = time.perf_counter()
+    builder = permutation_builder(db.open_table("base")).filter("label < 90")
+    builder = builder.split_random(ratios=[0.8, 0.1, 0.1], seed=7, split_names=["a", "b", "c"])
+    result = builder.shuffle(seed=1).execute()
+    table = db.create_table("perm_builder", result.to_arrow(), mode="overwrite")
+    figures = {"seconds": time.perf_counter() - started, "success": True, "checks_passed": True}
+    figures["rows"] = table.count_rows()
+    figures["hash"] = "-"
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
 def child(uri: str, engine: str, kind: str, spill: str) -> None:
     """One materialization in this process; prints a JSON line with its figures."""
+    if engine == "builder":
+        builder_child(uri)
+        return
     import dagster as dg
 
     from perm_assets import (
@@ -145,6 +167,12 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["lancedb", "local"])
     parser.add_argument("--folds", action="store_true", help="also StratifiedKFold and KFold")
     parser.add_argument("--dir", default=None, help="parent of the temporary data folder")
+    parser.add_argument(
+        "--keep",
+        default=None,
+        help="data folder kept between runs: the table is generated there once and reused "
+        "(engine 'builder' measures lancedb's builder + create_table alone)",
+    )
     parser.add_argument("--child", nargs=4, metavar=("URI", "ENGINE", "KIND", "SPILL"))
     args = parser.parse_args()
     if args.child:
@@ -155,11 +183,16 @@ def main() -> None:
     header = f"{'rows':>13} {'kind':>7} {'engine':>8} {'s':>8} {'peak GiB':>9} "
     print(header + f"{'rows/s':>11} {'vs lancedb':>10}  hash / error", flush=True)
     for rows in args.rows:
-        folder = Path(tempfile.mkdtemp(prefix="perm_assets-bench-scale-", dir=args.dir))
+        if args.keep:
+            folder = Path(args.keep) / str(rows)
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="perm_assets-bench-scale-", dir=args.dir))
         try:
             uri = str(folder / "lancedb")
-            seconds = generate(uri, rows)
-            print(f"generated {rows:,} rows in {seconds:.1f} s", flush=True)
+            if not (folder / "lancedb" / "base.lance").exists():
+                seconds = generate(uri, rows)
+                print(f"generated {rows:,} rows in {seconds:.1f} s", flush=True)
             for kind in kinds:
                 reference: float | None = None
                 for engine in args.engines:
@@ -181,7 +214,8 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Every permutation and folds materialization records
   of every split, requested against actual, and, with a label, each class's share of every
   split against its share of all selected rows (balanced splits draw the same bars).
 
-Counting is columnar: one scan of the label/group column at the pinned version, one
-``bincount`` over (split, class) pairs.
+Counting is columnar and streamed (`perm_assets.membership`): one batched scan of the
+permutation's rows into one byte per base row, one batched scan of the label/group column at
+the pinned version, a ``bincount`` over (split, class) pairs per batch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pyarrow as pa
 from lancedb.table import Table
 
 from perm_assets.build import PermutationData, check_scalar_columns, positions_in
+from perm_assets.membership import Membership, arrow_batches, scan_filtered
 from perm_assets.specs import (
     CalculatedSplit,
     FoldsSpec,
@@ -139,6 +141,26 @@ def count_balance(
     if label is not None:  # a label= hint is checked only here: name it in the error
         check_scalar_columns(base, [label], role="label", asset=asset)
     spec = data.spec
+    batches = data.stream() if data.stream is not None else arrow_batches(data.data)
+    member = Membership.build(base, batches, len(data.split_names))
+    if member is not None:  # row addresses: one byte per base row, the scan in batches
+        with member:
+            scan = scan_filtered(
+                member,
+                base,
+                spec.filter if spec is not None else None,
+                asset=asset,
+                label=label,
+                group=group,
+                nulls_allowed=True,
+            )
+        groups = shared = None
+        if scan.groups is not None:
+            groups = scan.groups["groups_per_split"]
+            shared = int(scan.groups["groups_in_several_splits"])
+        return Balance(
+            classes=scan.classes, counts=scan.counts, groups=groups, shared_groups=shared
+        )
     query = base.search().select(columns).with_row_id(True)
     if spec is not None and spec.filter is not None:  # fewer rows to join; all permuted pass it
         query = query.where(cast(str, where(spec.filter)))
@@ -166,8 +188,9 @@ def count_balance(
 
 
 def _permuted(data: PermutationData) -> tuple[np.ndarray, np.ndarray]:
-    """Row ids and split ids (int64) of every permuted row; an out-of-core engine's stream is
-    read batch by batch into two preallocated arrays (16 bytes a row, as the checks hold)."""
+    """Row ids and split ids (int64) of every permuted row, for tables with stable row ids
+    (not addresses); an out-of-core engine's stream is read batch by batch into two
+    preallocated arrays (16 bytes a row)."""
     if data.stream is None:
         return (
             data.data.column("row_id").to_numpy(),

@@ -1,12 +1,13 @@
 """Asset checks that run with every materialization of a permutation or folds asset.
 
-Each check takes the exact Arrow table the IO manager has just written (and confirms the new
-table version holds as many rows), re-reads only the needed base columns at the pinned base
-version, and recomputes its guarantee from scratch, independently of the code that assigned the
-rows. (Reading 10M row ids back from Lance costs 0.8 s, more than all the checks together.)
-Leakage checks (rows in two splits, a group in two splits, train rows in their own validation
-fold, time order) are blocking: a failure stops downstream training assets. Every check
-reports its figures as metadata.
+Each check reads what the IO manager has just written (the permutation table's latest
+version, batch by batch), re-reads only the needed base columns at the pinned base version,
+and recomputes its guarantee from scratch, independently of the code that assigned the rows.
+Membership and counts stream through `perm_assets.membership` (one byte per base row, no row
+ids in Python); hash splits (their stability check joins keys), time-series folds and tables
+with stable row ids keep the in-memory path below. Leakage checks (rows in two splits, a group
+in two splits, train rows in their own validation fold, time order) are blocking: a failure
+stops downstream training assets. Every check reports its figures as metadata.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 import numpy as np
@@ -26,6 +27,17 @@ from lancedb.table import Table
 from perm_assets import assign
 from perm_assets.build import PermutationData, Scanned, positions_in, scan_columns
 from perm_assets.folds import FoldsData
+from perm_assets.membership import (
+    Membership,
+    cover_figures,
+    exact,
+    group_figures,
+    normalised,
+    scan_filtered,
+    stratified_figures,
+    table_batches,
+    time_figures,
+)
 from perm_assets.resources import LanceDBResource
 from perm_assets.specs import (
     FoldsSpec,
@@ -139,16 +151,22 @@ def run_permutation_checks(
     assert isinstance(data.spec, PermutationSpec)
     spec = data.spec
     base = db.open_table(data.base_table, version=data.base_version)
-    row_ids, split_ids = _rows_of(db, table, data)
     split = spec.split
     num_splits = len(spec.split_names())
+    drops = bool(
+        (isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard))
+        or (isinstance(split, HashSplit) and split.discard_weight > 0)
+    )
+    if not isinstance(split, HashSplit):  # hash stability compares keys: the in-memory path
+        streamed = _streamed_permutation_checks(db, table, data, base, checks, drops=drops)
+        if streamed is not None:
+            yield from streamed
+            return
+    row_ids, split_ids = _rows_of(db, table, data)
     # The build counted the filtered rows at the same pinned version: no second scan.
     expected = data.filtered_rows
     if expected is None:
         expected = base.count_rows(where(spec.filter))
-    drops = (
-        isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard)
-    ) or (isinstance(split, HashSplit) and split.discard_weight > 0)
     columns = key_columns(split)
     cover: _Cover | None = None
     scanned: Scanned | None = None
@@ -200,6 +218,69 @@ def run_permutation_checks(
         )
 
 
+def _streamed_permutation_checks(
+    db: LanceDBResource,
+    table: str,
+    data: PermutationData,
+    base: Table,
+    checks: list[Check],
+    *,
+    drops: bool,
+) -> list[dg.AssetCheckResult] | None:
+    """The permutation checks over the written table and the base, both read in batches
+    (`perm_assets.membership`): one byte per base row, not 16+ per permuted row and a sort.
+    None when the row ids are not row addresses (stable row ids): the caller's in-memory path.
+    """
+    assert isinstance(data.spec, PermutationSpec)
+    spec, split = data.spec, data.spec.split
+    stored = db.open_table(table)
+    stored = db.open_table(table, version=stored.version)  # one version for scan and count
+    member = Membership.build(
+        base, table_batches(stored), len(spec.split_names()), spill_dir=db.spill_dir
+    )
+    if member is None:
+        return None
+    with member:
+        scan = scan_filtered(
+            member,
+            base,
+            spec.filter,
+            asset=table,
+            label=split.label if isinstance(split, StratifiedSplit) else None,
+            group=split.group if isinstance(split, GroupSplit) else None,
+            time=split.column if isinstance(split, TimeSplit) else None,
+        )
+    figures = cover_figures(member, scan)
+    persisted = stored.count_rows()
+    figures = {
+        **figures,
+        "persisted_version": stored.version,
+        "persisted_rows": persisted,
+        "passed": figures["passed"] and persisted == data.num_rows,
+    }
+    if drops:  # rows were left out on purpose: only duplicates and stray ids are errors
+        figures["passed"] = (
+            figures["duplicate_rows"] == 0
+            and figures["extra_rows"] == 0
+            and figures["persisted_rows"] == data.num_rows
+        )
+        figures["documented_discard"] = True
+    results = [_result(Check.DISJOINT_COMPLETE, figures)]
+    if Check.SIZES in checks:
+        results.append(
+            _result(Check.SIZES, _sizes(split, np.asarray(data.split_rows, dtype=np.int64)))
+        )
+    covered = exact(member, scan)
+    if isinstance(split, StratifiedSplit):
+        stratified = stratified_figures(scan, normalised(split.ratios)) if covered else None
+        results.append(_result(Check.STRATIFIED, stratified or _no_cover()))
+    if isinstance(split, GroupSplit):
+        results.append(_result(Check.GROUPS, group_figures(scan) if covered else _no_cover()))
+    if isinstance(split, TimeSplit):
+        results.append(_result(Check.TIME_ORDER, time_figures(scan) if covered else _no_cover()))
+    return results
+
+
 def run_folds_checks(
     db: LanceDBResource, table: str, data: FoldsData, checks: list[Check]
 ) -> Iterator[dg.AssetCheckResult]:
@@ -213,6 +294,11 @@ def run_folds_checks(
     folds = spec.folds
     k = folds.k
     base = db.open_table(data.validation.base_table, version=data.validation.base_version)
+    if not isinstance(folds, TimeSeriesFolds):  # time-series folds: the in-memory path
+        streamed = _streamed_folds_checks(db, table, data, base, checks)
+        if streamed is not None:
+            yield from streamed
+            return
     row_ids, fold_ids = _rows_of(db, table, data.validation)
     scanned = scan_columns(base, spec.filter, key_columns(folds), asset=table)
     cover = _cover(scanned.row_ids, row_ids, fold_ids, k)
@@ -271,6 +357,137 @@ def run_folds_checks(
         )
 
 
+def _streamed_folds_checks(
+    db: LanceDBResource, table: str, data: FoldsData, base: Table, checks: list[Check]
+) -> list[dg.AssetCheckResult] | None:
+    """The k-fold kinds' checks over the written folds and training tables and the base,
+    all read in batches (as `_streamed_permutation_checks`); None for stable row ids."""
+    spec = cast(FoldsSpec, data.validation.spec)
+    folds = spec.folds
+    k = folds.k
+    stored = db.open_table(table)
+    stored = db.open_table(table, version=stored.version)  # one version for scan and count
+    member = Membership.build(base, table_batches(stored), k, spill_dir=db.spill_dir)
+    if member is None:
+        return None
+    with member:
+        scan = scan_filtered(
+            member,
+            base,
+            spec.filter,
+            asset=table,
+            label=folds.label if isinstance(folds, StratifiedKFold) else None,
+            group=folds.group if isinstance(folds, GroupKFold) else None,
+        )
+    figures = cover_figures(member, scan)
+    persisted = stored.count_rows()
+    figures = {
+        **figures,
+        "persisted_version": stored.version,
+        "persisted_rows": persisted,
+        "passed": figures["passed"] and persisted == data.validation.num_rows,
+    }
+    results = [_result(Check.DISJOINT_COMPLETE, figures)]
+    train, ranges = _persisted_training(db, table, stored.version)
+    sizes = member.split_rows
+    results.append(
+        _result(Check.TRAIN_VALIDATION, _rotated_training_streamed(stored, sizes, train, ranges))
+    )
+    if Check.SIZES in checks:
+        spread = int(sizes.max() - sizes.min())
+        results.append(
+            _result(
+                Check.SIZES,
+                {"fold_rows": sizes.tolist(), "max_minus_min": spread, "passed": spread <= 1},
+            )
+        )
+    covered = exact(member, scan)
+    if isinstance(folds, StratifiedKFold):
+        stratified = stratified_figures(scan, normalised(k)) if covered else None
+        results.append(_result(Check.STRATIFIED, stratified or _no_cover()))
+    if isinstance(folds, GroupKFold):
+        results.append(_result(Check.GROUPS, group_figures(scan) if covered else _no_cover()))
+    return results
+
+
+def _rotated_training_streamed(
+    folds_table: Table, sizes: np.ndarray, train: Table, ranges: list[list[int]]
+) -> dict[str, Any]:
+    """`_rotated_training` with both tables read in batches, in lockstep: training position
+    ``p`` must hold folds-table row ``(p + sizes[0]) % n``; each fold's range is counted for
+    its own validation rows and for rows of other folds it lacks."""
+    n, first, last = int(sizes.sum()), int(sizes[0]), int(sizes[-1])
+    expected = _Cyclic(folds_table, first)
+    own = [0] * len(ranges)
+    length, matches = 0, True
+    for ids in _row_id_batches(train):
+        want_ids, want_folds = expected.take(ids.size)
+        matches = matches and bool(np.array_equal(ids, want_ids))
+        if matches:  # the fold of every position is known: count each range's share of it
+            low, high = length, length + ids.size
+            for i, (offset, rows) in enumerate(ranges):
+                start, stop = max(offset, low, 0), min(offset + rows, high)
+                if start < stop:
+                    own[i] += int(np.count_nonzero(want_folds[start - low : stop - low] == i))
+        length += ids.size
+    matches = matches and length == 2 * n - first - last
+    figures: dict[str, Any] = {
+        "training_table_rows": length,
+        "training_table_matches_folds": matches,
+    }
+    if not matches:
+        return {**figures, "passed": False}
+    overlap, missing = [], []
+    for i, (offset, rows) in enumerate(ranges):
+        inside = offset >= 0 and rows <= n and offset + rows <= length
+        mine = own[i] if inside else rows
+        overlap.append(mine)
+        missing.append(int(n - sizes[i]) - (rows - mine) if inside else int(n - sizes[i]))
+    return {
+        **figures,
+        "train_rows": [rows for _, rows in ranges],
+        "train_rows_in_own_validation_fold": overlap,
+        "rows_missing_per_fold": missing,
+        "passed": not any(overlap) and not any(missing),
+    }
+
+
+class _Cyclic:
+    """A table's (row id, split id) from row ``start`` on, wrapping to row 0 at its end, read
+    in batches and handed out in any sizes (each pass re-reads the table)."""
+
+    def __init__(self, table: Table, start: int) -> None:
+        self.table, self.skip = table, start
+        self.batches: Iterator[pa.RecordBatch] = iter(())
+        self.ids = np.zeros(0, dtype=np.uint64)
+        self.folds = np.zeros(0, dtype=np.uint64)
+
+    def take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``count`` rows (fewer only when the table is empty)."""
+        ids, folds, have = [self.ids], [self.folds], self.ids.size
+        empty_passes = 0
+        while have < count and empty_passes < 2:
+            batch = next(self.batches, None)
+            if batch is None:  # a pass ended: start over from row 0
+                self.batches = iter(table_batches(self.table))
+                empty_passes += 1
+                continue
+            row_ids, split_ids = batch.column(0).to_numpy(), batch.column(1).to_numpy()
+            if self.skip:
+                cut = min(self.skip, row_ids.size)
+                self.skip -= cut
+                empty_passes = 0  # rows were there, skipped
+                row_ids, split_ids = row_ids[cut:], split_ids[cut:]
+            if row_ids.size:
+                empty_passes = 0
+            ids.append(row_ids)
+            folds.append(split_ids)
+            have += row_ids.size
+        all_ids, all_folds = np.concatenate(ids), np.concatenate(folds)
+        self.ids, self.folds = all_ids[count:], all_folds[count:]
+        return all_ids[:count], all_folds[:count]
+
+
 def _no_cover() -> dict[str, Any]:
     """Figures of a check that needs each filtered row in exactly one fold, when it is not."""
     return {
@@ -305,7 +522,8 @@ def _rows_of(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row and split ids of ``data``: in memory, or, for a permutation an out-of-core engine
     streamed into ``table``, read back from its latest version (as `_persisted` counts it).
-    Reading back holds 16 bytes per row: these checks are not out-of-core yet."""
+    16 bytes per row: only the in-memory path (hash splits, time-series folds, stable row
+    ids) reads them."""
     if data.stream is None:
         return _columns(data.data)
     # Filled batch by batch: no Arrow copy of the table besides the two arrays.

@@ -483,8 +483,17 @@ def _split_ranges(perm: PermutationData) -> list[list[int]] | None:
     out-of-core engine's stream (it emits split by split; readers verify the split ids they
     take), checked here for an in-memory table (lancedb's builder output is not guaranteed)."""
     if perm.stream is None:
-        split_ids = perm.data.column("split_id").to_numpy()
-        if split_ids.size > 1 and not bool(np.all(split_ids[1:] >= split_ids[:-1])):
-            return None
+        # Chunk by chunk on zero-copy views: no concatenated copy of the column (800 MB at
+        # 100M rows, which to_numpy on a many-chunk column would make).
+        previous = None
+        for chunk in perm.data.column("split_id").chunks:
+            ids = chunk.to_numpy(zero_copy_only=chunk.null_count == 0)
+            if ids.size == 0:
+                continue
+            if previous is not None and ids[0] < previous:
+                return None
+            if ids.size > 1 and not bool(np.all(ids[1:] >= ids[:-1])):
+                return None
+            previous = ids[-1]
     starts = np.cumsum([0, *perm.split_rows[:-1]])
     return [[int(start), int(rows)] for start, rows in zip(starts, perm.split_rows, strict=True)]
