@@ -1,0 +1,116 @@
+"""Dagster steps on a Ray cluster: dagster-ray's executor, configured and checked for perm_assets.
+
+``dg.Definitions(..., executor=ray_step_executor("http://ray-head:8265"))`` runs every step of a
+run (a permutation or folds build, a training asset) as a **Ray job** whose entrypoint is
+``dagster api execute_step``: the step's own Python process starts on a Ray worker node and
+writes its events to the Dagster instance; the orchestrating process only submits and polls.
+Asset code does not change.
+
+Why dagster-ray's executor, and not its run launcher or Pipes client: the factory-made assets
+are ordinary Dagster steps, and the executor moves exactly those onto the cluster, one Ray job
+per step with its own resources (``op_tags={"dagster-ray/config": {"num_cpus": 4}}``). Pipes
+would need each build rewritten as an external script reporting back; the run launcher moves
+the whole run (orchestrator included) onto Ray, which the executor can be combined with but
+does not need. Requirements of the executor: a persistent Dagster instance reachable from the
+Ray nodes (PostgreSQL in a team; a shared ``DAGSTER_HOME`` on one machine), the same LanceDB URI
+on every node, this project and the ``dagster`` command installed on the Ray nodes (the
+entrypoint is ``dagster api execute_step``), and Ray's job server (the dashboard, port 8265):
+``ray[default]``, not the minimal ``ray``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+import dagster as dg
+
+from perm_assets.errors import SpecError
+
+RAY_EXTRA_HINT = "install the ray extra: pip install 'perm-assets[ray]'"
+
+# A variable named in ``env_vars`` has its *value* copied from the orchestrator into the Ray
+# job's runtime_env, which Ray keeps in its job table and shows in its dashboard. Secrets must
+# reach the steps as the Ray nodes' own environment (KubeRay: envFrom a Secret) instead.
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|(^|_)KEY(_|$)", re.IGNORECASE)
+
+
+def ray_step_executor(
+    address: str,
+    *,
+    num_cpus: float = 1,
+    memory_bytes: int | None = None,
+    env_vars: Sequence[str] = (),
+    runtime_env: Mapping[str, Any] | None = None,
+) -> dg.ExecutorDefinition:
+    """dagster-ray's ``ray_executor``: each step a Ray job submitted to ``address``.
+
+    Args:
+        address: the Ray job server, ``http(s)://<head>:8265`` (the dashboard's address; not the
+            ``ray://`` client port nor the GCS ``host:6379``).
+        num_cpus: CPUs each step reserves. Above 0 so that Ray may place the step on a worker
+            node: without a resource request Ray runs a job's entrypoint on the head node.
+        memory_bytes: memory each step reserves (Ray schedules by it; it is not a limit).
+        env_vars: names of non-secret variables copied from the orchestrator's environment into
+            each step's (e.g. ``PERM_ASSETS_LANCEDB_URI``). Secret-looking names are refused.
+        runtime_env: Ray's runtime_env for every step (``env_vars``, ``pip``, ...); usually empty:
+            the nodes' image has the project installed.
+    """
+    try:
+        from dagster_ray import ray_executor
+    except ImportError as exc:  # pragma: no cover - the dev extra installs it
+        raise SpecError(
+            f"ray_step_executor: dagster-ray is not installed; {RAY_EXTRA_HINT}"
+        ) from exc
+    _check_address(address)
+    if not num_cpus > 0:
+        raise SpecError(
+            f"ray_step_executor: num_cpus {num_cpus!r} must be above 0; a step that reserves "
+            "no CPU runs on the Ray head node"
+        )
+    if memory_bytes is not None and memory_bytes <= 0:
+        raise SpecError(f"ray_step_executor: memory_bytes {memory_bytes!r} must be above 0 or None")
+    for name in env_vars:
+        if "=" in name or not name:
+            raise SpecError(
+                f"ray_step_executor: env_vars entry {name!r} must be a variable name; its value "
+                "is copied from the orchestrator's environment (a literal KEY=VALUE would be "
+                "stored in Ray's job table)"
+            )
+        if _SECRET_NAME.search(name):
+            raise SpecError(
+                f"ray_step_executor: env_vars entry {name!r} looks like a secret; values in "
+                "env_vars are stored in the Ray job's runtime_env and shown in Ray's dashboard. "
+                "Give the Ray nodes the variable from your secret store instead (KubeRay: envFrom "
+                "a Secret); the steps inherit the nodes' environment"
+            )
+    ray_config: dict[str, Any] = {
+        "address": address,
+        "num_cpus": float(num_cpus),
+        "env_vars": list(env_vars),
+        # A step never uses a Ray run launcher's client: the address above is the one checked.
+        "inherit_job_submission_client_from_ray_run_launcher": False,
+    }
+    if memory_bytes is not None:
+        ray_config["memory"] = memory_bytes
+    if runtime_env:
+        ray_config["runtime_env"] = dict(runtime_env)
+    return ray_executor.configured({"ray": ray_config}, name="perm_assets_ray_steps")
+
+
+def _check_address(address: str) -> None:
+    parsed = urlparse(address)
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        return
+    if parsed.scheme == "ray":
+        kind = "a Ray Client address (port 10001)"
+    elif address.startswith("auto") or not parsed.scheme or parsed.hostname is None:
+        kind = "not a URL (a GCS address such as host:6379, or 'auto')"
+    else:
+        kind = f"a {parsed.scheme}:// URL"
+    raise SpecError(
+        f"ray_step_executor: address {address!r} is {kind}; steps are submitted as Ray jobs to "
+        "the cluster's job server, 'http://<head>:8265' (the Ray dashboard's address)"
+    )

@@ -1,0 +1,118 @@
+"""A Dagster step executed on a real Ray cluster through dagster-ray's executor.
+
+`perm_assets.ray_steps.ray_step_executor` submits each step as a Ray job. The cluster (a head
+with no CPUs and one worker) runs in a loopback-only network namespace, with the orchestrating
+process (`tests/dagster_ray_child.py`): Ray advertises the machine's external address even when
+told 127.0.0.1, and nothing may leave loopback. The instance and the tables are files shared by
+both sides, as PostgreSQL and object storage are in a team deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from lancedb.permutation import Permutation
+
+from perm_assets import LanceDBIOManager, LanceDBResource
+from perm_assets.errors import SpecError
+from perm_assets.ray_steps import ray_step_executor
+from tests.dagster_ray_child import N, rows, rows_splits
+from tests.processes import REPO, child_env
+
+CHILD = Path(__file__).with_name("dagster_ray_child.py")
+
+
+def _resources(uri: Path) -> dict[str, object]:
+    db = LanceDBResource(uri=str(uri))
+    return {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
+
+
+def _in_netns(command: list[str], env: dict[str, str], timeout: float) -> None:
+    """``command`` in a new network namespace whose only interface is loopback."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare")
+    script = 'ip link set lo up && exec "$@"'
+    done = subprocess.run(
+        ["unshare", "-n", "--", "sh", "-c", script, "sh", *command],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stderr[-6000:]}"
+    print(done.stderr[-3000:])
+
+
+@pytest.mark.slow
+def test_permutation_step_runs_as_a_ray_job_on_a_worker_node(tmp_path: Path) -> None:
+    home, uri = tmp_path / "home", tmp_path / "lancedb"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("")
+    resources = _resources(uri)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        dg.materialize([rows], resources=resources, instance=instance)
+
+    out = tmp_path / "ray.json"
+    env = child_env(
+        DAGSTER_HOME=str(home),
+        PERM_ASSETS_LANCEDB_URI=str(uri),
+        RAY_USAGE_STATS_ENABLED="0",
+        # The step's entrypoint is `dagster api execute_step`: the nodes find `dagster` on PATH.
+        PATH=f"{Path(sys.executable).parent}:{child_env()['PATH']}",
+    )
+    _in_netns([sys.executable, str(CHILD), str(out)], env, timeout=180)
+    report = json.loads(out.read_text())
+    assert report["success"], report
+
+    # The step was a Ray job that succeeded on the worker node (the head has no CPUs)...
+    step = report["steps"]["rows_splits"]
+    assert step["status"] == "SUCCEEDED"
+    workers = {n["node_id"] for n in report["nodes"] if not n["is_head"]}
+    assert step["driver_node_id"] in workers, (step["driver_node_id"], report["nodes"])
+    # ... and that job's process is the one that recorded the materialization.
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        materialized = instance.get_latest_materialization_event(rows_splits.key)
+        assert materialized is not None and materialized.run_id == report["run_id"]
+        step_pid = materialized.dagster_event.pid  # pyright: ignore[reportOptionalMemberAccess]
+        assert step_pid not in (report["orchestrator_pid"], None)
+        assert f" - {step_pid} - rows_splits - STEP_SUCCESS" in step["logs"], step["logs"][-3000:]
+
+        # The table it wrote reads through the project's views...
+        seen: dict[str, np.ndarray] = {}
+
+        @dg.asset(
+            ins={
+                "splits": dg.AssetIn(
+                    rows_splits.key,
+                    metadata={"split": ["train", "test"], "columns": ["id"], "format": "arrow"},
+                )
+            }
+        )
+        def consumer(splits: dict[str, Permutation]) -> None:
+            for name, view in splits.items():
+                seen[name] = np.concatenate([b.column("id").to_numpy() for b in view.iter(25_000)])
+
+        dg.materialize(
+            [rows, rows_splits, consumer],
+            selection=[consumer],
+            resources=resources,
+            instance=instance,
+        )
+    assert (len(seen["train"]), len(seen["test"])) == (N * 8 // 10, N * 2 // 10)
+    assert np.array_equal(np.sort(np.concatenate([seen["train"], seen["test"]])), np.arange(N))
+
+    # ... and is row for row the table the same asset writes when built in this process.
+    local = _resources(tmp_path / "local")
+    dg.materialize([rows, rows_splits], resources=local)
+    on_ray = LanceDBResource(uri=str(uri)).open_table("rows_splits").to_arrow()
+    assert on_ray.equals(
+        LanceDBResource(uri=str(tmp_path / "local")).open_table("rows_splits").to_arrow()
+    )
