@@ -10,13 +10,16 @@ both sides, as PostgreSQL and object storage are in a team deployment.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import dagster as dg
 import numpy as np
+import pyarrow as pa
 import pytest
 from lancedb.permutation import Permutation
 
@@ -24,9 +27,22 @@ from perm_assets import LanceDBIOManager, LanceDBResource
 from perm_assets.errors import SpecError
 from perm_assets.ray_steps import ray_step_executor
 from tests.dagster_ray_child import N, rows, rows_splits
-from tests.processes import REPO, child_env
+from tests.processes import REPO, child_env, free_port
 
 CHILD = Path(__file__).with_name("dagster_ray_child.py")
+# Nothing listens here: the port was free a moment ago, on loopback.
+DOWN = f"http://127.0.0.1:{free_port()}"
+
+
+def job_on_a_ray_that_is_down() -> dg.JobDefinition:
+    """The child's permutation job, submitting to an address where no Ray job server runs."""
+    db = LanceDBResource(uri=dg.EnvVar("PERM_ASSETS_LANCEDB_URI"))
+    defs = dg.Definitions(
+        assets=[rows, rows_splits],
+        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        jobs=[dg.define_asset_job("down", [rows_splits], executor_def=ray_step_executor(DOWN))],
+    )
+    return defs.resolve_job_def("down")
 
 
 def _resources(uri: Path) -> dict[str, object]:
@@ -48,7 +64,6 @@ def _in_netns(command: list[str], env: dict[str, str], timeout: float) -> None:
         timeout=timeout,
     )
     assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stderr[-6000:]}"
-    print(done.stderr[-3000:])
 
 
 @pytest.mark.slow
@@ -98,7 +113,9 @@ def test_permutation_step_runs_as_a_ray_job_on_a_worker_node(tmp_path: Path) -> 
         )
         def consumer(splits: dict[str, Permutation]) -> None:
             for name, view in splits.items():
-                seen[name] = np.concatenate([b.column("id").to_numpy() for b in view.iter(25_000)])
+                seen[name] = np.concatenate(
+                    [cast(pa.RecordBatch, b).column("id").to_numpy() for b in view.iter(25_000)]
+                )
 
         dg.materialize(
             [rows, rows_splits, consumer],
@@ -116,3 +133,40 @@ def test_permutation_step_runs_as_a_ray_job_on_a_worker_node(tmp_path: Path) -> 
     assert on_ray.equals(
         LanceDBResource(uri=str(tmp_path / "local")).open_table("rows_splits").to_arrow()
     )
+
+
+def test_unreachable_job_server_fails_the_run_naming_the_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = tmp_path / "lancedb"
+    monkeypatch.setenv("PERM_ASSETS_LANCEDB_URI", str(uri))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        dg.materialize([rows], resources=_resources(uri), instance=instance)
+        with pytest.raises(
+            ConnectionError, match=re.escape(f"no Ray job server answers at '{DOWN}'")
+        ):
+            dg.execute_job(dg.reconstructable(job_on_a_ray_that_is_down), instance=instance)
+        # Dagster creates the executor before the run starts: the run never started.
+        run = instance.get_runs(limit=1)[0]
+        assert (run.job_name, run.status) == ("down", dg.DagsterRunStatus.NOT_STARTED)
+        # Nothing was submitted, so nothing was written.
+        assert instance.get_latest_materialization_event(rows_splits.key) is None
+    assert "rows_splits" not in LanceDBResource(uri=str(uri)).connect().table_names()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"address": "ray://head:10001"}, "'ray://head:10001' is a Ray Client address"),
+        ({"address": "127.0.0.1:6379"}, "'127.0.0.1:6379' is not a URL"),
+        ({"address": "http://h:8265", "num_cpus": 0}, "num_cpus 0 must be above 0"),
+        ({"address": "http://h:8265", "env_vars": ["A=1"]}, "entry 'A=1' must be a variable"),
+        (
+            {"address": "http://h:8265", "env_vars": ["PERM_ASSETS_S3_SECRET_ACCESS_KEY"]},
+            "'PERM_ASSETS_S3_SECRET_ACCESS_KEY' looks like a secret",
+        ),
+    ],
+)
+def test_bad_executor_settings_fail_where_written(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        ray_step_executor(**kwargs)
