@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import dagster as dg
@@ -97,7 +97,39 @@ def ray_step_executor(
         ray_config["memory"] = memory_bytes
     if runtime_env:
         ray_config["runtime_env"] = dict(runtime_env)
-    return ray_executor.configured({"ray": ray_config}, name="perm_assets_ray_steps")
+    return _with_address_check(ray_executor).configured(
+        {"ray": ray_config}, name="perm_assets_ray_steps"
+    )
+
+
+def _with_address_check(executor: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
+    """``executor``, whose run fails naming the address when no Ray job server answers there.
+
+    dagster-ray connects when the run starts; Ray's own error ("Failed to connect to Ray at
+    address: ...") says neither that it is the job server that was asked for nor where to look.
+    Nothing is submitted or written when it fails.
+    """
+    create = executor.executor_creation_fn
+    assert create is not None
+
+    def create_checked(init_context: Any) -> Any:
+        try:
+            return create(init_context)
+        except ConnectionError as exc:
+            address = init_context.executor_config["ray"].get("address")
+            raise ConnectionError(
+                f"ray_step_executor: no Ray job server answers at {address!r} (the head's "
+                "dashboard, port 8265, reachable from the process orchestrating the run); no "
+                f"step was submitted. Ray said: {exc}"
+            ) from exc
+
+    return dg.ExecutorDefinition(
+        name=executor.name,
+        config_schema=cast(Any, executor.config_schema),
+        requirements=executor.get_requirements,
+        executor_creation_fn=create_checked,
+        description=executor.description,
+    )
 
 
 def _check_address(address: str) -> None:
