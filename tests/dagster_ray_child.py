@@ -87,6 +87,10 @@ def ray_cluster(workers: int = 1) -> Iterator[str]:
     head += ["--dashboard-host=127.0.0.1", "--dashboard-port=8265", *common]
     groups = [subprocess.Popen([*head], start_new_session=True)]
     try:
+        # The workers wait for the head's GCS themselves: start them at once.
+        for _ in range(workers):
+            worker = [*ray, "--address=127.0.0.1:6379", "--num-cpus=1", *common]
+            groups.append(subprocess.Popen(worker, start_new_session=True))
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -96,19 +100,18 @@ def ray_cluster(workers: int = 1) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        for _ in range(workers):
-            worker = [*ray, "--address=127.0.0.1:6379", "--num-cpus=1", *common]
-            groups.append(subprocess.Popen(worker, start_new_session=True))
         while sum(not n.is_head_node for n in _nodes(list_nodes(address=RAY_JOBS))) < workers:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{workers} Ray worker node(s) not up within 60 s")
             time.sleep(0.2)
         yield temp
     finally:
-        for group in reversed(groups):
-            # SIGTERM first: `ray start --block` then stops its node's processes itself.
+        # SIGTERM first, to every node at once: `ray start --block` then stops its node's
+        # processes itself; SIGKILL what is left of each group.
+        for group in groups:
             with suppress(ProcessLookupError):
                 os.killpg(group.pid, signal.SIGTERM)
+        for group in groups:
             with suppress(subprocess.TimeoutExpired):
                 group.wait(timeout=10)
             with suppress(ProcessLookupError):
@@ -118,8 +121,12 @@ def ray_cluster(workers: int = 1) -> Iterator[str]:
 
 
 def main(out: str) -> None:
+    started = time.monotonic()
     with ray_cluster() as temp:
+        sys.stderr.write(f"TIMING cluster {time.monotonic() - started:.1f} s\n")
         _run(out, temp)
+        sys.stderr.write(f"TIMING run {time.monotonic() - started:.1f} s\n")
+    sys.stderr.write(f"TIMING stopped {time.monotonic() - started:.1f} s\n")
 
 
 def _run(out: str, temp: str) -> None:
@@ -136,11 +143,17 @@ def _run(out: str, temp: str) -> None:
         if event is None or event.event_type_value != "STEP_WORKER_STARTING":
             continue
         submission_id = str(event.event_specific_data.metadata["Ray Submission ID"].value)  # type: ignore[union-attr]
+        # The step reports success before its process exits: wait for Ray's final status.
         info = client.get_job_info(submission_id)
+        deadline = time.monotonic() + 30
+        while not info.status.is_terminal() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            info = client.get_job_info(submission_id)
         steps[event.step_key] = {
             "submission_id": submission_id,
             "status": str(info.status),
             "driver_node_id": info.driver_node_id,
+            "runtime_env_vars": sorted((info.runtime_env or {}).get("env_vars", {})),
             # The driver's log file (the dashboard's log endpoint needs the node's agent port).
             "logs": "".join(
                 Path(f).read_text(errors="replace")

@@ -27,7 +27,7 @@ from perm_assets import LanceDBIOManager, LanceDBResource
 from perm_assets.errors import SpecError
 from perm_assets.ray_steps import ray_step_executor
 from tests.dagster_ray_child import N, rows, rows_splits
-from tests.processes import REPO, child_env, free_port
+from tests.processes import REPO, child_env, free_port, log_tail
 
 CHILD = Path(__file__).with_name("dagster_ray_child.py")
 # Nothing listens here: the port was free a moment ago, on loopback.
@@ -50,20 +50,22 @@ def _resources(uri: Path) -> dict[str, object]:
     return {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
 
 
-def _in_netns(command: list[str], env: dict[str, str], timeout: float) -> None:
-    """``command`` in a new network namespace whose only interface is loopback."""
+def _in_netns(command: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
+    """``command`` in a new network namespace whose only interface is loopback, its output
+    to ``log``."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare")
     script = 'ip link set lo up && exec "$@"'
-    done = subprocess.run(
-        ["unshare", "-n", "--", "sh", "-c", script, "sh", *command],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stderr[-6000:]}"
+    with log.open("wb") as out:
+        done = subprocess.run(
+            ["unshare", "-n", "--", "sh", "-c", script, "sh", *command],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{log_tail(log, 80)}"
 
 
 @pytest.mark.slow
@@ -83,7 +85,7 @@ def test_permutation_step_runs_as_a_ray_job_on_a_worker_node(tmp_path: Path) -> 
         # The step's entrypoint is `dagster api execute_step`: the nodes find `dagster` on PATH.
         PATH=f"{Path(sys.executable).parent}:{child_env()['PATH']}",
     )
-    _in_netns([sys.executable, str(CHILD), str(out)], env, timeout=180)
+    _in_netns([sys.executable, str(CHILD), str(out)], env, tmp_path / "child.log", timeout=180)
     report = json.loads(out.read_text())
     assert report["success"], report
 
@@ -92,6 +94,8 @@ def test_permutation_step_runs_as_a_ray_job_on_a_worker_node(tmp_path: Path) -> 
     assert step["status"] == "SUCCEEDED"
     workers = {n["node_id"] for n in report["nodes"] if not n["is_head"]}
     assert step["driver_node_id"] in workers, (step["driver_node_id"], report["nodes"])
+    # The URI was not passed with the job: the step read it from the worker node's environment.
+    assert "PERM_ASSETS_LANCEDB_URI" not in step["runtime_env_vars"], step["runtime_env_vars"]
     # ... and that job's process is the one that recorded the materialization.
     with dg.DagsterInstance.from_config(str(home)) as instance:
         materialized = instance.get_latest_materialization_event(rows_splits.key)
