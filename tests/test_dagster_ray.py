@@ -51,14 +51,15 @@ def _resources(uri: Path) -> dict[str, object]:
 
 
 def _in_netns(command: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
-    """``command`` in a new network namespace whose only interface is loopback, its output
-    to ``log``."""
+    """``command`` in new network and PID namespaces, its output to ``log``. The network has
+    only loopback; when ``command`` (the namespace's first process) exits, the kernel kills
+    every process left in it, so no Ray process outlives the test."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare")
     script = 'ip link set lo up && exec "$@"'
     with log.open("wb") as out:
         done = subprocess.run(
-            ["unshare", "-n", "--", "sh", "-c", script, "sh", *command],
+            ["unshare", "-n", "-p", "-f", "--mount-proc", "--", "sh", "-c", script, "sh", *command],
             cwd=REPO,
             env=env,
             stdout=out,
