@@ -54,7 +54,8 @@ def ray_step_executor(
             node: without a resource request Ray runs a job's entrypoint on the head node.
         memory_bytes: memory each step reserves (Ray schedules by it; it is not a limit).
         env_vars: names of non-secret variables copied from the orchestrator's environment into
-            each step's (e.g. ``PERM_ASSETS_LANCEDB_URI``). Secret-looking names are refused.
+            each step's (e.g. ``PERM_ASSETS_LANCEDB_URI``). Secret-looking names are refused,
+            here and in ``runtime_env["env_vars"]``.
         runtime_env: Ray's runtime_env for every step (``env_vars``, ``pip``, ...); usually empty:
             the nodes' image has the project installed.
     """
@@ -79,13 +80,7 @@ def ray_step_executor(
                 "is copied from the orchestrator's environment (a literal KEY=VALUE would be "
                 "stored in Ray's job table)"
             )
-        if _SECRET_NAME.search(name):
-            raise SpecError(
-                f"ray_step_executor: env_vars entry {name!r} looks like a secret; values in "
-                "env_vars are stored in the Ray job's runtime_env and shown in Ray's dashboard. "
-                "Give the Ray nodes the variable from your secret store instead (KubeRay: envFrom "
-                "a Secret); the steps inherit the nodes' environment"
-            )
+    _refuse_secret_names([*env_vars, *(runtime_env or {}).get("env_vars", {})])
     ray_config: dict[str, Any] = {
         "address": address,
         "num_cpus": float(num_cpus),
@@ -130,6 +125,17 @@ def _with_address_check(executor: dg.ExecutorDefinition) -> dg.ExecutorDefinitio
         executor_creation_fn=create_checked,
         description=executor.description,
     )
+
+
+def _refuse_secret_names(names: Sequence[str]) -> None:
+    for name in names:
+        if _SECRET_NAME.search(name):
+            raise SpecError(
+                f"ray_step_executor: env_vars entry {name!r} looks like a secret; values in "
+                "env_vars are stored in the Ray job's runtime_env and shown in Ray's dashboard. "
+                "Give the Ray nodes the variable from your secret store instead (KubeRay: envFrom "
+                "a Secret); the steps inherit the nodes' environment"
+            )
 
 
 def _check_address(address: str) -> None:

@@ -172,6 +172,10 @@ def test_unreachable_job_server_fails_the_run_naming_the_address(
             {"address": "http://h:8265", "env_vars": ["PERM_ASSETS_S3_SECRET_ACCESS_KEY"]},
             "'PERM_ASSETS_S3_SECRET_ACCESS_KEY' looks like a secret",
         ),
+        (
+            {"address": "http://h:8265", "runtime_env": {"env_vars": {"PG_PASSWORD": "x"}}},
+            "'PG_PASSWORD' looks like a secret",
+        ),
     ],
 )
 def test_bad_executor_settings_fail_where_written(kwargs: dict[str, Any], message: str) -> None:
