@@ -92,39 +92,7 @@ def ray_step_executor(
         ray_config["memory"] = memory_bytes
     if runtime_env:
         ray_config["runtime_env"] = dict(runtime_env)
-    return _with_address_check(ray_executor).configured(
-        {"ray": ray_config}, name="perm_assets_ray_steps"
-    )
-
-
-def _with_address_check(executor: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
-    """``executor``, whose run fails naming the address when no Ray job server answers there.
-
-    dagster-ray connects when the run starts; Ray's own error ("Failed to connect to Ray at
-    address: ...") says neither that it is the job server that was asked for nor where to look.
-    Nothing is submitted or written when it fails.
-    """
-    create = executor.executor_creation_fn
-    assert create is not None
-
-    def create_checked(init_context: Any) -> Any:
-        try:
-            return create(init_context)
-        except ConnectionError as exc:
-            address = init_context.executor_config["ray"].get("address")
-            raise ConnectionError(
-                f"ray_step_executor: no Ray job server answers at {address!r} (the head's "
-                "dashboard, port 8265, reachable from the process orchestrating the run); no "
-                f"step was submitted. Ray said: {exc}"
-            ) from exc
-
-    return dg.ExecutorDefinition(
-        name=executor.name,
-        config_schema=cast(Any, executor.config_schema),
-        requirements=executor.get_requirements,
-        executor_creation_fn=create_checked,
-        description=executor.description,
-    )
+    return _checked(ray_executor).configured({"ray": ray_config}, name="perm_assets_ray_steps")
 
 
 def _refuse_secret_names(names: Sequence[str]) -> None:
@@ -151,4 +119,77 @@ def _check_address(address: str) -> None:
     raise SpecError(
         f"ray_step_executor: address {address!r} is {kind}; steps are submitted as Ray jobs to "
         "the cluster's job server, 'http://<head>:8265' (the Ray dashboard's address)"
+    )
+
+
+def _checked(executor: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
+    """dagster-ray's ``executor`` (same config), built here with two fixes.
+
+    - A run whose job server does not answer fails naming the address: Ray's own error
+      ("Failed to connect to Ray at address: ...") says neither that it is the job server that
+      was asked for nor where to look. Nothing is submitted or written.
+    - An asset's ``dagster-ray/config`` tag wins over the executor's defaults (dagster-ray 0.4.8
+      computes ``executor value or tag value``, so with a default ``num_cpus`` every per-asset
+      request was ignored).
+    """
+    from dagster._core.execution.retries import RetryMode
+    from dagster._core.executor.step_delegating import StepDelegatingExecutor
+    from dagster_ray.configs import RayExecutionConfig
+    from dagster_ray.core.executor import RayExecutorConfig, RayStepHandler
+    from ray.job_submission import JobSubmissionClient
+
+    class TagsFirstStepHandler(RayStepHandler):
+        def launch_step(self, step_handler_context: Any) -> Any:
+            step_key = self._get_step_key(step_handler_context)
+            tags = RayExecutionConfig.from_tags({**step_handler_context.step_tags[step_key]})
+            defaults = (self.num_cpus, self.num_gpus, self.memory)
+            # RayStepHandler reads these attributes in launch_step; steps are launched one at a
+            # time by the orchestrator's loop, so swapping them around the call is safe.
+            self.num_cpus = tags.num_cpus if tags.num_cpus is not None else defaults[0]
+            self.num_gpus = tags.num_gpus if tags.num_gpus is not None else defaults[1]
+            self.memory = tags.memory if tags.memory is not None else defaults[2]
+            try:
+                yield from super().launch_step(step_handler_context)
+            finally:
+                self.num_cpus, self.num_gpus, self.memory = defaults
+
+    def create(init_context: Any) -> Any:
+        config = init_context.executor_config
+        ray_config = RayExecutorConfig(**config["ray"])
+        try:
+            client = JobSubmissionClient(
+                ray_config.address,
+                metadata=ray_config.metadata,
+                headers=ray_config.headers,
+                cookies=ray_config.cookies,
+            )
+        except ConnectionError as exc:
+            raise ConnectionError(
+                f"ray_step_executor: no Ray job server answers at {ray_config.address!r} (the "
+                "head's dashboard, port 8265, reachable from the process orchestrating the run); "
+                f"no step was submitted. Ray said: {exc}"
+            ) from exc
+        handler = TagsFirstStepHandler(
+            client=client,
+            env_vars=ray_config.env_vars,
+            runtime_env=ray_config.runtime_env,
+            num_cpus=ray_config.num_cpus,
+            num_gpus=ray_config.num_gpus,
+            memory=ray_config.memory,
+            resources=ray_config.resources,
+        )
+        return StepDelegatingExecutor(
+            handler,
+            retries=RetryMode.from_config(config["retries"]),  # pyright: ignore[reportArgumentType]
+            max_concurrent=config.get("max_concurrent"),
+            tag_concurrency_limits=config.get("tag_concurrency_limits"),
+            should_verify_step=True,
+        )
+
+    return dg.ExecutorDefinition(
+        name=executor.name,
+        config_schema=cast(Any, executor.config_schema),
+        requirements=executor.get_requirements,
+        executor_creation_fn=create,
+        description=executor.description,
     )

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 import numpy as np
@@ -47,6 +47,8 @@ rows_splits = permutation_asset(
     source=rows,
     split=RandomSplit(ratios=[0.8, 0.2], seed=11, split_names=["train", "test"]),
     shuffle=Shuffle(seed=12),
+    # Overrides the executor's default of 1 CPU per step (the job records what it reserved).
+    op_tags={"dagster-ray/config": {"num_cpus": 0.5}},
 )
 
 # The URI is read where the step runs (a Ray node's environment), never passed in run config.
@@ -65,6 +67,14 @@ defs = dg.Definitions(
 def _nodes(nodes: list[Any]) -> list[Any]:
     """Ray's ``NodeState`` records (typed as bare pydantic dataclasses in its stubs)."""
     return nodes
+
+
+def _supervisor_cpus(submission_id: str) -> float | None:
+    from ray.util.state import list_actors
+
+    name = f"_ray_internal_job_actor_{submission_id}"
+    actors = list_actors(address=RAY_JOBS, filters=[("name", "=", name)], detail=True)
+    return (cast(Any, actors[0]).required_resources or {}).get("CPU") if actors else None
 
 
 def splits_on_ray() -> dg.JobDefinition:
@@ -148,6 +158,8 @@ def _run(out: str, temp: str) -> None:
             "submission_id": submission_id,
             "status": str(info.status),
             "driver_node_id": info.driver_node_id,
+            # What the job reserved: its supervisor actor's resources (JobDetails drops them).
+            "entrypoint_num_cpus": _supervisor_cpus(submission_id),
             "runtime_env_vars": sorted((info.runtime_env or {}).get("env_vars", {})),
             # The driver's log file (the dashboard's log endpoint needs the node's agent port).
             "logs": "".join(

@@ -97,6 +97,8 @@ def test_permutation_step_runs_as_a_ray_job_on_a_worker_node(tmp_path: Path) -> 
     assert step["status"] == "SUCCEEDED"
     workers = {n["node_id"] for n in report["nodes"] if not n["is_head"]}
     assert step["driver_node_id"] in workers, (step["driver_node_id"], report["nodes"])
+    # The asset's own dagster-ray/config tag won over the executor's default (num_cpus=1).
+    assert step["entrypoint_num_cpus"] == 0.5
     # The URI was not passed with the job: the step read it from the worker node's environment.
     assert "PERM_ASSETS_LANCEDB_URI" not in step["runtime_env_vars"], step["runtime_env_vars"]
     # ... and that job's process is the one that recorded the materialization.
