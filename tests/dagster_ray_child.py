@@ -1,8 +1,9 @@
 """One Dagster run whose permutation step executes on a Ray cluster (tests/test_dagster_ray.py).
 
-Run as a script inside the loopback-only network namespace that holds the Ray cluster: it
-launches the run with ``dg.execute_job`` (the orchestrator, in this process), and writes what
-Ray says about each step's job to the JSON file named by its argument. Ray's step processes
+Run as a script inside the loopback-only network and PID namespaces the test makes: it starts a
+Ray cluster with its job server (`ray_cluster`), launches the run with ``dg.execute_job`` (the
+orchestrator, in this process), and writes what Ray says about each step's job to the JSON file
+named by its argument. Ray's step processes
 load this same file (``dg.reconstructable`` records its path) to find the job, so importing it
 has no side effects. Settings come from the environment, as on a real cluster:
 ``PERM_ASSETS_LANCEDB_URI`` and ``PERM_ASSETS_RAY_JOBS`` (the job server's URL).
