@@ -31,7 +31,104 @@ def trivial() -> dict[str, Any]:
     }
 
 
-COMMANDS = {"trivial": trivial}
+N = 30_000
+
+
+def _rows(n: int) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    ids = np.arange(n, dtype=np.int64)
+    return pa.table({"id": ids, "label": (ids * 7919 % 37).astype(np.int32)})
+
+
+def _cases() -> dict[str, dict[str, Any]]:
+    from perm_assets import RandomSplit, Shuffle
+
+    return {
+        "no_split_shuffled": {"filter": "id % 3 = 0", "shuffle": Shuffle(seed=4)},
+        "random_shuffled": {
+            "filter": "label < 30",
+            "split": RandomSplit(ratios=[0.8, 0.1, 0.1], seed=7, split_names=["a", "b", "c"]),
+            "shuffle": Shuffle(seed=1),
+        },
+        "random_counts": {"split": RandomSplit(counts=[1000, 333], seed=3)},
+        "random_fixed_unshuffled": {"split": RandomSplit(fixed=3, seed=5)},
+    }
+
+
+def build() -> dict[str, Any]:
+    """The cases named in ``argv[3]`` (comma-separated) by the local engine and by Ray (over
+    the same base table and version, in two databases under ``argv[2]``): a hash of each
+    table, the data versions, and whether a view over each Ray-built table reads the base rows
+    its row ids address."""
+    import hashlib
+
+    import dagster as dg
+    import lancedb
+    import numpy as np
+
+    from perm_assets import LanceDBIOManager, LanceDBResource, permutation_asset
+    from perm_assets.tables import read_all
+    from perm_assets.views import ViewRequest, open_view, read_arrow
+
+    connect_ray = os.environ.get("RAY_ADDRESS")
+    root = sys.argv[2]
+    cases = {name: spec for name, spec in _cases().items() if name in sys.argv[3].split(",")}
+    out: dict[str, Any] = {"hashes": {}, "versions": {}, "view_ok": {}}
+    for engine in ("local", "ray"):
+        uri = f"{root}/{engine}"
+        db = LanceDBResource(
+            uri=uri, engine=engine, ray_address=connect_ray, spill_dir=f"{root}/spill"
+        )
+        resources = {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
+
+        @dg.asset(name="base")
+        def base() -> Any:
+            return _rows(N)
+
+        perms = [permutation_asset(name, source=base, **spec) for name, spec in cases.items()]
+        with dg.DagsterInstance.ephemeral() as instance:
+            result = dg.materialize([base, *perms], resources=resources, instance=instance)
+            assert result.success
+            for name in cases:
+                event = instance.get_latest_materialization_event(dg.AssetKey(name))
+                assert event is not None and event.asset_materialization is not None
+                tags = event.asset_materialization.tags or {}
+                out["versions"][f"{engine}/{name}"] = tags["dagster/data_version"]
+        conn = lancedb.connect(uri)
+        for name in cases:
+            table = read_all(conn.open_table(name))
+            row_ids = table.column("row_id").to_numpy()
+            digest = hashlib.sha256(row_ids.tobytes())
+            digest.update(table.column("split_id").to_numpy().tobytes())
+            digest.update(json.dumps(table.schema.metadata[b"split_names"].decode()).encode())
+            out["hashes"][f"{engine}/{name}"] = digest.hexdigest()
+            if engine != "ray":
+                continue
+            # The base rows each row id addresses: the base is one fragment (0) holding ids
+            # 0..N-1 at offsets 0..N-1. The filters make the selected rows sparse, so row ids
+            # that were positions among the selected rows would read other rows.
+            fragment, offset = row_ids >> np.uint64(32), row_ids & np.uint64(0xFFFFFFFF)
+            expected = offset.astype(np.int64)
+            split_ids = table.column("split_id").to_numpy()
+            names = json.loads(table.schema.metadata[b"split_names"])
+            ok = bool((fragment == 0).all())
+            for index, split in enumerate(names):
+                view = open_view(
+                    db,
+                    asset=name,
+                    table=name,
+                    version=None,
+                    request=ViewRequest(split=split, columns=["id"]),
+                )
+                got = read_arrow(view).column("id").to_numpy()
+                ok = ok and np.array_equal(got, expected[split_ids == index])
+            out["view_ok"][name] = ok
+    return out
+
+
+COMMANDS = {"trivial": trivial, "build": build}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]]()), flush=True)  # noqa: T201 - the test reads it

@@ -151,8 +151,8 @@ def _say(message: str) -> None:
 
 
 def _ray_start(args: list[list[str]], env: dict[str, str], timeout: float = 120.0) -> None:
-    """``ray start`` for each argument list, concurrently (each costs an interpreter start and
-    a Ray import, seconds on a loaded machine); raise with the output of any that failed."""
+    """``ray start`` for each argument list (concurrently when several); raise with the output
+    of any that failed."""
     binary = str(Path(sys.executable).with_name("ray"))
     started = time.monotonic()
     processes = [
@@ -284,7 +284,10 @@ def _inner(spec: dict[str, Any]) -> int:
                 ],
                 env,
             )
-            _ray_start([[f"--address={address}", "--num-cpus=1", *common]] * spec["workers"], env)
+            for _ in range(spec["workers"]):
+                # One at a time: concurrent `ray start`s on a loaded machine time out waiting
+                # for their node info ("Failed to get node info: Deadline Exceeded").
+                _ray_start([[f"--address={address}", "--num-cpus=1", *common]], env)
             nodes = 1 + spec["workers"]
             _say(f"cluster at {address}: {nodes} nodes in {time.monotonic() - started:.1f} s")
         except Exception as exc:
