@@ -128,7 +128,66 @@ def build() -> dict[str, Any]:
     return out
 
 
-COMMANDS = {"trivial": trivial, "build": build}
+def s3() -> dict[str, Any]:
+    """`trivial`'s checks, then one random split + shuffle over moto's S3 by the local engine
+    and by Ray; the Ray workers have credentials only from their environment. Reports whether
+    the secret appears in the permutation table's metadata or in any of Ray's logs."""
+    import hashlib
+    from pathlib import Path
+
+    import dagster as dg
+    import ray
+
+    from perm_assets import LanceDBIOManager, LanceDBResource, permutation_asset
+    from perm_assets.tables import read_all
+
+    out = trivial()
+    bucket = os.environ["RAY_NETNS_S3_BUCKET"]
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    # No credentials in the storage options: the driver and the workers take them from their
+    # environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+    options = {
+        "endpoint": os.environ["AWS_ENDPOINT_URL"],
+        "region": os.environ["AWS_REGION"],
+        "allow_http": "true",
+    }
+    spec = _cases()["random_shuffled"]
+    hashes, metadata = {}, ""
+    for engine in ("local", "ray"):
+        uri = f"s3://{bucket}/{engine}"
+        db = LanceDBResource(uri=uri, engine=engine, storage_options=options)
+        resources = {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
+
+        @dg.asset(name="base")
+        def base() -> Any:
+            return _rows(N)
+
+        perm = permutation_asset("perm", source=base, **spec)
+        assert dg.materialize([base, perm], resources=resources).success
+        table = db.open_table("perm")
+        rows = read_all(table)
+        digest = hashlib.sha256(rows.column("row_id").to_numpy().tobytes())
+        digest.update(rows.column("split_id").to_numpy().tobytes())
+        hashes[engine] = digest.hexdigest()
+        metadata += str(table.schema.metadata)
+    node = ray._private.worker.global_worker.node  # the session's log folder
+    logs = Path(node.get_session_dir_path()) / "logs"
+    leaked = [
+        str(path.relative_to(logs))
+        for path in logs.rglob("*")
+        if path.is_file() and secret.encode() in path.read_bytes()
+    ]
+    out.update(
+        same_rows=hashes["local"] == hashes["ray"],
+        hash=hashes["ray"],
+        secret_in_metadata=secret in metadata,
+        secret_in_ray_logs=leaked,
+        ray_log_files=sum(1 for path in logs.rglob("*") if path.is_file()),
+    )
+    return out
+
+
+COMMANDS = {"trivial": trivial, "build": build, "s3": s3}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]]()), flush=True)  # noqa: T201 - the test reads it
