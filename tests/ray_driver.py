@@ -57,13 +57,21 @@ def _cases() -> dict[str, dict[str, Any]]:
     }
 
 
+def _digest(table: Any) -> str:
+    """Hash of a permutation table: its row ids and split ids in order, and its split names."""
+    import hashlib
+
+    digest = hashlib.sha256(table.column("row_id").to_numpy().tobytes())
+    digest.update(table.column("split_id").to_numpy().tobytes())
+    digest.update(table.schema.metadata[b"split_names"])
+    return digest.hexdigest()
+
+
 def build() -> dict[str, Any]:
     """The cases named in ``argv[3]`` (comma-separated) by the local engine and by Ray (over
     the same base table and version, in two databases under ``argv[2]``): a hash of each
     table, the data versions, and whether a view over each Ray-built table reads the base rows
     its row ids address."""
-    import hashlib
-
     import dagster as dg
     import lancedb
     import numpy as np
@@ -100,10 +108,7 @@ def build() -> dict[str, Any]:
         for name in cases:
             table = read_all(conn.open_table(name))
             row_ids = table.column("row_id").to_numpy()
-            digest = hashlib.sha256(row_ids.tobytes())
-            digest.update(table.column("split_id").to_numpy().tobytes())
-            digest.update(json.dumps(table.schema.metadata[b"split_names"].decode()).encode())
-            out["hashes"][f"{engine}/{name}"] = digest.hexdigest()
+            out["hashes"][f"{engine}/{name}"] = _digest(table)
             if engine != "ray":
                 continue
             # The base rows each row id addresses: the base is one fragment (0) holding ids
@@ -132,7 +137,6 @@ def s3() -> dict[str, Any]:
     """`trivial`'s checks, then one random split + shuffle over moto's S3 by the local engine
     and by Ray; the Ray workers have credentials only from their environment. Reports whether
     the secret appears in the permutation table's metadata or in any of Ray's logs."""
-    import hashlib
     from pathlib import Path
 
     import dagster as dg
@@ -166,9 +170,7 @@ def s3() -> dict[str, Any]:
         assert dg.materialize([base, perm], resources=resources).success
         table = db.open_table("perm")
         rows = read_all(table)
-        digest = hashlib.sha256(rows.column("row_id").to_numpy().tobytes())
-        digest.update(rows.column("split_id").to_numpy().tobytes())
-        hashes[engine] = digest.hexdigest()
+        hashes[engine] = _digest(rows)
         metadata += str(table.schema.metadata)
     node = ray._private.worker.global_worker.node  # the session's log folder
     logs = Path(node.get_session_dir_path()) / "logs"

@@ -4,11 +4,13 @@ cores, so each test starts one cluster and batches its checks into one driver ru
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from perm_assets import (
     LanceDBIOManager,
@@ -139,3 +141,22 @@ def test_credentials_in_storage_options_stay_out_of_what_ray_ships_to_tasks() ->
         "allow_http": "true",
     }
     assert _public_options({"aws_secret_access_key": "s3cr3t"}) is None
+
+
+def test_engine_ray_without_ray_installed_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A None entry in sys.modules is how Python marks a module unimportable: `import ray`
+    # raises ImportError exactly as in an environment without the extra.
+    monkeypatch.setitem(sys.modules, "ray", None)
+    db = LanceDBResource(uri=str(tmp_path / "db"), engine="ray")
+    base = _base()
+    perm = permutation_asset("perm", source=base, split=RandomSplit(ratios=[0.5, 0.5], seed=1))
+    result = dg.materialize(
+        [base, perm],
+        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        raise_on_error=False,
+    )
+    message = _error(result, "perm")
+    assert "pip install 'perm-assets[ray]'" in message
+    assert not db.table_exists("perm")
