@@ -140,7 +140,6 @@ def s3() -> dict[str, Any]:
     from pathlib import Path
 
     import dagster as dg
-    import ray
 
     from perm_assets import LanceDBIOManager, LanceDBResource, permutation_asset
     from perm_assets.tables import read_all
@@ -172,8 +171,7 @@ def s3() -> dict[str, Any]:
         rows = read_all(table)
         hashes[engine] = _digest(rows)
         metadata += str(table.schema.metadata)
-    node = ray._private.worker.global_worker.node  # the session's log folder
-    logs = Path(node.get_session_dir_path()) / "logs"
+    logs = Path(os.environ["RAY_NETNS_TEMP_DIR"]) / "session_latest" / "logs"
     leaked = [
         str(path.relative_to(logs))
         for path in logs.rglob("*")

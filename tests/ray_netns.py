@@ -13,7 +13,8 @@ only on the workers) and ``workers`` worker nodes (``ray start --address``, 1 CP
 real raylet process), optionally moto's S3 server (`tests.servers.moto_s3_server`, started
 inside the namespace too), then runs the script with:
 
-- ``RAY_ADDRESS=127.0.0.1:<port>`` and ``RAY_NETNS_NODES`` (head + workers);
+- ``RAY_ADDRESS=127.0.0.1:<port>``, ``RAY_NETNS_NODES`` (head + workers) and
+  ``RAY_NETNS_TEMP_DIR`` (Ray's temp dir: logs in ``session_latest/logs``);
 - with ``s3=True``: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
   ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP`` and ``RAY_NETNS_S3_BUCKET``. The Ray nodes are
   started with the same environment, so workers take credentials from their environment and
@@ -293,7 +294,9 @@ def _inner(spec: dict[str, Any]) -> int:
         except Exception as exc:
             _say(f"setup failed: {exc}\n{_log_tails(temp_dir)}")
             return EXIT_SETUP_FAILED
-        env.update(RAY_ADDRESS=address, RAY_NETNS_NODES=str(nodes))
+        env.update(
+            RAY_ADDRESS=address, RAY_NETNS_NODES=str(nodes), RAY_NETNS_TEMP_DIR=str(temp_dir)
+        )
         try:
             done = subprocess.run(
                 [sys.executable, spec["script"], *spec["args"]],
