@@ -16,6 +16,7 @@ from perm_assets import (
     LanceDBIOManager,
     LanceDBResource,
     RandomSplit,
+    SpecError,
     StratifiedSplit,
     permutation_asset,
 )
@@ -160,3 +161,8 @@ def test_engine_ray_without_ray_installed_names_the_extra(
     message = _error(result, "perm")
     assert "pip install 'perm-assets[ray]'" in message
     assert not db.table_exists("perm")
+
+
+def test_an_unknown_engine_is_refused_listing_ray_among_the_engines() -> None:
+    with pytest.raises(SpecError, match=r"engine 'spark'.*'auto', 'lancedb', 'local' or 'ray'"):
+        LanceDBResource(engine="spark")  # pyright: ignore[reportArgumentType]
