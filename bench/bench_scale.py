@@ -7,7 +7,9 @@ its own process (so peak RSS is that build's alone, read from the child's ``ru_m
 - ``split``: ``filter="label < 90"``, ``RandomSplit([0.8, 0.1, 0.1], names)``, ``Shuffle``;
 - ``skfold`` / ``kfold`` (with ``--folds``): ``StratifiedKFold(k=5)`` / ``KFold(k=5)``,
 
-with ``engine="lancedb"`` and ``engine="local"`` (defaults otherwise), through
+with ``engine="lancedb"`` and ``engine="local"`` (defaults otherwise; ``--engines ... ray1 ray2``
+adds ``engine="ray"`` on a fresh Ray cluster of 1 or 2 worker nodes, started by
+tests/ray_netns.py in a loopback-only network namespace; its peak is the driver's alone), through
 ``dg.materialize`` with the blocking checks, and prints time, peak RSS, rows/s, the ratio to
 lancedb's time and a short hash of the written table (engines differ by design; the same
 engine twice must agree).
@@ -21,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -138,11 +141,31 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
         failure = next((e for e in result.all_events if e.is_step_failure), None)
         error = failure.step_failure_data.error if failure is not None else None  # type: ignore[union-attr]
         figures["error"] = (error.message.strip().splitlines()[-1] if error else "failed")[:300]
+    figures["self_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(figures), flush=True)
+
+
+def measure_ray(uri: str, workers: int, kind: str, spill: str) -> dict[str, object]:
+    """`child` with engine="ray" as the driver of a fresh Ray cluster of ``workers`` worker
+    nodes (tests/ray_netns.py); peak RSS is the driver's own (workers not counted)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.ray_netns import run_on_ray
+
+    run = run_on_ray(
+        __file__, "--child", uri, "ray", kind, spill, workers=workers, timeout=24 * 3600.0
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return {"success": False, "peak_gib": float("nan"), "error": run.stderr[-300:]}
+    figures = json.loads(lines[-1].removeprefix("RESULT "))
+    figures["peak_gib"] = figures["self_peak_gib"]
+    return figures
 
 
 def measure(uri: str, engine: str, kind: str, spill: str) -> dict[str, object]:
     """Run `child` in a subprocess; its figures plus its peak RSS (ru_maxrss of that process)."""
+    if engine in ("ray1", "ray2"):
+        return measure_ray(uri, int(engine[-1]), kind, spill)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     command = [sys.executable, __file__, "--child", uri, engine, kind, spill]
     with tempfile.TemporaryFile() as out:

@@ -108,7 +108,7 @@ class LanceDBResource(StrictFields, dg.ConfigurableResource):
         ),
     )
 
-    engine: Literal["auto", "lancedb", "local"] = Field(
+    engine: Literal["auto", "lancedb", "local", "ray"] = Field(
         default="auto",
         description=(
             "What builds permutation and folds tables. 'lancedb': lancedb's builder, in memory "
@@ -116,7 +116,18 @@ class LanceDBResource(StrictFields, dg.ConfigurableResource):
             "out-of-core engine (perm_assets.engines.local), spill files on local disk, memory "
             "bounded by local_bucket_rows; other rows than lancedb's for the same seed, the "
             "same rows on every run. 'auto': lancedb up to auto_local_above_rows filtered "
-            "rows, local above (lancedb, with a log line, for kinds local does not build)."
+            "rows, local above (lancedb, with a log line, for kinds local does not build). "
+            "'ray': the distributed engine (perm_assets.engines.ray) on the Ray cluster at "
+            "ray_address, the same rows as 'local' (needs pip install 'perm-assets[ray]')."
+        ),
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description=(
+            "engine='ray': the Ray cluster to build on, e.g. '10.0.0.5:6379' or 'ray://head:10001' "
+            "(Ray client). None: $RAY_ADDRESS, else a local Ray started for the build. Workers "
+            "read the tables with credentials from their own environment (AWS_* variables, "
+            "instance roles); secret storage options are never sent in Ray task arguments."
         ),
     )
     auto_local_above_rows: int = Field(

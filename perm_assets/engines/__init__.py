@@ -6,6 +6,9 @@
 - ``"local"``: the out-of-core engine (`perm_assets.engines.local`): bucketed external sort
   through spill files, memory bounded by ``LanceDBResource.local_bucket_rows``. Other rows
   than lancedb's for the same seed; deterministic for (table version, spec, seed).
+- ``"ray"``: the distributed engine (`perm_assets.engines.ray`) on the Ray cluster at
+  ``LanceDBResource.ray_address``: the local engine's rows, computed by Ray Data tasks (needs
+  the ``ray`` extra; imported only when chosen).
 - ``"auto"`` (default): ``"lancedb"`` up to ``LanceDBResource.auto_local_above_rows`` filtered
   rows, ``"local"`` above (falling back to ``"lancedb"``, with a log line, for a kind the local
   engine does not build yet).
@@ -30,7 +33,7 @@ from perm_assets.resources import LanceDBResource
 from perm_assets.specs import FoldsSpec, PermutationSpec
 from perm_assets.tables import where
 
-Engine = Literal["auto", "lancedb", "local"]
+Engine = Literal["auto", "lancedb", "local", "ray"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 """Every engine name ``LanceDBResource(engine=...)`` accepts."""
 
@@ -93,6 +96,17 @@ def build_permutation(
     removed when the block exits (normally, on an error, or when its generator is closed).
     """
     engine = _resolve(db, table, spec, asset=asset, log=log)
+    if engine == "ray":
+        from perm_assets.engines import ray  # Ray is an optional extra: imported when chosen
+
+        yield ray.build_permutation(
+            table,
+            spec,
+            asset=asset,
+            address=db.ray_address,
+            storage_options=db.resolved_storage_options(),
+        )
+        return
     if engine == "local":
         with local.Spill(db.spill_dir) as spill:
             yield local.build_permutation(
@@ -116,6 +130,12 @@ def build_folds(
     """The folds of ``spec`` (seeds resolved) over ``table`` by the configured engine; as
     `build_permutation`, use the result inside the block."""
     engine = _resolve(db, table, spec, asset=asset, log=log)
+    if engine == "ray":
+        raise SpecError(
+            f"asset '{asset}': engine 'ray' does not build {type(spec.folds).__name__} yet "
+            "(it builds permutations: no split or RandomSplit, with or without Shuffle); use "
+            "LanceDBResource(engine='local') for folds on one machine"
+        )
     if engine == "local":
         with local.Spill(db.spill_dir) as spill:
             yield local.build_folds(table, spec, asset=asset, spill=spill, settings=_settings(db))

@@ -1,0 +1,314 @@
+"""The distributed "ray" engine: the local engine's permutation, computed on a Ray cluster.
+
+Same rows as `perm_assets.engines.local`, row for row, for one base table version, spec and
+seed, whatever the number of Ray workers: it reuses that engine's pure functions of
+``(seed, row id)`` (`local.order_key`, `local.split_of_rank`'s rank intervals), and only the
+way the sort is distributed differs, which a total order on unique keys makes irrelevant.
+So the data version's algorithm identity is the local engine's (`ALGORITHM`).
+
+1. **Read**: Ray Data reads the filtered base table at the pinned version through lance-ray's
+   ``read_lance(columns=[], with_metadata=True)``: each task reads only the row addresses
+   (``_rowaddr``, ``fragment id << 32 | offset``) of its fragments, never a data column. These
+   are exactly the ``row_id`` values lancedb's ``Permutation`` expects of a table without
+   stable row ids (what ``with_row_id(True)`` returns and the local engine stores; a view over
+   a Ray-built table reads the expected base rows: tests/test_ray_engine.py).
+2. **Assign** (random splits): each row gets ``order_key(row_id, split seed)``; Ray Data sorts
+   the keys (a distributed, range-partitioned sort). The split of a row of rank ``r`` is the
+   interval of cumulative split sizes ``r`` falls in, so a split boundary is the key at rank
+   ``ends[s]``: the driver reads those few keys from the sorted blocks' metadata and one block
+   each, and every task places its rows with ``searchsorted`` against them.
+3. **Order**: rows are sorted by ``(split_id, order_key(row_id, shuffle seed))`` (or by row id
+   without a shuffle, as the local engine stores an unshuffled split) and streamed, in order,
+   into the permutation table by the IO manager's single commit.
+
+Driver memory does not grow with the row count: it holds the row count, the split sizes, one
+key per boundary and one streamed batch at a time (the row ids do pass through the driver,
+batch by batch, to be written; lance-ray's distributed fragment writer is not used because the
+IO manager owns the write and its commit).
+
+Credentials: workers read the base table with credentials from their own environment
+(``AWS_*`` variables, instance roles). Storage options whose name suggests a secret are left
+out of what Ray ships to tasks (lance-ray puts the storage options in every read task's
+arguments, visible in Ray's dashboard and logs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator
+from typing import Any, cast
+
+import numpy as np
+import pyarrow as pa
+from lancedb.table import Table
+
+from perm_assets.build import (
+    PermutationData,
+    _check_coverage,
+    _check_key_columns,
+    _count_filtered,
+    split_sizes,
+)
+from perm_assets.engines import local
+from perm_assets.engines.local import _DOMAIN_ORDER, order_key
+from perm_assets.errors import SpecError
+from perm_assets.specs import PermutationSpec, RandomSplit
+from perm_assets.tables import where
+
+ALGORITHM = local.ALGORITHM
+"""The local engine's: the same rows for the same (base version, spec, seed)."""
+
+SUPPORTED = (
+    "no split, RandomSplit (ratios, counts or fixed; no clump_size); Shuffle without clump_size"
+)
+INSTALL = "pip install 'perm-assets[ray]'"
+
+log = logging.getLogger(__name__)
+
+# Storage options that must not travel in Ray task arguments: workers take credentials from
+# their own environment instead.
+_SECRET = re.compile(r"secret|key|token|password|credential|session", re.IGNORECASE)
+_CONNECT_SECONDS = 5.0
+_STREAM_BATCH_ROWS = 1 << 20
+
+
+def unsupported(spec: PermutationSpec) -> str | None:
+    """What of ``spec`` this engine cannot build yet (None: all of it)."""
+    shuffle = spec.shuffle
+    if shuffle is not None and shuffle.clump_size not in (None, 1):
+        return "Shuffle(clump_size=...)"
+    split = spec.split
+    if split is None:
+        return None
+    if isinstance(split, RandomSplit):
+        return "RandomSplit(clump_size=...)" if split.clump_size not in (None, 1) else None
+    return type(split).__name__
+
+
+def _refuse(what: str, *, asset: str) -> None:
+    raise SpecError(
+        f"asset '{asset}': engine 'ray' does not build {what} yet (it builds: {SUPPORTED}); "
+        "use LanceDBResource(engine='local') for the same kind on one machine, or "
+        "engine='lancedb'"
+    )
+
+
+def _import_ray() -> Any:
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("lance_ray") is None:
+        raise SpecError(
+            "LanceDBResource(engine='ray') needs Ray and lance-ray, which are not installed: "
+            f"{INSTALL}"
+        )
+    import ray
+
+    return ray
+
+
+def _probe(address: str) -> None:
+    """A SpecError naming ``address`` when nothing answers there: Ray's own connect retries
+    for about a minute and then fails with a message that does not say what to fix."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or another form Ray resolves itself
+    try:
+        with socket.create_connection((host, int(port)), timeout=_CONNECT_SECONDS):
+            pass
+    except OSError as exc:
+        raise SpecError(
+            f"engine 'ray': no Ray cluster answers at ray_address {address!r} ({exc}); start "
+            "one there (ray start --head) or set LanceDBResource(ray_address=...) to the "
+            "cluster's head (host:port, or ray://host:10001 for Ray client); nothing was written"
+        ) from exc
+
+
+def connect(address: str | None) -> Any:
+    """The ``ray`` module, connected to ``address`` (None: ``$RAY_ADDRESS`` or a local Ray);
+    an already connected driver is reused."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        _probe(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError as exc:
+        raise SpecError(
+            f"engine 'ray': cannot connect to the Ray cluster at ray_address {address!r}: {exc}"
+        ) from exc
+    return ray
+
+
+def _public_options(options: dict[str, str]) -> dict[str, str] | None:
+    kept = {k: v for k, v in options.items() if not _SECRET.search(k)}
+    return kept or None
+
+
+# ------------------------------------------------------------------- Ray Data batch functions
+# Module-level (picklable by reference): workers import perm_assets, so it must be installed on
+# the cluster's nodes.
+
+
+def _assignment_keys(batch: pa.Table, *, seed: int) -> pa.Table:
+    row_ids = batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
+    return pa.table({"row_id": row_ids, "akey": order_key(row_ids, seed)})
+
+
+def _place(
+    batch: pa.Table, *, boundaries: np.ndarray, splits: int, shuffle_seed: int | None
+) -> pa.Table:
+    """Split of each row from its assignment key (rank intervals as key intervals), and its
+    read key; rows past the last split (counts, allow_discard) are dropped."""
+    row_ids = batch.column("row_id").to_numpy().astype(np.uint64, copy=False)
+    if "akey" in batch.column_names:
+        keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
+        split = np.searchsorted(boundaries, keys, side="right").astype(np.uint64)
+        kept = split < splits
+        row_ids, split = row_ids[kept], split[kept]
+    else:
+        split = np.zeros(row_ids.size, dtype=np.uint64)
+    read = row_ids if shuffle_seed is None else order_key(row_ids, shuffle_seed, _DOMAIN_ORDER)
+    return pa.table({"row_id": row_ids, "split_id": split, "rkey": read})
+
+
+def _row_ids(batch: pa.Table) -> pa.Table:
+    row_ids = batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
+    return pa.table({"row_id": row_ids})
+
+
+# ----------------------------------------------------------------------------- the build
+_SCHEMA = local._SCHEMA
+
+
+def _keys_at_ranks(ray: Any, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
+    """The ``akey`` at each global rank of a materialized dataset sorted by it: block sizes
+    from the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` / ``slices``; Ray Data
+    has no public "row at position"), then only the blocks holding those ranks are fetched."""
+    found: list[int] = []
+    pending = sorted(ranks)
+    start = 0
+    for bundle in sorted_ds.iter_internal_ref_bundles():
+        slices = bundle.slices or (None,) * len(bundle.blocks)
+        for entry, part in zip(bundle.blocks, slices, strict=True):
+            first = 0 if part is None else part.start_offset
+            rows = int(entry.metadata.num_rows or 0) if part is None else part.num_rows
+            here = [r for r in pending if r < start + rows]  # a loop over boundaries only
+            if here:
+                keys = ray.get(entry.ref).column("akey").to_numpy()
+                found += [int(keys[first + r - start]) for r in here]
+                pending = pending[len(here) :]
+            start += rows
+        if not pending:
+            break
+    if pending:
+        raise RuntimeError(f"engine 'ray': ranks {pending} past the {start} sorted rows")
+    return np.array(found, dtype=np.uint64)
+
+
+def build_permutation(
+    table: Table,
+    spec: PermutationSpec,
+    *,
+    asset: str,
+    address: str | None,
+    storage_options: dict[str, str],
+) -> PermutationData:
+    """The permutation of ``spec`` over ``table`` (at its checked-out version) on the Ray
+    cluster at ``address``, streamed: each call of ``stream`` yields it in read order. Seeds
+    must be resolved."""
+    missing = unsupported(spec)
+    if missing is not None:
+        _refuse(missing, asset=asset)
+    ray = connect(address)
+    import lance_ray
+
+    n = _count_filtered(table, spec.filter, asset=asset)
+    if n == 0:
+        raise SpecError(
+            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
+            f"(version {table.version}); loosen the filter"
+        )
+    _check_key_columns(table, spec, expected=n, asset=asset)
+    names = spec.split_names()
+    split = spec.split
+    assert split is None or isinstance(split, RandomSplit)  # unsupported() refused the rest
+    sizes = np.array([n]) if split is None else split_sizes(split, n, asset=asset)
+    local._check_sizes(names, sizes, asset=asset)
+    _check_coverage(spec, kept=int(sizes.sum()), expected=n, asset=asset)
+    shuffle_seed = local._shuffle_seed(spec.shuffle)
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # blocks of a sort, in key order
+    context.enable_progress_bars = False
+    # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
+    rows: Any = lance_ray.read_lance(
+        cast(Any, table).uri,
+        columns=[],
+        filter=where(spec.filter),
+        with_metadata=True,
+        storage_options=_public_options(storage_options),
+        dataset_options={"version": table.version},
+    )
+    boundaries = np.zeros(0, dtype=np.uint64)
+    keyed: Any
+    if split is None:
+        keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
+    else:
+        assert split.seed is not None  # seeds are resolved before building
+        keyed = (
+            rows.map_batches(
+                _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": split.seed}
+            )
+            .sort("akey")
+            .materialize()
+        )
+        if keyed.count() != n:
+            raise SpecError(
+                f"asset '{asset}': table '{table.name}' read {keyed.count()} rows at version "
+                f"{table.version}, {n} counted; re-run"
+            )
+        ends = np.cumsum(sizes)
+        boundaries = _keys_at_ranks(ray, keyed, [int(e) for e in ends if e < n])
+    ordered: Any = (
+        keyed.map_batches(
+            _place,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "boundaries": boundaries,
+                "splits": len(names),
+                "shuffle_seed": shuffle_seed,
+            },
+        )
+        .sort(["split_id", "rkey"])
+        .select_columns(["row_id", "split_id"])
+        .materialize()
+    )
+    kept = ordered.count()
+    if kept != int(sizes.sum()):
+        raise SpecError(
+            f"asset '{asset}': engine 'ray' placed {kept} rows, planned {int(sizes.sum())} "
+            f"(table '{table.name}' changed during the build?); re-run"
+        )
+
+    def stream() -> Iterator[pa.RecordBatch]:
+        for batch in ordered.iter_batches(batch_size=_STREAM_BATCH_ROWS, batch_format="pyarrow"):
+            yield from batch.cast(_SCHEMA).to_batches()
+
+    return PermutationData(
+        data=local._schema_only(
+            base_version=table.version, base_table=table.name, names=names, spec=spec
+        ),
+        base_table=table.name,
+        base_version=table.version,
+        split_names=tuple(names),
+        split_rows=tuple(int(r) for r in sizes),
+        spec=spec,
+        filtered_rows=n,
+        stream=stream,
+        algorithm=ALGORITHM,
+    )
