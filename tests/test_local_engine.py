@@ -339,8 +339,8 @@ def test_a_spill_folder_without_room_is_named_with_the_space_needed(tmp_path: Pa
 
 
 def test_an_unknown_engine_is_refused_at_construction_listing_the_engines() -> None:
-    with pytest.raises(SpecError, match=r"engine 'ray'.*'auto', 'lancedb' or 'local'"):
-        LanceDBResource(engine="ray")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(SpecError, match=r"engine 'spark'.*'auto', 'lancedb', 'local' or 'ray'"):
+        LanceDBResource(engine="spark")  # pyright: ignore[reportArgumentType]
 
 
 def test_a_kind_the_local_engine_lacks_is_refused_naming_the_engines_that_build_it(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import lancedb
@@ -194,7 +194,9 @@ def _splits_table(result: dg.ExecuteInProcessResult, key: str) -> list[dict[str,
 
 
 @pytest.mark.parametrize("engine", ["lancedb", "local"])
-def test_random_split_figures_equal_in_memory(tmp_path: Path, engine: str) -> None:
+def test_random_split_figures_equal_in_memory(
+    tmp_path: Path, engine: Literal["lancedb", "local"]
+) -> None:
     uri = str(tmp_path / "db")
     _write_base(uri)
     db = LanceDBResource(uri=uri, engine=engine, spill_dir=str(tmp_path / "spill"))
