@@ -13,6 +13,12 @@ lancedb's time and a short hash of the written table (engines differ by design; 
 engine twice must agree).
 
     python bench/bench_scale.py --rows 10000000 100000000 [--folds] [--dir /big/disk]
+    python bench/bench_scale.py --rows 1000000000 --engines local --folds --build-only \
+        --dir /big/disk --keep        # generate 1B rows once (~16 GB), reuse them next time
+
+``--build-only`` measures the engine's build and the write of the permutation table(s), without
+Dagster, the blocking checks or the materialization report (for sizes where those do not fit).
+A child whose RSS passes ``--max-rss-gib`` is killed and reported as such (the machine is shared).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +69,84 @@ def generate(uri: str, rows: int) -> float:
     return time.perf_counter() - started
 
 
+def _data_folder(parent: str | None, rows: int, *, keep: bool) -> tuple[Path, bool]:
+    """The folder of the ``rows``-row table and whether it already holds it: a fixed folder
+    under ``parent`` with ``keep`` (reused by the next run), else a new temporary one."""
+    if not keep:
+        return Path(tempfile.mkdtemp(prefix="perm_assets-bench-scale-", dir=parent)), False
+    if parent is None:
+        raise SystemExit("--keep needs --dir (where the generated table stays)")
+    folder = Path(parent) / f"perm_assets-bench-scale-{rows}"
+    done = folder / "generated"  # written after the table: a half-written table is redone
+    if done.exists():
+        return folder, True
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder, False
+
+
+def _spec(kind: str):
+    from perm_assets import (
+        FoldsSpec,
+        KFold,
+        PermutationSpec,
+        RandomSplit,
+        Shuffle,
+        StratifiedKFold,
+    )
+
+    if kind == "split":
+        return PermutationSpec(
+            filter="label < 90",
+            split=RandomSplit(ratios=[0.8, 0.1, 0.1], seed=7, split_names=["train", "val", "test"]),
+            shuffle=Shuffle(seed=1),
+        )
+    folds = StratifiedKFold(k=5, label="label", seed=1) if kind == "skfold" else KFold(k=5, seed=1)
+    return FoldsSpec(folds=folds)
+
+
+def _digest(db, name: str) -> str:
+    from perm_assets.tables import READ_BATCH_ROWS
+
+    digest = hashlib.sha256()
+    table = db.open_table(name)
+    for batch in table.search().select(["row_id", "split_id"]).to_batches(READ_BATCH_ROWS):
+        for column in batch.columns:
+            digest.update(column.to_numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def child_build_only(uri: str, engine: str, kind: str, spill: str) -> None:
+    """The engine's build and the table write(s) in this process, no Dagster or checks."""
+    from lancedb.table import Table
+
+    from perm_assets import LanceDBResource, PermutationSpec, engines
+    from perm_assets.tables import WriteMode, write_table
+
+    db = LanceDBResource(uri=uri, engine=engine, spill_dir=spill)  # type: ignore[arg-type]
+    base = db.open_table("base")
+    spec = _spec(kind).resolve_seeds()
+    connection = db.connect()
+    started = time.perf_counter()
+    if isinstance(spec, PermutationSpec):
+        with engines.build_permutation(db, base, spec, asset="perm") as data:
+            written: Table = write_table(
+                connection, "perm", data.persistable({}), WriteMode.OVERWRITE
+            )
+            rows = data.num_rows
+    else:
+        with engines.build_folds(db, base, spec, asset="perm") as folds:
+            write_table(connection, "perm__train", folds.train_persistable({}), WriteMode.OVERWRITE)
+            data = folds.validation
+            written = write_table(connection, "perm", data.persistable({}), WriteMode.OVERWRITE)
+            rows = data.num_rows
+    seconds = time.perf_counter() - started
+    figures = {"seconds": seconds, "success": True, "rows": rows, "checks_passed": None}
+    figures["written_rows"] = written.count_rows()
+    figures["hash"] = _digest(db, "perm")
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
 def child(uri: str, engine: str, kind: str, spill: str) -> None:
     """One materialization in this process; prints a JSON line with its figures."""
     import dagster as dg
@@ -76,7 +161,6 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
         folds_asset,
         permutation_asset,
     )
-    from perm_assets.tables import READ_BATCH_ROWS
 
     db = LanceDBResource(uri=uri, engine=engine, spill_dir=spill)  # type: ignore[arg-type]
     if kind == "split":
@@ -106,12 +190,7 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
         figures["checks_passed"] = all(c.passed for c in checks)
         metadata = result.asset_materializations_for_node("perm")[0].metadata
         figures["rows"] = metadata["dagster/row_count"].value
-        digest = hashlib.sha256()
-        table = db.open_table("perm")
-        for batch in table.search().select(["row_id", "split_id"]).to_batches(READ_BATCH_ROWS):
-            for column in batch.columns:
-                digest.update(column.to_numpy().tobytes())
-        figures["hash"] = digest.hexdigest()[:12]
+        figures["hash"] = _digest(db, "perm")
     else:
         failure = next((e for e in result.all_events if e.is_step_failure), None)
         error = failure.step_failure_data.error if failure is not None else None  # type: ignore[union-attr]
@@ -119,13 +198,43 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
     print("RESULT " + json.dumps(figures), flush=True)
 
 
-def measure(uri: str, engine: str, kind: str, spill: str) -> dict[str, object]:
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _watch(process: subprocess.Popen, limit_gib: float, killed: list[float]) -> None:
+    """Kill ``process`` when its RSS passes ``limit_gib`` (others share the machine)."""
+    while process.poll() is None:
+        rss = _rss_gib(process.pid)
+        if rss > limit_gib:
+            killed.append(rss)
+            process.kill()
+            return
+        time.sleep(0.5)
+
+
+def measure(
+    uri: str, engine: str, kind: str, spill: str, *, build_only: bool, max_rss_gib: float
+) -> dict[str, object]:
     """Run `child` in a subprocess; its figures plus its peak RSS (ru_maxrss of that process)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    command = [sys.executable, __file__, "--child", uri, engine, kind, spill]
+    flag = "--child-build-only" if build_only else "--child"
+    command = [sys.executable, __file__, flag, uri, engine, kind, spill]
+    killed: list[float] = []
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        watcher = threading.Thread(target=_watch, args=(process, max_rss_gib, killed))
+        watcher.start()
         _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        watcher.join()
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read().decode(errors="replace")
@@ -135,6 +244,8 @@ def measure(uri: str, engine: str, kind: str, spill: str) -> dict[str, object]:
         if lines
         else {"success": False, "error": f"exit {process.returncode}: {text[-300:]}"}
     )
+    if killed:
+        figures = {"success": False, "error": f"killed at {killed[0]:.1f} GiB RSS (limit)"}
     figures["peak_gib"] = usage.ru_maxrss / 2**20  # KiB on Linux
     return figures
 
@@ -144,31 +255,55 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000])
     parser.add_argument("--engines", nargs="+", default=["lancedb", "local"])
     parser.add_argument("--folds", action="store_true", help="also StratifiedKFold and KFold")
-    parser.add_argument("--dir", default=None, help="parent of the temporary data folder")
+    parser.add_argument("--dir", default=None, help="parent of the data folder")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the generated table under --dir and reuse it"
+    )
+    parser.add_argument(
+        "--build-only", action="store_true", help="engine build + write only (no checks)"
+    )
+    parser.add_argument("--max-rss-gib", type=float, default=8.0, help="kill a child above it")
     parser.add_argument("--child", nargs=4, metavar=("URI", "ENGINE", "KIND", "SPILL"))
+    parser.add_argument("--child-build-only", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.child_build_only:
+        child_build_only(*args.child_build_only)
+        return
     kinds = KINDS if args.folds else KINDS[:1]
-    print(f"{os.cpu_count()} cores; figures on a shared machine vary by +-20%", flush=True)
+    mode = "engine build + write, no checks" if args.build_only else "dg.materialize + checks"
+    print(f"{os.cpu_count()} cores, {mode}; figures on a shared machine vary by +-20%", flush=True)
     header = f"{'rows':>13} {'kind':>7} {'engine':>8} {'s':>8} {'peak GiB':>9} "
     print(header + f"{'rows/s':>11} {'vs lancedb':>10}  hash / error", flush=True)
     for rows in args.rows:
-        folder = Path(tempfile.mkdtemp(prefix="perm_assets-bench-scale-", dir=args.dir))
+        folder, reused = _data_folder(args.dir, rows, keep=args.keep)
+        uri = str(folder / "lancedb")
         try:
-            uri = str(folder / "lancedb")
-            seconds = generate(uri, rows)
-            print(f"generated {rows:,} rows in {seconds:.1f} s", flush=True)
+            if reused:
+                print(f"reusing {rows:,} rows in {folder}", flush=True)
+            else:
+                seconds = generate(uri, rows)
+                (folder / "generated").touch()
+                print(f"generated {rows:,} rows in {seconds:.1f} s", flush=True)
             for kind in kinds:
                 reference: float | None = None
                 for engine in args.engines:
-                    figures = measure(uri, engine, kind, str(folder / "spill"))
+                    figures = measure(
+                        uri,
+                        engine,
+                        kind,
+                        str(folder / "spill"),
+                        build_only=args.build_only,
+                        max_rss_gib=args.max_rss_gib,
+                    )
                     took = float(figures.get("seconds", float("nan")))  # type: ignore[arg-type]
                     if engine == "lancedb" and figures.get("success"):
                         reference = took
                     ratio = f"{took / reference:.2f}x" if reference else "-"
-                    checked = "ok" if figures.get("checks_passed") else "FAILED"
+                    passed = figures.get("checks_passed")
+                    checked = "skipped" if passed is None else "ok" if passed else "FAILED"
                     tail = (
                         f"{figures.get('hash')} checks={checked}"
                         if figures.get("success")
@@ -181,7 +316,12 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            if args.keep:  # the table stays for the next run; spill and outputs do not
+                shutil.rmtree(folder / "spill", ignore_errors=True)
+                for name in ("perm", "perm__train"):
+                    shutil.rmtree(Path(uri) / f"{name}.lance", ignore_errors=True)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
