@@ -506,7 +506,7 @@ class _Calculated(_Assigner):
         _to_splits(spill, row_ids, split, self.counts)
 
 
-_HASH_ROWS = 1 << 20  # at most one Lance file's rows: a one-fragment table's row ids are offsets
+_HASH_ROWS = 1 << 20  # at most one Lance file's rows: one fragment per batch
 
 
 class _Hash(_Assigner):
@@ -536,10 +536,12 @@ class _Hash(_Assigner):
                 self.split.columns, self.split.weights, discard_weight=self.split.discard_weight
             )
             result = read_all(builder.execute())
+            # A row address is fragment << 32 | offset; an overwrite starts a new fragment.
             at = result.column("row_id").to_numpy()
-            if at.size and int(at.max()) >= part.num_rows:
-                raise RuntimeError("local engine: lancedb's hash split gave row ids past the batch")
-            split[start + at.astype(np.int64)] = result.column("split_id").to_numpy()
+            fragment, offset = at >> np.uint64(32), (at & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            if at.size and (fragment.min() != fragment.max() or offset.max() >= part.num_rows):
+                raise RuntimeError("local engine: lancedb's hash split of a batch spans fragments")
+            split[start + offset] = result.column("split_id").to_numpy()
         _to_splits(spill, row_ids, split, self.counts)
 
     def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
