@@ -365,16 +365,71 @@ def test_spill_files_are_removed_after_a_build_and_after_a_failure(tmp_path: Pat
     assert not db.table_exists("bad")
 
 
+BAD_INPUT = {
+    # Each is found after spill files were written (4,096-row scan batches).
+    "calculated_out_of_range": (
+        {"split": CalculatedSplit(expression="id / 10000", splits=4)},
+        r"asset 'bad': calculated split expression 'id / 10000' gives split index 4 \(row 40000 "
+        r"of table 'base'.*only splits 0..3 \(\['split_0', 'split_1', 'split_2', 'split_3'\]\) "
+        r"are declared",
+    ),
+    "calculated_not_sql": (
+        {"split": CalculatedSplit(expression="nosuch % 2", splits=2)},
+        r"asset 'bad': calculated split expression 'nosuch % 2' failed on table 'base' "
+        r"\(columns: id, label, x, user, g\)",
+    ),
+    "group_with_nulls": (
+        {"split": GroupSplit(group="g", label="label", ratios=[0.5, 0.5], seed=1)},
+        r"asset 'bad': column 'label' of table 'base' has null values.*\"label IS NOT NULL\"",
+    ),
+    "time_of_strings": (
+        {"split": TimeSplit(column="user", ratios=[0.5, 0.5])},
+        r"asset 'bad', table 'base': column 'user' has type string, which has no time order",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_found_mid_build_is_named_and_leaves_no_spill_files(
+    tmp_path: Path, case: str
+) -> None:
+    kwargs, message = BAD_INPUT[case]
+    base = _base(null_labels=case == "group_with_nulls")
+    bad = permutation_asset("bad", source=base, **kwargs)
+    db = _db(tmp_path, local_scan_batch_rows=4096)
+    with pytest.raises(SpecError, match=message):
+        _materialize(db, [base, bad])
+    assert list((tmp_path / "spill").iterdir()) == []
+    assert not db.table_exists("bad")
+
+
+def test_group_folds_with_fewer_groups_than_k_are_refused_naming_both(tmp_path: Path) -> None:
+    base = _base()
+    folds = folds_asset(
+        "bad", source=base, filter="label < 3", folds=GroupKFold(k=5, group="label", seed=1)
+    )
+    db = _db(tmp_path)
+    with pytest.raises(
+        SpecError, match=r"asset 'bad', table 'base': k=5 folds but only 3 distinct"
+    ):
+        _materialize(db, [base, folds])
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
 _CHILD = """
 import sys
 import dagster as dg
 from perm_assets import LanceDBIOManager, LanceDBResource, RandomSplit, Shuffle, permutation_asset
+from perm_assets.specs import GroupSplit
 
-uri, spill = sys.argv[1], sys.argv[2]
+uri, spill, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 db = LanceDBResource(uri=uri, engine="local", spill_dir=spill, local_bucket_rows=500)
-perm = permutation_asset(
-    "perm", source="base", split=RandomSplit(ratios=[0.8, 0.2], seed=2), shuffle=Shuffle(seed=5)
+split = (
+    RandomSplit(ratios=[0.8, 0.2], seed=2)
+    if kind == "random"
+    else GroupSplit(group="g", ratios=[0.8, 0.2], seed=2)
 )
+perm = permutation_asset("perm", source="base", split=split, shuffle=Shuffle(seed=5))
 dg.materialize(
     [perm, dg.AssetSpec("base")],
     resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
@@ -383,8 +438,9 @@ dg.materialize(
 """
 
 
+@pytest.mark.parametrize("kind", ["random", "group"])
 def test_a_build_killed_mid_way_leaves_the_previous_version_and_the_next_run_reclaims_its_spill(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
     n = 200_000
     base = _base(n)
@@ -406,7 +462,7 @@ def test_a_build_killed_mid_way_leaves_the_previous_version_and_the_next_run_rec
 
     with log.open("wb") as out:
         child = subprocess.Popen(
-            [sys.executable, str(script), db.uri, str(spill)],
+            [sys.executable, str(script), db.uri, str(spill), kind],
             cwd=tmp_path,
             env=child_env(),
             stdout=out,
@@ -461,10 +517,10 @@ def test_a_kind_the_local_engine_lacks_is_refused_naming_the_engines_that_build_
     tmp_path: Path,
 ) -> None:
     base = _base(1000)
-    perm = permutation_asset(
-        "perm", source=base, split=GroupSplit(ratios=[0.5, 0.5], group="label", seed=1)
-    )
-    with pytest.raises(SpecError, match=r"engine 'local' does not build GroupSplit.*'lancedb'"):
+    perm = permutation_asset("perm", source=base, shuffle=Shuffle(seed=1, clump_size=10))
+    with pytest.raises(
+        SpecError, match=r"engine 'local' does not build Shuffle\(clump_size=\.\.\.\).*'lancedb'"
+    ):
         _materialize(_db(tmp_path), [base, perm])
 
 
@@ -473,16 +529,14 @@ def test_auto_picks_the_local_engine_above_its_threshold_and_lancedb_for_what_lo
 ) -> None:
     base = _base(1000)
     random = permutation_asset("random", source=base, split=RandomSplit(ratios=[0.5, 0.5], seed=1))
-    group = permutation_asset(
-        "group", source=base, split=GroupSplit(ratios=[0.5, 0.5], group="label", seed=1)
-    )
+    clumped = permutation_asset("clumped", source=base, shuffle=Shuffle(seed=1, clump_size=10))
     above = _db(tmp_path, "above", engine="auto", auto_local_above_rows=999)
     with dg.DagsterInstance.ephemeral() as instance:
-        result = _materialize(above, [base, random, group], instance=instance)
+        result = _materialize(above, [base, random, clumped], instance=instance)
         logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert _engine(result, "random") == ALGORITHM
-    assert _engine(result, "group") == "lancedb"
-    assert any("local engine does not build GroupSplit" in m for m in logs)
+    assert _engine(result, "clumped") == "lancedb"
+    assert any("local engine does not build Shuffle(clump_size=...)" in m for m in logs)
     below = _db(tmp_path, "below", engine="auto", auto_local_above_rows=1000)
     assert _engine(_materialize(below, [base, random]), "random") == "lancedb"
 

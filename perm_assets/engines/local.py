@@ -429,9 +429,10 @@ class _Classes:
 def _no_nulls(values: pa.Array, column: str, *, asset: str, table: str) -> None:
     if values.null_count:
         raise SpecError(
-            f"asset '{asset}': column '{column}' of table '{table}' has {values.null_count} "
-            f"null value(s) among the selected rows; a row with no {column} cannot be placed "
-            f'safely. Drop them with filter "{column} IS NOT NULL" (combined with AND)'
+            f"asset '{asset}': column '{column}' of table '{table}' has null values among the "
+            f"selected rows ({values.null_count} in one scanned batch); a row with no {column} "
+            f'cannot be placed safely. Drop them with filter "{column} IS NOT NULL" (combined '
+            "with AND)"
         )
 
 
