@@ -51,7 +51,7 @@ bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
 	$(BIN)/python bench/bench_torch.py
 	$(BIN)/python bench/bench_s3.py --rows 1000000
 
-# Opt-in billion rows (~16 GB of data, ~40 min): BENCH_SCALE_ROWS=1000000000 BENCH_SCALE_ARGS=
+# Opt-in billion rows (~16 GB of data, 30-60 min): BENCH_SCALE_ROWS=1000000000 BENCH_SCALE_ARGS=
 # "--engines local --build-only --dir /big/disk --keep" (--keep reuses the generated table).
 BENCH_SCALE_ROWS ?= 10000000 100000000
 BENCH_SCALE_ARGS ?=
