@@ -24,6 +24,12 @@ functions, `order_key` / `rows_of_keys` / `split_of_rank`).
    sampled row-id boundaries), then each bucket is sorted in memory and streamed, split after
    split, into the permutation table through a ``RecordBatchReader``.
 
+Kinds not decided by a rank (hash, calculated, group, time, unshuffled stratified folds) go
+through an `_Assigner` instead of stage 2: the scan spills what the kind needs (group codes,
+time keys, a row's place in its class), the split of each group or time run follows from
+counts or from a bucketed sort on the time key, and each row id is written to its split's
+file; stage 3 is the same. These give every row the split the in-memory path gives it.
+
 Rows differ from lancedb's builder for the same seed (another algorithm), but for one base
 table version, spec and seed the table is the same row for row, whatever the bucket and batch
 sizes. Without a shuffle a split is stored in row-id order (table order for a table that was
