@@ -56,8 +56,12 @@ bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
 	$(BIN)/python bench/bench_exit.py --rows 10000000 --runs 20
 	$(BIN)/python bench/bench_read.py --rows 10000000
 
+# Opt-in billion rows (~16 GB of data, 30-60 min): BENCH_SCALE_ROWS=1000000000 BENCH_SCALE_ARGS=
+# "--engines local --build-only --dir /big/disk --keep" (--keep reuses the generated table).
+BENCH_SCALE_ROWS ?= 10000000 100000000
+BENCH_SCALE_ARGS ?=
 bench-scale: $(STAMP) ## Engines (lancedb, local) at 10M and 100M rows: time, peak RSS, rows/s (~15 min)
-	$(BIN)/python bench/bench_scale.py --rows 10000000 100000000 --folds
+	$(BIN)/python bench/bench_scale.py --rows $(BENCH_SCALE_ROWS) --folds $(BENCH_SCALE_ARGS)
 
 clean: ## Remove the virtualenv, demo data and Dagster history
 	rm -rf $(VENV) data .dagster_home

@@ -9,12 +9,19 @@ its own process (so peak RSS is that build's alone, read from the child's ``ru_m
 
 with ``engine="lancedb"`` and ``engine="local"`` (defaults otherwise; ``--engines ... ray1 ray2``
 adds ``engine="ray"`` on a fresh Ray cluster of 1 or 2 worker nodes, started by
-tests/ray_netns.py in a loopback-only network namespace; its peak is the driver's alone), through
+tests/ray_netns.py in a loopback-only network namespace, its peak the driver's alone; ``builder``
+is lancedb's builder + ``create_table`` alone, the reference of issue 10's lean-build bound), through
 ``dg.materialize`` with the blocking checks, and prints time, peak RSS, rows/s, the ratio to
 lancedb's time and a short hash of the written table (engines differ by design; the same
 engine twice must agree).
 
     python bench/bench_scale.py --rows 10000000 100000000 [--folds] [--dir /big/disk]
+    python bench/bench_scale.py --rows 1000000000 --engines local --folds --build-only \
+        --dir /big/disk --keep        # generate 1B rows once (~16 GB), reuse them next time
+
+``--build-only`` measures the engine's build and the write of the permutation table(s), without
+Dagster, the blocking checks or the materialization report (for sizes where those do not fit).
+A child whose RSS passes ``--max-rss-gib`` is killed and reported as such (the machine is shared).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,22 +73,82 @@ def generate(uri: str, rows: int) -> float:
     return time.perf_counter() - started
 
 
-def builder_child(uri: str) -> None:
-    """The reference: lancedb's builder + ``create_table`` alone (same spec as ``split``, the
-    builder's sort pool raised as the resource does), in this process."""
-    import lancedb
-    from lancedb.permutation import permutation_builder
+def _data_folder(parent: str | None, rows: int, *, keep: bool) -> tuple[Path, bool]:
+    """The folder of the ``rows``-row table and whether it already holds it: a fixed folder
+    under ``parent`` with ``keep`` (reused by the next run), else a new temporary one."""
+    if not keep:
+        return Path(tempfile.mkdtemp(prefix="perm_assets-bench-scale-", dir=parent)), False
+    if parent is None:
+        raise SystemExit("--keep needs --dir (where the generated table stays)")
+    folder = Path(parent) / f"perm_assets-bench-scale-{rows}"
+    done = folder / "generated"  # written after the table: a half-written table is redone
+    if done.exists():
+        return folder, True
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder, False
 
-    os.environ.setdefault("LANCEDB_PERM_BUILDER_MEMORY_LIMIT", str(4096 << 20))  # as the resource
-    db = lancedb.connect(uri)
-    started = time.perf_counter()
-    builder = permutation_builder(db.open_table("base")).filter("label < 90")
-    builder = builder.split_random(ratios=[0.8, 0.1, 0.1], seed=7, split_names=["a", "b", "c"])
-    result = builder.shuffle(seed=1).execute()
-    table = db.create_table("perm_builder", result.to_arrow(), mode="overwrite")
-    figures = {"seconds": time.perf_counter() - started, "success": True, "checks_passed": True}
-    figures["rows"] = table.count_rows()
-    figures["hash"] = "-"
+
+def _spec(kind: str):
+    from perm_assets import (
+        FoldsSpec,
+        KFold,
+        PermutationSpec,
+        RandomSplit,
+        Shuffle,
+        StratifiedKFold,
+    )
+
+    if kind == "split":
+        return PermutationSpec(
+            filter="label < 90",
+            split=RandomSplit(ratios=[0.8, 0.1, 0.1], seed=7, split_names=["train", "val", "test"]),
+            shuffle=Shuffle(seed=1),
+        )
+    folds = StratifiedKFold(k=5, label="label", seed=1) if kind == "skfold" else KFold(k=5, seed=1)
+    return FoldsSpec(folds=folds)
+
+
+def _digest(db, name: str) -> str:
+    from perm_assets.tables import READ_BATCH_ROWS
+
+    digest = hashlib.sha256()
+    table = db.open_table(name)
+    for batch in table.search().select(["row_id", "split_id"]).to_batches(READ_BATCH_ROWS):
+        for column in batch.columns:
+            digest.update(column.to_numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def child_build_only(uri: str, engine: str, kind: str, spill: str) -> None:
+    """The engine's build and the table write(s) in this process, no Dagster or checks."""
+    from lancedb.table import Table
+
+    from perm_assets import LanceDBResource, PermutationSpec, engines
+    from perm_assets.tables import WriteMode, write_table
+
+    db = LanceDBResource(uri=uri, engine=engine, spill_dir=spill)  # type: ignore[arg-type]
+    base = db.open_table("base")
+    spec = _spec(kind).resolve_seeds()
+    connection = db.connect()
+    started, cpu = time.perf_counter(), time.process_time()
+    if isinstance(spec, PermutationSpec):
+        with engines.build_permutation(db, base, spec, asset="perm") as data:
+            written: Table = write_table(
+                connection, "perm", data.persistable({}), WriteMode.OVERWRITE
+            )
+            rows = data.num_rows
+    else:
+        with engines.build_folds(db, base, spec, asset="perm") as folds:
+            write_table(connection, "perm__train", folds.train_persistable({}), WriteMode.OVERWRITE)
+            data = folds.validation
+            written = write_table(connection, "perm", data.persistable({}), WriteMode.OVERWRITE)
+            rows = data.num_rows
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    figures = {"seconds": seconds, "cpu_s": cpu, "success": True, "rows": rows}
+    figures["checks_passed"] = None
+    figures["written_rows"] = written.count_rows()
+    figures["hash"] = _digest(db, "perm")
     print("RESULT " + json.dumps(figures), flush=True)
 
 
@@ -101,7 +169,6 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
         folds_asset,
         permutation_asset,
     )
-    from perm_assets.tables import READ_BATCH_ROWS
 
     db = LanceDBResource(uri=uri, engine=engine, spill_dir=spill)  # type: ignore[arg-type]
     if kind == "split":
@@ -117,31 +184,46 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
             StratifiedKFold(k=5, label="label", seed=1) if kind == "skfold" else KFold(k=5, seed=1)
         )
         asset = folds_asset("perm", source="base", folds=folds)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = dg.materialize(
         [asset, dg.AssetSpec("base")],
         resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
         selection=[asset],
         raise_on_error=False,
     )
-    seconds = time.perf_counter() - started
-    figures: dict[str, object] = {"seconds": seconds, "success": result.success}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    figures: dict[str, object] = {"seconds": seconds, "cpu_s": cpu, "success": result.success}
     if result.success:
         checks = result.get_asset_check_evaluations()
         figures["checks_passed"] = all(c.passed for c in checks)
         metadata = result.asset_materializations_for_node("perm")[0].metadata
         figures["rows"] = metadata["dagster/row_count"].value
-        digest = hashlib.sha256()
-        table = db.open_table("perm")
-        for batch in table.search().select(["row_id", "split_id"]).to_batches(READ_BATCH_ROWS):
-            for column in batch.columns:
-                digest.update(column.to_numpy().tobytes())
-        figures["hash"] = digest.hexdigest()[:12]
+        figures["hash"] = _digest(db, "perm")
     else:
         failure = next((e for e in result.all_events if e.is_step_failure), None)
         error = failure.step_failure_data.error if failure is not None else None  # type: ignore[union-attr]
         figures["error"] = (error.message.strip().splitlines()[-1] if error else "failed")[:300]
     figures["self_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
+def builder_child(uri: str) -> None:
+    """The reference: lancedb's builder + ``create_table`` alone (same spec as ``split``, the
+    builder's sort pool raised as the resource does), in this process."""
+    import lancedb
+    from lancedb.permutation import permutation_builder
+
+    os.environ.setdefault("LANCEDB_PERM_BUILDER_MEMORY_LIMIT", str(4096 << 20))  # as the resource
+    db = lancedb.connect(uri)
+    started, cpu = time.perf_counter(), time.process_time()
+    builder = permutation_builder(db.open_table("base")).filter("label < 90")
+    builder = builder.split_random(ratios=[0.8, 0.1, 0.1], seed=7, split_names=["a", "b", "c"])
+    result = builder.shuffle(seed=1).execute()
+    table = db.create_table("perm_builder", result.to_arrow(), mode="overwrite")
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    figures = {"seconds": seconds, "cpu_s": cpu, "success": True, "checks_passed": None}
+    figures["rows"] = table.count_rows()
+    figures["hash"] = "-"
     print("RESULT " + json.dumps(figures), flush=True)
 
 
@@ -162,15 +244,45 @@ def measure_ray(uri: str, workers: int, kind: str, spill: str) -> dict[str, obje
     return figures
 
 
-def measure(uri: str, engine: str, kind: str, spill: str) -> dict[str, object]:
+def _rss_gib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _watch(process: subprocess.Popen, limit_gib: float, killed: list[float]) -> None:
+    """Kill ``process`` when its RSS passes ``limit_gib`` (others share the machine)."""
+    while process.poll() is None:
+        rss = _rss_gib(process.pid)
+        if rss > limit_gib:
+            killed.append(rss)
+            process.kill()
+            return
+        time.sleep(0.5)
+
+
+def measure(
+    uri: str, engine: str, kind: str, spill: str, *, build_only: bool, max_rss_gib: float
+) -> dict[str, object]:
     """Run `child` in a subprocess; its figures plus its peak RSS (ru_maxrss of that process)."""
     if engine in ("ray1", "ray2"):
         return measure_ray(uri, int(engine[-1]), kind, spill)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    command = [sys.executable, __file__, "--child", uri, engine, kind, spill]
+    flag = "--child-build-only" if build_only else "--child"
+    command = [sys.executable, __file__, flag, uri, engine, kind, spill]
+    killed: list[float] = []
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        watcher = threading.Thread(target=_watch, args=(process, max_rss_gib, killed))
+        watcher.start()
         _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        watcher.join()
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read().decode(errors="replace")
@@ -180,7 +292,12 @@ def measure(uri: str, engine: str, kind: str, spill: str) -> dict[str, object]:
         if lines
         else {"success": False, "error": f"exit {process.returncode}: {text[-300:]}"}
     )
+    if killed:
+        figures = {"success": False, "error": f"killed at {killed[0]:.1f} GiB RSS (limit)"}
     figures["peak_gib"] = usage.ru_maxrss / 2**20  # KiB on Linux
+    # CPU seconds of the measured section (all threads), from the child; on a shared machine
+    # the wall time moves with the load, this much less. A child that died: its whole life.
+    figures.setdefault("cpu_s", usage.ru_utime + usage.ru_stime)
     return figures
 
 
@@ -189,42 +306,56 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000])
     parser.add_argument("--engines", nargs="+", default=["lancedb", "local"])
     parser.add_argument("--folds", action="store_true", help="also StratifiedKFold and KFold")
-    parser.add_argument("--dir", default=None, help="parent of the temporary data folder")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, help="these kinds only")
+    parser.add_argument("--dir", default=None, help="parent of the data folder")
     parser.add_argument(
-        "--keep",
-        default=None,
-        help="data folder kept between runs: the table is generated there once and reused "
-        "(engine 'builder' measures lancedb's builder + create_table alone)",
+        "--keep", action="store_true", help="keep the generated table under --dir and reuse it"
     )
+    parser.add_argument(
+        "--build-only", action="store_true", help="engine build + write only (no checks)"
+    )
+    parser.add_argument("--max-rss-gib", type=float, default=8.0, help="kill a child above it")
     parser.add_argument("--child", nargs=4, metavar=("URI", "ENGINE", "KIND", "SPILL"))
+    parser.add_argument("--child-build-only", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    kinds = KINDS if args.folds else KINDS[:1]
-    print(f"{os.cpu_count()} cores; figures on a shared machine vary by +-20%", flush=True)
-    header = f"{'rows':>13} {'kind':>7} {'engine':>8} {'s':>8} {'peak GiB':>9} "
+    if args.child_build_only:
+        child_build_only(*args.child_build_only)
+        return
+    kinds = args.kinds or (KINDS if args.folds else KINDS[:1])
+    mode = "engine build + write, no checks" if args.build_only else "dg.materialize + checks"
+    print(f"{os.cpu_count()} cores, {mode}; figures on a shared machine vary by +-20%", flush=True)
+    header = f"{'rows':>13} {'kind':>7} {'engine':>8} {'s':>8} {'cpu s':>8} {'peak GiB':>9} "
     print(header + f"{'rows/s':>11} {'vs lancedb':>10}  hash / error", flush=True)
     for rows in args.rows:
-        if args.keep:
-            folder = Path(args.keep) / str(rows)
-            folder.mkdir(parents=True, exist_ok=True)
-        else:
-            folder = Path(tempfile.mkdtemp(prefix="perm_assets-bench-scale-", dir=args.dir))
+        folder, reused = _data_folder(args.dir, rows, keep=args.keep)
+        uri = str(folder / "lancedb")
         try:
-            uri = str(folder / "lancedb")
-            if not (folder / "lancedb" / "base.lance").exists():
+            if reused:
+                print(f"reusing {rows:,} rows in {folder}", flush=True)
+            else:
                 seconds = generate(uri, rows)
+                (folder / "generated").touch()
                 print(f"generated {rows:,} rows in {seconds:.1f} s", flush=True)
             for kind in kinds:
                 reference: float | None = None
                 for engine in args.engines:
-                    figures = measure(uri, engine, kind, str(folder / "spill"))
+                    figures = measure(
+                        uri,
+                        engine,
+                        kind,
+                        str(folder / "spill"),
+                        build_only=args.build_only,
+                        max_rss_gib=args.max_rss_gib,
+                    )
                     took = float(figures.get("seconds", float("nan")))  # type: ignore[arg-type]
                     if engine == "lancedb" and figures.get("success"):
                         reference = took
                     ratio = f"{took / reference:.2f}x" if reference else "-"
-                    checked = "ok" if figures.get("checks_passed") else "FAILED"
+                    passed = figures.get("checks_passed")
+                    checked = "skipped" if passed is None else "ok" if passed else "FAILED"
                     tail = (
                         f"{figures.get('hash')} checks={checked}"
                         if figures.get("success")
@@ -232,12 +363,17 @@ def main() -> None:
                     )
                     print(
                         f"{rows:>13,} {kind:>7} {engine:>8} {took:>8.1f} "
+                        f"{float(figures['cpu_s']):>8.1f} "  # type: ignore[arg-type]
                         f"{float(figures['peak_gib']):>9.2f} {rows / took:>11,.0f} {ratio:>10}  "  # type: ignore[arg-type]
                         + tail,
                         flush=True,
                     )
         finally:
-            if not args.keep:
+            if args.keep:  # the table stays for the next run; spill and outputs do not
+                shutil.rmtree(folder / "spill", ignore_errors=True)
+                for name in ("perm", "perm__train"):
+                    shutil.rmtree(Path(uri) / f"{name}.lance", ignore_errors=True)
+            else:
                 shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ project's views.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -33,7 +34,15 @@ from perm_assets import (
 from perm_assets.assign import apportion
 from perm_assets.engines.local import ALGORITHM, SPILL_PREFIX, Spill
 from perm_assets.factories import folds_asset
-from perm_assets.specs import GroupSplit, KFold, StratifiedKFold
+from perm_assets.specs import (
+    CalculatedSplit,
+    GroupKFold,
+    GroupSplit,
+    HashSplit,
+    KFold,
+    StratifiedKFold,
+    TimeSplit,
+)
 from perm_assets.tables import read_all
 from perm_assets.views import ViewRequest, open_view, read_arrow
 from tests.processes import child_env, wait_for
@@ -44,11 +53,20 @@ CLASSES = 37
 
 def _rows(n: int, *, null_labels: bool = False) -> pa.Table:
     """``id`` 0..n-1 (the row address of a one-fragment table), a skewed ``label`` (37
-    classes, the largest ~9x the smallest), ``x`` float32."""
+    classes, the largest ~9x the smallest), ``x`` float32, ``user`` (997 strings) and ``g``
+    (1,001 integer groups of about 50 rows, scattered over the table)."""
     ids = np.arange(n, dtype=np.int64)
     label = np.floor(np.sqrt((ids * 7919) % (CLASSES * CLASSES))).astype(np.int32)
     labels = pa.array(label, mask=(ids % 1000 == 7) if null_labels else None)
-    return pa.table({"id": ids, "label": labels, "x": (ids * 0.5).astype(np.float32)})
+    return pa.table(
+        {
+            "id": ids,
+            "label": labels,
+            "x": (ids * 0.5).astype(np.float32),
+            "user": pa.array(np.char.add("u", ((ids * 31) % 997).astype(str))),
+            "g": (ids * 13) % 1001,
+        }
+    )
 
 
 def _base(n: int = N, *, null_labels: bool = False) -> dg.AssetsDefinition:
@@ -109,6 +127,38 @@ CASES: dict[str, dict[str, Any]] = {
         "split": StratifiedSplit(ratios=[0.6, 0.3, 0.1], label="label", seed=11),
         "shuffle": Shuffle(seed=2),
     },
+    "hash": {
+        "split": HashSplit(columns=["user", "id"], weights=[3, 1]),
+        "shuffle": Shuffle(seed=6),
+    },
+    "hash_discarding": {
+        "filter": "label < 30",
+        "split": HashSplit(columns=["g"], weights=[2, 1], discard_weight=1),
+    },
+    "calculated": {
+        "split": CalculatedSplit(expression="id % 3", splits=3),
+        "shuffle": Shuffle(seed=3),
+    },
+    "group": {"filter": "id % 3 = 0", "split": GroupSplit(group="g", ratios=[0.7, 0.3], seed=5)},
+    "group_of_strings": {
+        "split": GroupSplit(group="user", ratios=[0.5, 0.5], seed=8),
+        "shuffle": Shuffle(seed=4),
+    },
+    "group_stratified": {
+        "split": GroupSplit(group="g", label="label", ratios=[0.6, 0.2, 0.2], seed=5),
+        "shuffle": Shuffle(seed=1),
+    },
+    "time_with_ties": {
+        "filter": "label != 3",
+        "split": TimeSplit(column="label", ratios=[0.7, 0.3]),
+    },
+    "time": {"split": TimeSplit(column="x", ratios=[0.5, 0.25, 0.25]), "shuffle": Shuffle(seed=9)},
+}
+FILTERS = {
+    None: lambda rows: np.ones(rows.num_rows, dtype=bool),
+    "label < 30": lambda rows: np.asarray(rows.column("label")) < 30,
+    "label != 3": lambda rows: np.asarray(rows.column("label")) != 3,
+    "id % 3 = 0": lambda rows: np.asarray(rows.column("id")) % 3 == 0,
 }
 
 
@@ -127,14 +177,7 @@ def test_each_supported_split_kind_is_a_valid_permutation(tmp_path: Path, case: 
     names = json.loads(spec)
     ids = {name: _ids(db, "perm", name) for name in names}
     table = _rows(N)
-    mask = np.ones(N, dtype=bool)
-    if kwargs.get("filter") == "label < 30":
-        mask = _labels() < 30
-    elif kwargs.get("filter") == "label != 3":
-        mask = _labels() != 3
-    elif kwargs.get("filter") == "id % 3 = 0":
-        mask = np.arange(N) % 3 == 0
-    expected = np.flatnonzero(mask)
+    expected = np.flatnonzero(FILTERS[kwargs.get("filter")](table))
     n = expected.size
     everything = np.concatenate(list(ids.values()))
     assert np.unique(everything).size == everything.size  # disjoint, no row twice
@@ -142,11 +185,33 @@ def test_each_supported_split_kind_is_a_valid_permutation(tmp_path: Path, case: 
     if isinstance(split, RandomSplit) and split.counts is not None:
         assert [ids[name].size for name in names] == split.counts  # exact counts
         assert np.isin(everything, expected).all()
+    elif isinstance(split, HashSplit) and split.discard_weight:
+        assert np.isin(everything, expected).all()
+        assert 0.6 * n < everything.size < 0.9 * n  # about 3/4 kept
     else:
         assert np.array_equal(np.sort(everything), expected)  # complete
+    if isinstance(split, CalculatedSplit):
+        assert all(np.all(ids[name] % 3 == i) for i, name in enumerate(names))
+    if isinstance(split, GroupSplit):  # every group in one split only
+        groups = [np.unique(np.asarray(table.column(split.group))[ids[name]]) for name in names]
+        every = np.concatenate(groups)
+        assert np.unique(every).size == every.size
+    if isinstance(split, GroupSplit) and split.label is None:
+        # Sizes within the largest group of the target (assign.group_split's bound).
+        largest = np.bincount(
+            np.unique(np.asarray(table.column(split.group)), return_inverse=True)[1][expected]
+        ).max()
+        for name, ratio in zip(names, split.ratios, strict=True):
+            assert abs(ids[name].size - ratio * n) <= 2 * (largest // 2) + 1, name
+    if isinstance(split, TimeSplit):  # every time of a split before every time of the next
+        times = np.asarray(table.column(split.column))
+        for earlier, later in itertools.pairwise(names):
+            assert times[ids[earlier]].max() < times[ids[later]].min(), (earlier, later)
     if isinstance(split, RandomSplit | SequentialSplit):
         ratios, _ = split.builder_sizes()
-    elif isinstance(split, StratifiedSplit):
+    elif isinstance(split, StratifiedSplit) or (
+        isinstance(split, TimeSplit) and split.column == "x"  # distinct times: exact shares
+    ):
         ratios = split.ratios
     else:
         ratios = None
@@ -210,6 +275,55 @@ def _stored(db: LanceDBResource, table: str) -> pa.Table:
     return read_all(db.open_table(table)).select(["row_id", "split_id"])
 
 
+def _split_of_rows(db: LanceDBResource, table: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(row ids, split ids)`` sorted by row id: which split each row is in, not the order."""
+    stored = _stored(db, table)
+    rows = stored.column("row_id").to_numpy()
+    order = np.argsort(rows)
+    return rows[order], stored.column("split_id").to_numpy()[order]
+
+
+ROW_KINDS = ["hash", "hash_discarding", "calculated", "group", "group_of_strings"]
+ROW_KINDS += ["group_stratified", "time_with_ties", "time"]
+FOLD_KINDS = {
+    "group_kfold": GroupKFold(k=5, group="g", seed=2),
+    "group_kfold_by_size": GroupKFold(k=4, group="g", shuffle=False),
+    "stratified_kfold_in_table_order": StratifiedKFold(k=5, label="label", shuffle=False),
+}
+
+
+def test_kinds_decided_per_row_group_or_time_match_the_in_memory_path_whatever_the_buckets(
+    tmp_path: Path,
+) -> None:
+    # Hash splits promise a row its split across versions and engines; the group, time and
+    # unshuffled fold kinds are the in-memory assignment computed from counts, so every row
+    # lands where the in-memory path puts it (for integer keys; string groups are ranked in
+    # key order here, first appearance there). The read order is the engine's own, the same
+    # whatever the bucket and batch sizes. One materialization per engine setting, all kinds.
+    base = _base(20_000)
+    assets = [permutation_asset(case, source=base, **CASES[case]) for case in ROW_KINDS]
+    assets += [
+        folds_asset(case, source=base, folds=folds, shuffle=Shuffle(seed=2))
+        for case, folds in FOLD_KINDS.items()
+    ]
+    memory = _db(tmp_path, "memory", engine="lancedb")
+    small = _db(tmp_path, "small", local_bucket_rows=1000, local_scan_batch_rows=777)
+    large = _db(tmp_path, "large", local_bucket_rows=1 << 22, local_scan_batch_rows=1 << 20)
+    for db in (memory, small, large):
+        result = _materialize(db, [base, *assets])
+        checks = result.get_asset_check_evaluations()
+        assert all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
+    for case in [*ROW_KINDS, *FOLD_KINDS]:
+        assert _stored(small, case).equals(_stored(large, case)), case
+        local_rows, local_splits = _split_of_rows(small, case)
+        memory_rows, memory_splits = _split_of_rows(memory, case)
+        assert np.array_equal(local_rows, memory_rows), case
+        if case == "group_of_strings":  # the same group sizes, ranked otherwise
+            assert not np.array_equal(local_splits, memory_splits)
+        else:
+            assert np.array_equal(local_splits, memory_splits), case
+
+
 def test_the_same_spec_gives_the_same_table_whatever_the_bucket_and_batch_sizes(
     tmp_path: Path,
 ) -> None:
@@ -251,16 +365,71 @@ def test_spill_files_are_removed_after_a_build_and_after_a_failure(tmp_path: Pat
     assert not db.table_exists("bad")
 
 
+BAD_INPUT = {
+    # Each is found after spill files were written (4,096-row scan batches).
+    "calculated_out_of_range": (
+        {"split": CalculatedSplit(expression="id / 10000", splits=4)},
+        r"asset 'bad': calculated split expression 'id / 10000' gives split index 4 \(row 40000 "
+        r"of table 'base'.*only splits 0..3 \(\['split_0', 'split_1', 'split_2', 'split_3'\]\) "
+        r"are declared",
+    ),
+    "calculated_not_sql": (
+        {"split": CalculatedSplit(expression="nosuch % 2", splits=2)},
+        r"asset 'bad': calculated split expression 'nosuch % 2' failed on table 'base' "
+        r"\(columns: id, label, x, user, g\)",
+    ),
+    "group_with_nulls": (
+        {"split": GroupSplit(group="g", label="label", ratios=[0.5, 0.5], seed=1)},
+        r"asset 'bad': column 'label' of table 'base' has null values.*\"label IS NOT NULL\"",
+    ),
+    "time_of_strings": (
+        {"split": TimeSplit(column="user", ratios=[0.5, 0.5])},
+        r"asset 'bad', table 'base': column 'user' has type string, which has no time order",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_found_mid_build_is_named_and_leaves_no_spill_files(
+    tmp_path: Path, case: str
+) -> None:
+    kwargs, message = BAD_INPUT[case]
+    base = _base(null_labels=case == "group_with_nulls")
+    bad = permutation_asset("bad", source=base, **kwargs)
+    db = _db(tmp_path, local_scan_batch_rows=4096)
+    with pytest.raises(SpecError, match=message):
+        _materialize(db, [base, bad])
+    assert list((tmp_path / "spill").iterdir()) == []
+    assert not db.table_exists("bad")
+
+
+def test_group_folds_with_fewer_groups_than_k_are_refused_naming_both(tmp_path: Path) -> None:
+    base = _base()
+    folds = folds_asset(
+        "bad", source=base, filter="label < 3", folds=GroupKFold(k=5, group="label", seed=1)
+    )
+    db = _db(tmp_path)
+    with pytest.raises(
+        SpecError, match=r"asset 'bad', table 'base': k=5 folds but only 3 distinct"
+    ):
+        _materialize(db, [base, folds])
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
 _CHILD = """
 import sys
 import dagster as dg
 from perm_assets import LanceDBIOManager, LanceDBResource, RandomSplit, Shuffle, permutation_asset
+from perm_assets.specs import GroupSplit
 
-uri, spill = sys.argv[1], sys.argv[2]
+uri, spill, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 db = LanceDBResource(uri=uri, engine="local", spill_dir=spill, local_bucket_rows=500)
-perm = permutation_asset(
-    "perm", source="base", split=RandomSplit(ratios=[0.8, 0.2], seed=2), shuffle=Shuffle(seed=5)
+split = (
+    RandomSplit(ratios=[0.8, 0.2], seed=2)
+    if kind == "random"
+    else GroupSplit(group="g", ratios=[0.8, 0.2], seed=2)
 )
+perm = permutation_asset("perm", source="base", split=split, shuffle=Shuffle(seed=5))
 dg.materialize(
     [perm, dg.AssetSpec("base")],
     resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
@@ -269,8 +438,9 @@ dg.materialize(
 """
 
 
+@pytest.mark.parametrize("kind", ["random", "group"])
 def test_a_build_killed_mid_way_leaves_the_previous_version_and_the_next_run_reclaims_its_spill(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
     n = 200_000
     base = _base(n)
@@ -292,7 +462,7 @@ def test_a_build_killed_mid_way_leaves_the_previous_version_and_the_next_run_rec
 
     with log.open("wb") as out:
         child = subprocess.Popen(
-            [sys.executable, str(script), db.uri, str(spill)],
+            [sys.executable, str(script), db.uri, str(spill), kind],
             cwd=tmp_path,
             env=child_env(),
             stdout=out,
@@ -347,10 +517,10 @@ def test_a_kind_the_local_engine_lacks_is_refused_naming_the_engines_that_build_
     tmp_path: Path,
 ) -> None:
     base = _base(1000)
-    perm = permutation_asset(
-        "perm", source=base, split=GroupSplit(ratios=[0.5, 0.5], group="label", seed=1)
-    )
-    with pytest.raises(SpecError, match=r"engine 'local' does not build GroupSplit.*'lancedb'"):
+    perm = permutation_asset("perm", source=base, shuffle=Shuffle(seed=1, clump_size=10))
+    with pytest.raises(
+        SpecError, match=r"engine 'local' does not build Shuffle\(clump_size=\.\.\.\).*'lancedb'"
+    ):
         _materialize(_db(tmp_path), [base, perm])
 
 
@@ -359,16 +529,14 @@ def test_auto_picks_the_local_engine_above_its_threshold_and_lancedb_for_what_lo
 ) -> None:
     base = _base(1000)
     random = permutation_asset("random", source=base, split=RandomSplit(ratios=[0.5, 0.5], seed=1))
-    group = permutation_asset(
-        "group", source=base, split=GroupSplit(ratios=[0.5, 0.5], group="label", seed=1)
-    )
+    clumped = permutation_asset("clumped", source=base, shuffle=Shuffle(seed=1, clump_size=10))
     above = _db(tmp_path, "above", engine="auto", auto_local_above_rows=999)
     with dg.DagsterInstance.ephemeral() as instance:
-        result = _materialize(above, [base, random, group], instance=instance)
+        result = _materialize(above, [base, random, clumped], instance=instance)
         logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert _engine(result, "random") == ALGORITHM
-    assert _engine(result, "group") == "lancedb"
-    assert any("local engine does not build GroupSplit" in m for m in logs)
+    assert _engine(result, "clumped") == "lancedb"
+    assert any("local engine does not build Shuffle(clump_size=...)" in m for m in logs)
     below = _db(tmp_path, "below", engine="auto", auto_local_above_rows=1000)
     assert _engine(_materialize(below, [base, random]), "random") == "lancedb"
 

@@ -24,6 +24,12 @@ functions, `order_key` / `rows_of_keys` / `split_of_rank`).
    sampled row-id boundaries), then each bucket is sorted in memory and streamed, split after
    split, into the permutation table through a ``RecordBatchReader``.
 
+Kinds not decided by a rank (hash, calculated, group, time, unshuffled stratified folds) go
+through an `_Assigner` instead of stage 2: the scan spills what the kind needs (group codes,
+time keys, a row's place in its class), the split of each group or time run follows from
+counts or from a bucketed sort on the time key, and each row id is written to its split's
+file; stage 3 is the same. These give every row the split the in-memory path gives it.
+
 Rows differ from lancedb's builder for the same seed (another algorithm), but for one base
 table version, spec and seed the table is the same row for row, whatever the bucket and batch
 sizes. Without a shuffle a split is stored in row-id order (table order for a table that was
@@ -46,11 +52,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from lancedb.permutation import permutation_builder
+from lancedb.query import LanceQueryBuilder
 from lancedb.table import Table
 
 from perm_assets import assign
@@ -66,7 +75,11 @@ from perm_assets.build import (
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, TRAIN_KIND, TRAIN_SPLIT, FoldsData, _of_kind
 from perm_assets.specs import (
+    CalculatedSplit,
     FoldsSpec,
+    GroupKFold,
+    GroupSplit,
+    HashSplit,
     KFold,
     PermutationSpec,
     RandomSplit,
@@ -74,8 +87,9 @@ from perm_assets.specs import (
     Shuffle,
     StratifiedKFold,
     StratifiedSplit,
+    TimeSplit,
 )
-from perm_assets.tables import BASE_VERSION_KEY, where
+from perm_assets.tables import BASE_VERSION_KEY, read_all, where
 
 ALGORITHM = "local-v1"
 """Identity of this engine's assignment: part of the data version, so a change of algorithm
@@ -96,8 +110,8 @@ _DOMAIN_ORDER = 0x5EED_0002
 log = logging.getLogger(__name__)
 
 SUPPORTED = (
-    "no split, RandomSplit (ratios, counts or fixed; no clump_size), SequentialSplit, "
-    "StratifiedSplit, KFold, StratifiedKFold (shuffle=True); Shuffle without clump_size"
+    "every split kind (RandomSplit without clump_size), KFold, StratifiedKFold, GroupKFold; "
+    "Shuffle without clump_size"
 )
 
 
@@ -417,6 +431,420 @@ class _Classes:
         return {str(v): int(c) for v, c in zip(values, self.counts[small].tolist(), strict=True)}
 
 
+# ------------------------------------------------- kinds decided per row, group or time
+def _no_nulls(values: pa.Array, column: str, *, asset: str, table: str) -> None:
+    if values.null_count:
+        raise SpecError(
+            f"asset '{asset}': column '{column}' of table '{table}' has null values among the "
+            f"selected rows ({values.null_count} in one scanned batch); a row with no {column} "
+            f'cannot be placed safely. Drop them with filter "{column} IS NOT NULL" (combined '
+            "with AND)"
+        )
+
+
+def _to_splits(spill: Spill, row_ids: np.ndarray, split: np.ndarray, counts: np.ndarray) -> None:
+    """Append each row id to its split's file ``p{s}``; a split of ``counts.size`` or more
+    is left out (a discarding hash split)."""
+    for s, at in _groups(split, counts.size + 1):
+        if s < counts.size:
+            spill.append(f"p{s}", row_ids[at])
+            counts[s] += at.size
+
+
+def _rank_in_code(codes: np.ndarray, count: int) -> np.ndarray:
+    """Position of each row among the rows of its code in this array (in array order)."""
+    order = np.argsort(codes, kind="stable")
+    per_code = np.bincount(codes, minlength=count)
+    starts = np.cumsum(per_code) - per_code
+    rank = np.empty(codes.size, dtype=np.int64)
+    rank[order] = np.arange(codes.size, dtype=np.int64) - np.repeat(starts, per_code)
+    return rank
+
+
+class _Assigner:
+    """A split decided by something other than a rank in assignment-key order: a per-row
+    function (hash, calculated), the row's group, its time, or its place in its class in
+    table order. `scan` sees each scanned batch once and spills what it needs; `assign` then
+    appends each kept row id to its split's file ``p{s}`` and returns the rows per split."""
+
+    columns: list[str] | dict[str, Any]
+    spill_bytes_per_row = 16  # peak spill bytes per row, for the free-space check
+    what = "the scan"  # named when the scan fails
+
+    def __init__(self, num_splits: int, *, asset: str, table: str) -> None:
+        self.counts = np.zeros(num_splits, dtype=np.int64)
+        self.asset, self.table = asset, table
+        self.classes = _Classes()  # labels, for kinds that stratify
+
+    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
+        raise NotImplementedError
+
+    def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
+        return self.counts
+
+
+class _Calculated(_Assigner):
+    """`CalculatedSplit`: the expression evaluated by the scan itself, range-checked."""
+
+    def __init__(self, split: CalculatedSplit, names: list[str], *, asset: str, table: str):
+        super().__init__(len(names), asset=asset, table=table)
+        self.expression, self.names = split.expression, names
+        self.columns = {"split": cast(str, where(split.expression))}
+        self.what = f"calculated split expression {split.expression!r}"
+
+    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
+        values = batch.column("split")
+        if not pa.types.is_integer(values.type) or values.null_count:
+            nulls = f" with {values.null_count} null(s)" if values.null_count else ""
+            raise SpecError(
+                f"asset '{self.asset}': {self.what} gives {values.type}{nulls}; it must give a "
+                "whole number, the split index 0, 1, ..., for every row (e.g. 'id % 3', or "
+                "CAST(... AS BIGINT); add 'IS NOT NULL' conditions to the filter for nulls)"
+            )
+        split = values.to_numpy().astype(np.int64)
+        bad = np.flatnonzero((split < 0) | (split >= self.counts.size))
+        if bad.size:
+            raise SpecError(
+                f"asset '{self.asset}': {self.what} gives split index {int(split[bad[0]])} "
+                f"(row {int(row_ids[bad[0]])} of table '{self.table}', {bad.size} such row(s) "
+                f"in this batch), but only splits 0..{self.counts.size - 1} ({self.names}) are "
+                "declared; fix the expression or declare more splits"
+            )
+        _to_splits(spill, row_ids, split, self.counts)
+
+
+_HASH_ROWS = 1 << 20  # at most one Lance file's rows: one fragment per batch
+
+
+class _Hash(_Assigner):
+    """`HashSplit` by lancedb's own hash, a batch at a time.
+
+    lancedb exposes its hash split only as a whole-table builder (DataFusion's ``create_hashes``
+    with a fixed seed over the columns, in Rust). Re-implementing that hash would risk moving
+    rows between versions, which is what hash splits promise not to do, so each scanned batch
+    of the hash columns is put in an in-memory Lance table and split by the same builder: a
+    row's split is the one lancedb's in-memory path gives it (it depends on the values only).
+    """
+
+    def __init__(self, split: HashSplit, *, asset: str, table: str) -> None:
+        super().__init__(split.num_splits, asset=asset, table=table)
+        self.split = split
+        self.columns = list(split.columns)
+        self.db = lancedb.connect("memory://")
+        self.name = f"hash_{os.getpid()}_{id(self)}"
+
+    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
+        data = pa.Table.from_batches([batch]).select(self.columns)
+        split = np.full(data.num_rows, self.counts.size, dtype=np.int64)  # left out unless hit
+        for start in range(0, data.num_rows, _HASH_ROWS):
+            part = data.slice(start, _HASH_ROWS)
+            table = self.db.create_table(self.name, part, mode="overwrite")
+            builder = permutation_builder(table).split_hash(
+                self.split.columns, self.split.weights, discard_weight=self.split.discard_weight
+            )
+            result = read_all(builder.execute())
+            # A row address is fragment << 32 | offset; an overwrite starts a new fragment.
+            at = result.column("row_id").to_numpy()
+            fragment, offset = at >> np.uint64(32), (at & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            if at.size and (fragment.min() != fragment.max() or offset.max() >= part.num_rows):
+                raise RuntimeError("local engine: lancedb's hash split of a batch spans fragments")
+            split[start + offset] = result.column("split_id").to_numpy()
+        _to_splits(spill, row_ids, split, self.counts)
+
+    def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
+        self.db.drop_table(self.name)
+        return self.counts
+
+
+def group_splits(sizes: np.ndarray, ratios: list[float], seed: int) -> np.ndarray:
+    """Split of each group of `assign.group_split` from the group sizes alone (groups in
+    ascending key order): for integer keys the very splits `assign.group_split` gives."""
+    r = assign._normalised_ratios(ratios)
+    rng = assign._check_seed(seed)
+    perm = rng.permutation(sizes.size)
+    bounds = np.cumsum(assign.apportion(int(sizes.sum()), r.tolist()))[None, :-1]
+    out = np.empty(sizes.size, dtype=np.int64)
+    out[perm] = assign._cut(np.zeros(sizes.size, dtype=np.int64), sizes[perm], bounds)
+    return out
+
+
+def stratified_group_splits(
+    sizes: np.ndarray,
+    pairs: np.ndarray,
+    pair_rows: np.ndarray,
+    num_labels: int,
+    ratios: list[float],
+    seed: int,
+) -> np.ndarray:
+    """Split of each group of `assign.stratified_group_split` from counts alone: ``sizes``
+    per group, ``pairs`` = ``group * num_labels + label`` (ascending, codes in ascending key
+    order) with their row counts. The same steps and random draws, so for integer keys the
+    same splits."""
+    r = assign._normalised_ratios(ratios)
+    rng = assign._check_seed(seed)
+    pair_group = pairs // num_labels
+    score = pair_rows + 0.5 * rng.random(pairs.size)
+    group_start = np.flatnonzero(np.r_[True, pair_group[1:] != pair_group[:-1]])
+    best = np.maximum.reduceat(score, group_start)
+    winners = np.flatnonzero(score == best[pair_group])
+    winners = winners[np.r_[True, pair_group[winners][1:] != pair_group[winners][:-1]]]
+    stratum = np.empty(sizes.size, dtype=np.int64)
+    stratum[pair_group[winners]] = pairs[winners] % num_labels
+    stratum_rows = np.bincount(stratum, weights=sizes, minlength=num_labels).astype(np.int64)
+    targets = np.cumsum(assign._round_matrix(stratum_rows, r, rng), axis=1)[:, :-1]
+    order = assign._grouped_order(stratum.astype(assign._code_dtype(num_labels)), rng)
+    out = np.empty(sizes.size, dtype=np.int64)
+    out[order] = assign._cut(stratum[order], sizes[order], targets)
+    return out
+
+
+def group_kfolds(sizes: np.ndarray, k: int, seed: int, shuffle: bool) -> np.ndarray:
+    """Fold of each group of `assign.group_kfold` from the group sizes alone (ascending key
+    order): for integer keys the very folds `assign.group_kfold` gives."""
+    k = assign._check_k(k, sizes.size, what="distinct groups")
+    num = sizes.size
+    rng = assign._check_seed(seed) if shuffle else None
+    ties = rng.random(num) if rng is not None else np.arange(num)
+    by_size = np.lexsort((ties, -sizes))
+    position = np.arange(num)
+    rounds, within = position // k, position % k
+    snake = np.where(rounds % 2 == 0, within, k - 1 - within)
+    names = rng.permutation(k) if rng is not None else np.arange(k)
+    out = np.empty(num, dtype=np.int64)
+    out[by_size] = names[snake]
+    return out
+
+
+_PAIR_SHIFT = np.int64(32)
+
+
+class _Group(_Assigner):
+    """`GroupSplit` / `GroupKFold`: group sizes (and, stratified, rows per (group, label)) are
+    counted in the scan, which spills each row id with its group's code; the groups' splits
+    follow from the counts (far fewer than rows), then each row follows its group."""
+
+    spill_bytes_per_row = 24
+
+    def __init__(
+        self,
+        group: str,
+        label: str | None,
+        decide: Callable[..., np.ndarray],
+        num_splits: int,
+        *,
+        asset: str,
+        table: str,
+    ) -> None:
+        super().__init__(num_splits, asset=asset, table=table)
+        self.group, self.label, self.decide = group, label, decide
+        self.columns = [group] if label is None else [group, label]
+        self.groups = _Classes()
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending, self.reduced = 0, 0
+
+    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
+        groups = batch.column(self.group)
+        _no_nulls(groups, self.group, asset=self.asset, table=self.table)
+        codes = self.groups.codes(groups)
+        spill.append("g", row_ids)
+        spill.append("gc", codes)
+        if self.label is not None:
+            labels = batch.column(self.label)
+            _no_nulls(labels, self.label, asset=self.asset, table=self.table)
+            pairs = (codes << _PAIR_SHIFT) | self.classes.codes(labels)
+            self.pairs.append(assign._unique_counts(pairs))
+            self.pending += self.pairs[-1][0].size
+            if self.pending > 2 * self.reduced + (1 << 22):  # bounded by the distinct pairs
+                self._reduce()
+
+    def _reduce(self) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.concatenate([p for p, _ in self.pairs])
+        rows = np.concatenate([r for _, r in self.pairs])
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else keys
+        merged = (keys[starts], np.add.reduceat(rows, starts) if keys.size else rows)
+        self.pairs = [merged]
+        self.pending = self.reduced = merged[0].size
+        return merged
+
+    def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
+        remap = self.groups.sorted_order()  # code -> rank in ascending key order
+        sizes = np.zeros(remap.size, dtype=np.int64)
+        sizes[remap] = self.groups.counts
+        try:
+            if self.label is None:
+                sorted_splits = self.decide(sizes)
+            else:
+                keys, rows = self._reduce()
+                num_labels = self.classes.counts.size
+                labels = self.classes.sorted_order()[keys & np.int64(0xFFFFFFFF)]
+                pairs = remap[keys >> _PAIR_SHIFT] * num_labels + labels
+                order = np.argsort(pairs)
+                sorted_splits = self.decide(sizes, pairs[order], rows[order], num_labels)
+        except ValueError as exc:
+            raise SpecError(f"asset '{self.asset}', table '{self.table}': {exc}") from exc
+        split_of_code = sorted_splits[remap]
+        chunks = zip(
+            spill.chunks("g", np.uint64, settings.bucket_rows),
+            spill.chunks("gc", np.int64, settings.bucket_rows),
+            strict=True,
+        )
+        for row_ids, codes in chunks:
+            _to_splits(spill, row_ids, split_of_code[codes], self.counts)
+        spill.remove("g")
+        spill.remove("gc")
+        return self.counts
+
+
+_SIGN = np.uint64(1 << 63)
+
+
+def time_key(values: pa.Array, column: str) -> np.ndarray:
+    """An order-preserving uint64 of each value of an orderable column (numbers, dates,
+    timestamps; ValueError for other types and NaN): equal values give equal keys, so ties
+    stay ties (-0.0 and 0.0 included)."""
+    kind = values.type
+    if pa.types.is_temporal(kind):
+        raw = np.asarray(values.to_numpy(zero_copy_only=False)).astype(np.int64)
+        return raw.view(np.uint64) ^ _SIGN
+    if pa.types.is_unsigned_integer(kind):
+        return values.to_numpy().astype(np.uint64)
+    if pa.types.is_integer(kind):
+        return values.to_numpy().astype(np.int64).view(np.uint64) ^ _SIGN
+    if pa.types.is_floating(kind):
+        floats = values.to_numpy().astype(np.float64) + 0.0  # -0.0 + 0.0 is 0.0: one tie
+        if nans := int(np.count_nonzero(np.isnan(floats))):
+            raise ValueError(
+                f"column '{column}' has {nans} NaN value(s), which have no time order; filter "
+                f'them out first, e.g. filter="NOT isnan({column})" (IS NOT NULL keeps NaN, '
+                "which SQL does not count as null)"
+            )
+        bits = floats.view(np.uint64)
+        # IEEE order: negatives by inverted bits, positives above them with the sign bit set.
+        return np.where(bits & _SIGN, ~bits, bits | _SIGN)
+    raise ValueError(
+        f"column '{column}' has type {kind}, which has no time order; use a number, date or "
+        "timestamp column"
+    )
+
+
+class _Time(_Assigner):
+    """`TimeSplit`: the bucketed external sort on the time key. Bucket boundaries are time
+    values (from a sample), so equal times share a bucket and buckets in order are times in
+    order; each bucket is sorted in memory, and a run of equal times goes to the split holding
+    its middle row (`assign.time_split`'s rule, on global positions): the same split per row
+    as the in-memory path, whatever the bucket sizes. A bucket holds at least all rows of one
+    time, so a single time shared by more rows than fit in memory does not fit here either."""
+
+    spill_bytes_per_row = 32
+    _SAMPLE_PER_BUCKET = 64
+
+    def __init__(
+        self, split: TimeSplit, n: int, settings: LocalSettings, *, asset: str, table: str
+    ) -> None:
+        super().__init__(split.num_splits, asset=asset, table=table)
+        self.column, self.n = split.column, n
+        self.columns = [split.column]
+        self.bits = _bits_for(n, settings.bucket_rows)
+        self.every = max(1, n // (self._SAMPLE_PER_BUCKET << self.bits))
+        self.targets = np.cumsum(assign.apportion(n, list(split.ratios)))[:-1]
+        self.sample: list[np.ndarray] = []
+        self.position = 0
+
+    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
+        values = batch.column(self.column)
+        _no_nulls(values, self.column, asset=self.asset, table=self.table)
+        try:
+            keys = time_key(values, self.column)
+        except ValueError as exc:
+            raise SpecError(f"asset '{self.asset}', table '{self.table}': {exc}") from exc
+        first = (-self.position) % self.every  # every k-th row of the scan: batch-size free
+        self.sample.append(keys[first :: self.every].copy())
+        self.position += keys.size
+        spill.append("tk", keys)
+        spill.append("tr", row_ids)
+
+    def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
+        pool = np.sort(np.concatenate(self.sample)) if self.sample else np.zeros(0, np.uint64)
+        parts = 1 << self.bits
+        bounds = np.unique(pool[(np.arange(1, parts) * pool.size) // parts])
+        buckets = bounds.size + 1
+        chunks = zip(
+            spill.chunks("tk", np.uint64, settings.bucket_rows),
+            spill.chunks("tr", np.uint64, settings.bucket_rows),
+            strict=True,
+        )
+        for keys, row_ids in chunks:
+            which = np.searchsorted(bounds, keys, side="right")
+            for b, at in _groups(which, buckets):
+                spill.append(f"tb{b}", keys[at])
+                spill.append(f"tv{b}", row_ids[at])
+        spill.remove("tk")
+        spill.remove("tr")
+        done = 0  # rows in earlier buckets: the global position of this bucket's first row
+        for b in range(buckets):
+            keys = spill.read(f"tb{b}", np.uint64)
+            order = np.argsort(keys)  # rows of one time share a split: any order among them
+            keys, row_ids = keys[order], spill.read(f"tv{b}", np.uint64)[order]
+            spill.remove(f"tb{b}")
+            spill.remove(f"tv{b}")
+            starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else keys
+            sizes = np.diff(np.r_[starts, keys.size]).astype(np.int64)
+            twice_mid = 2 * (done + starts.astype(np.int64)) + sizes
+            run_split = np.zeros(sizes.size, dtype=np.int64)
+            for target in self.targets.tolist():  # a loop over splits only
+                run_split += twice_mid >= 2 * target
+            _to_splits(spill, row_ids, np.repeat(run_split, sizes), self.counts)
+            done += keys.size
+        return self.counts
+
+
+class _FoldsInOrder(_Assigner):
+    """`StratifiedKFold(shuffle=False)` as `assign.stratified_kfold`: classes in order of
+    first appearance, each class's rows in table order. A row's place in its class is known in
+    the scan; its class's rows per fold only once all classes are counted."""
+
+    spill_bytes_per_row = 24
+
+    def __init__(self, label: str, k: int, *, asset: str, table: str) -> None:
+        super().__init__(k, asset=asset, table=table)
+        self.label = label
+        self.columns = [label]
+
+    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
+        labels = batch.column(self.label)
+        _no_nulls(labels, self.label, asset=self.asset, table=self.table)
+        before = self.classes.counts.copy()  # codes() adds to it in place
+        codes = self.classes.codes(labels)  # codes by first appearance, as scikit-learn's
+        earlier = np.zeros(self.classes.counts.size, dtype=np.int64)
+        earlier[: before.size] = before
+        spill.append("fr", row_ids)
+        spill.append("fc", codes)
+        spill.append("fi", earlier[codes] + _rank_in_code(codes, earlier.size))
+
+    def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
+        k = self.counts.size
+        # Rows per (class, fold) of the round-robin over the class-sorted rows, classes by
+        # first appearance (their codes); each class's rows then fill its folds in table
+        # order, fold 0 first (as `assign.stratified_kfold` with shuffle=False).
+        end = np.cumsum(self.classes.counts)[:, None]
+        start = end - self.classes.counts[:, None]
+        fold = np.arange(k)[None, :]
+        ends = np.cumsum((end - fold - 1) // k - (start - fold - 1) // k, axis=1)
+        chunks = zip(
+            spill.chunks("fr", np.uint64, settings.bucket_rows),
+            spill.chunks("fc", np.int64, settings.bucket_rows),
+            spill.chunks("fi", np.int64, settings.bucket_rows),
+            strict=True,
+        )
+        for row_ids, codes, index in chunks:
+            _to_splits(spill, row_ids, split_of_rank(index, ends, codes), self.counts)
+        for name in ("fr", "fc", "fi"):
+            spill.remove(name)
+        return self.counts
+
+
 @dataclass(frozen=True)
 class _Job:
     """One build: which rows, which label, how sizes follow from class counts, which keys."""
@@ -429,6 +857,8 @@ class _Job:
     split_seed: int | None
     """None: rank by scan position (sequential kinds, single class only)."""
     shuffle_seed: int | None
+    assigner: _Assigner | None = None
+    """Set: the split is decided by it (per row, group or time), not by a rank."""
 
 
 @dataclass
@@ -461,24 +891,53 @@ _SCHEMA = pa.schema(
 )
 
 
+def _scanned(
+    query: LanceQueryBuilder, batch_rows: int, *, what: str, asset: str, table: Table
+) -> Iterator[pa.RecordBatch]:
+    """The query's batches; a failing scan (e.g. a calculated split's expression that is not
+    valid SQL on the table) is a SpecError naming the asset, the table and its columns."""
+    batches: Iterator[pa.RecordBatch] | None = None
+    while True:
+        try:
+            if batches is None:
+                batches = iter(query.to_batches(batch_size=batch_rows))
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise SpecError(
+                f"asset '{asset}': {what} failed on table '{table.name}' (columns: "
+                f"{', '.join(table.schema.names)}): {type(exc).__name__}: {exc}"
+            ) from exc
+        yield batch
+
+
 def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: int, asset: str):
     """Scan, assign and spill in read order (stages 1-3 up to the final sort); see the module
     docstring."""
+    assigner = job.assigner
     bytes_per_row = 8 + (4 if job.label else 0)
+    if assigner is not None:
+        bytes_per_row = assigner.spill_bytes_per_row
     spill.require_space(n * (bytes_per_row + 8) + (64 << 20))
     bits = _bits_for(n, settings.bucket_rows)
     classes = _Classes()
     shuffled = job.shuffle_seed is not None
     # Sequential ranks and their sizes are known before the scan (one class, n rows).
-    ends = np.cumsum(job.sizes(np.array([n], dtype=np.int64)), axis=1)
+    ends = np.zeros((1, 0), dtype=np.int64)
+    if assigner is None and job.split_seed is None:
+        ends = np.cumsum(job.sizes(np.array([n], dtype=np.int64)), axis=1)
     sample: list[np.ndarray] = []
     sample_every = max(1, n // 4096)
     position = 0
-    columns = [job.label] if job.label else ["_rowid"]
+    columns: list[str] | dict[str, Any] = [job.label] if job.label else ["_rowid"]
+    if assigner is not None:
+        columns = assigner.columns
     query = table.search().select(columns).with_row_id(True)
     if job.filter is not None:
         query = query.where(cast(str, where(job.filter)))
-    for batch in query.to_batches(batch_size=settings.scan_batch_rows):
+    what = assigner.what if assigner is not None else "the scan"
+    for batch in _scanned(query, settings.scan_batch_rows, what=what, asset=asset, table=table):
         row_ids = batch.column("_rowid").to_numpy().astype(np.uint64, copy=False)
         size = row_ids.size
         if size == 0:
@@ -486,7 +945,9 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
         if not shuffled:  # row-id boundaries of the unshuffled read order, every k-th row
             first = (-position) % sample_every
             sample.append(row_ids[first::sample_every].copy())
-        if job.split_seed is None:
+        if assigner is not None:
+            assigner.scan(batch, row_ids, spill)
+        elif job.split_seed is None:
             rank = np.arange(position, position + size, dtype=np.int64)
             split = split_of_rank(rank, ends, None)
             for s, at in _groups(split, job.num_splits + 1):
@@ -497,13 +958,7 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
             codes = None
             if job.label is not None:
                 labels = batch.column(job.label)
-                if labels.null_count:
-                    raise SpecError(
-                        f"asset '{asset}': column '{job.label}' of table '{table.name}' has "
-                        "null values among the selected rows; a row with no "
-                        f"{job.label} cannot be placed safely. Drop them with filter "
-                        f'"{job.label} IS NOT NULL" (combined with AND)'
-                    )
+                _no_nulls(labels, job.label, asset=asset, table=table.name)
                 codes = classes.codes(labels)
             for b, at in _groups(_key_bucket(keys, bits), 1 << bits):
                 spill.append(f"a{b}", keys[at])
@@ -517,13 +972,18 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
         )
 
     # Sizes per (class, split), classes in ascending label order.
-    if job.label is not None:
-        remap = classes.sorted_order()
-        counts = np.zeros(classes.counts.size, dtype=np.int64)
-        counts[remap] = classes.counts
-    else:
+    if assigner is not None:
         remap, counts = None, np.array([n], dtype=np.int64)
-    matrix = np.asarray(job.sizes(counts), dtype=np.int64)
+        classes = assigner.classes
+        matrix = assigner.assign(spill, settings)[None, :]
+    else:
+        if job.label is not None:
+            remap = classes.sorted_order()
+            counts = np.zeros(classes.counts.size, dtype=np.int64)
+            counts[remap] = classes.counts
+        else:
+            remap, counts = None, np.array([n], dtype=np.int64)
+        matrix = np.asarray(job.sizes(counts), dtype=np.int64)
     split_rows = matrix.sum(axis=0)
     out_bits = [_bits_for(int(r), settings.bucket_rows) for r in split_rows]
     bounds: list[np.ndarray] = []
@@ -551,7 +1011,7 @@ def _run(table: Table, job: _Job, spill: Spill, settings: LocalSettings, *, n: i
             for b, where_b in _groups(buckets, 1 << out_bits[s]):
                 spill.append(f"c{s}_{b}", values[where_b])
 
-    if job.split_seed is None:
+    if assigner is not None or job.split_seed is None:  # rows already in split files p{s}
         for s in range(job.num_splits):
             for chunk in spill.chunks(f"p{s}", np.uint64, settings.bucket_rows):
                 emit(chunk, np.full(chunk.size, s, dtype=np.int64))
@@ -611,16 +1071,12 @@ def unsupported(spec: PermutationSpec | FoldsSpec) -> str | None:
         return "Shuffle(clump_size=...)"
     if isinstance(spec, PermutationSpec):
         split = spec.split
-        if split is None or isinstance(split, SequentialSplit | StratifiedSplit):
-            return None
-        if isinstance(split, RandomSplit):
-            return "RandomSplit(clump_size=...)" if split.clump_size not in (None, 1) else None
-        return type(split).__name__
-    folds = spec.folds
-    if isinstance(folds, KFold):
+        if isinstance(split, RandomSplit) and split.clump_size not in (None, 1):
+            return "RandomSplit(clump_size=...)"
         return None
-    if isinstance(folds, StratifiedKFold):
-        return None if folds.shuffle else "StratifiedKFold(shuffle=False)"
+    folds = spec.folds
+    if isinstance(folds, KFold | StratifiedKFold | GroupKFold):
+        return None
     return type(folds).__name__
 
 
@@ -644,11 +1100,38 @@ def _single(sizes: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return lambda counts: np.asarray(sizes, dtype=np.int64)[None, :]
 
 
-def _split_job(table: Table, spec: PermutationSpec, n: int, *, asset: str) -> _Job:
+def _split_job(
+    table: Table, spec: PermutationSpec, n: int, settings: LocalSettings, *, asset: str
+) -> _Job:
     split = spec.split
     shuffle_seed = _shuffle_seed(spec.shuffle)
     if split is None:
         return _Job(spec.filter, None, 1, _single(np.array([n])), None, shuffle_seed)
+    num = split.num_splits
+    where_ = {"asset": asset, "table": table.name}
+    assigner: _Assigner | None = None
+    if isinstance(split, HashSplit):
+        assigner = _Hash(split, **where_)
+    elif isinstance(split, CalculatedSplit):
+        assigner = _Calculated(split, spec.split_names(), **where_)
+    elif isinstance(split, TimeSplit):
+        assigner = _Time(split, n, settings, **where_)
+    elif isinstance(split, GroupSplit):
+        assert split.seed is not None
+        group_ratios, group_seed = list(split.ratios), int(split.seed)
+        if split.label is None:
+
+            def decide(sizes: np.ndarray, *pairs: object) -> np.ndarray:
+                return group_splits(sizes, group_ratios, group_seed)
+        else:
+
+            def decide(sizes: np.ndarray, *pairs: object) -> np.ndarray:
+                keys, rows, labels = cast(tuple[np.ndarray, np.ndarray, int], pairs)
+                return stratified_group_splits(sizes, keys, rows, labels, group_ratios, group_seed)
+
+        assigner = _Group(split.group, split.label, decide, num, **where_)
+    if assigner is not None:
+        return _Job(spec.filter, None, num, _single(np.zeros(num)), None, shuffle_seed, assigner)
     if isinstance(split, StratifiedSplit):
         assert split.seed is not None
         ratios, seed = list(split.ratios), split.seed
@@ -691,9 +1174,9 @@ def build_permutation(
             f"(version {table.version}); loosen the filter"
         )
     _check_key_columns(table, spec, expected=n, asset=asset)
-    job = _split_job(table, spec, n, asset=asset)
+    job = _split_job(table, spec, n, settings, asset=asset)
     names = spec.split_names()
-    if job.split_seed is None or job.label is None:
+    if job.assigner is None and (job.split_seed is None or job.label is None):
         # Sizes follow from n alone: refuse an empty split before scanning anything.
         _check_sizes(names, job.sizes(np.array([n]))[0], asset=asset)
     result = _run(table, job, spill, settings, n=n, asset=asset)
@@ -727,7 +1210,7 @@ def build_folds(
     (see `perm_assets.folds` for their shape)."""
     _refuse(spec, asset=asset)
     folds = spec.folds
-    assert isinstance(folds, KFold | StratifiedKFold)
+    assert isinstance(folds, KFold | StratifiedKFold | GroupKFold)
     k = folds.k
     n = _count_filtered(table, spec.filter, asset=asset)
     if n == 0:
@@ -742,7 +1225,21 @@ def build_folds(
         )
     shuffle_seed = _shuffle_seed(spec.shuffle)
     seed = folds.seed if folds.seed is not None else 0
-    if isinstance(folds, StratifiedKFold):
+    where_ = {"asset": asset, "table": table.name}
+    if isinstance(folds, GroupKFold):
+        check_scalar_columns(table, [folds.group], role="group", asset=asset)
+        shuffle = folds.shuffle
+
+        def decide(sizes: np.ndarray, *pairs: object) -> np.ndarray:
+            return group_kfolds(sizes, k, seed, shuffle)
+
+        assigner = _Group(folds.group, None, decide, k, **where_)
+        job = _Job(spec.filter, None, k, _single(np.zeros(k)), None, shuffle_seed, assigner)
+    elif isinstance(folds, StratifiedKFold) and not folds.shuffle:
+        check_scalar_columns(table, [folds.label], role="stratify", asset=asset)
+        assigner = _FoldsInOrder(folds.label, k, **where_)
+        job = _Job(spec.filter, None, k, _single(np.zeros(k)), None, shuffle_seed, assigner)
+    elif isinstance(folds, StratifiedKFold):
         check_scalar_columns(table, [folds.label], role="stratify", asset=asset)
 
         def stratified(counts: np.ndarray) -> np.ndarray:
