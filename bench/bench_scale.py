@@ -10,8 +10,8 @@ its own process (so peak RSS is that build's alone, read from the child's ``ru_m
 with ``engine="lancedb"`` and ``engine="local"`` (defaults otherwise; ``--engines ... ray1 ray2``
 adds ``engine="ray"`` on a fresh Ray cluster of 1 or 2 worker nodes, started by
 tests/ray_netns.py in a loopback-only network namespace, its peak the driver's alone; ``builder``
-is lancedb's builder + ``create_table`` alone, the reference of issue 10's lean-build bound), through
-``dg.materialize`` with the blocking checks, and prints time, peak RSS, rows/s, the ratio to
+is lancedb's builder + ``create_table`` alone, the reference of issue 10's lean-build bound),
+through ``dg.materialize`` with the blocking checks, and prints time, peak RSS, rows/s, the ratio to
 lancedb's time and a short hash of the written table (engines differ by design; the same
 engine twice must agree).
 
