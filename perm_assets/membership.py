@@ -95,7 +95,10 @@ class Membership:
         is a memmap in ``spill_dir``."""
         if num_splits > MAX_SPLITS:
             return None
-        dataset = base.to_lance()  # at the checked-out version (the pinned base version)
+        # lancedb lists no fragments, so this takes pylance (at the checked-out, pinned base
+        # version). Once imported, pylance warns in any later fork that lance is not fork-safe;
+        # forked DataLoader workers of views never use lance (see perm_assets.views).
+        dataset = base.to_lance()
         if dataset.has_stable_row_ids:
             return None
         fragments = dataset.get_fragments()
