@@ -29,25 +29,10 @@ from tests.servers import free_port
 DRIVER = Path(__file__).with_name("ray_driver.py")
 
 
-def test_local_engine_ray_on_one_worker_and_ray_on_two_over_s3_build_the_same_table(
-    tmp_path: Path,
-) -> None:
-    # Two worker nodes over moto's S3 (inside the namespace), credentials only in the
-    # environment: the harness's own checks, then a random split + shuffle by both engines.
-    over_s3 = run_on_ray(DRIVER, "s3", "x", workers=2, s3=True).check().json()
-    assert over_s3.pop("ray_log_files") > 0  # the leak check below looked at real logs
-    s3_hash = over_s3.pop("hash")
-    assert over_s3 == {
-        "interfaces": ["lo"],  # nothing but loopback: Ray cannot reach or advertise eth0
-        "alive_nodes": 3,
-        "task_nodes": 2,  # the head has no CPUs: tasks run on the two workers
-        "workers_have_credentials": True,
-        "args": ["x"],
-        "same_rows": True,  # Ray over S3 built the local engine's table
-        "secret_in_metadata": False,
-        "secret_in_ray_logs": [],
-    }
-    # One worker node over the local disk: every kind the engine builds.
+def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_path: Path) -> None:
+    # One worker node over the local disk: every kind the engine builds. Two workers over S3:
+    # tests/test_ray_engine_s3.py (another file, so that make test runs the two clusters on its
+    # two cores at once); both equal the local engine's table, hence each other.
     every = ["no_split_shuffled", "random_shuffled", "random_counts", "random_fixed_unshuffled"]
     root = tmp_path / "one"
     root.mkdir()
@@ -57,8 +42,6 @@ def test_local_engine_ray_on_one_worker_and_ray_on_two_over_s3_build_the_same_ta
         # The same rows: the same data version (downstream of a switch of engine stays fresh).
         assert one["versions"][f"ray/{name}"] == one["versions"][f"local/{name}"], name
         assert one["view_ok"][name], f"{name}: a view over the Ray-built table read other rows"
-    # The same base rows and spec on two workers (over S3) and on one (over the disk).
-    assert one["hashes"]["ray/random_shuffled"] == s3_hash
     # Different specs gave different tables (the hashes are not all of one empty table).
     assert len({one["hashes"][f"ray/{name}"] for name in every}) == len(every)
 
