@@ -682,6 +682,12 @@ def group_kfold(groups: npt.ArrayLike, k: int, seed: int = 0, shuffle: bool = Tr
         ValueError: ``k < 2``, fewer groups than ``k``, null groups, or a bad seed.
     """
     codes, _, sizes = _factorize(groups, "groups", "group")
+    return group_folds_of_sizes(sizes, k, seed, shuffle).astype(np.uint64)[codes]
+
+
+def group_folds_of_sizes(sizes: np.ndarray, k: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The fold of each group (int64) of `group_kfold`, from the groups' row counts alone, in
+    ascending group-key order: the out-of-core engine counts groups and calls this too."""
     k = _check_k(k, sizes.size, what="distinct groups")
     num = sizes.size
     rng = _check_seed(seed) if shuffle else None
@@ -691,9 +697,9 @@ def group_kfold(groups: npt.ArrayLike, k: int, seed: int = 0, shuffle: bool = Tr
     rounds, within = position // k, position % k
     snake = np.where(rounds % 2 == 0, within, k - 1 - within)
     fold_names = rng.permutation(k) if rng is not None else np.arange(k)
-    group_fold = np.empty(num, dtype=np.uint64)
+    group_fold = np.empty(num, dtype=np.int64)
     group_fold[by_size] = fold_names[snake]
-    return group_fold[codes]
+    return group_fold
 
 
 @dataclass(frozen=True)

@@ -598,23 +598,6 @@ def stratified_group_splits(
     return out
 
 
-def group_kfolds(sizes: np.ndarray, k: int, seed: int, shuffle: bool) -> np.ndarray:
-    """Fold of each group of `assign.group_kfold` from the group sizes alone (ascending key
-    order): for integer keys the very folds `assign.group_kfold` gives."""
-    k = assign._check_k(k, sizes.size, what="distinct groups")
-    num = sizes.size
-    rng = assign._check_seed(seed) if shuffle else None
-    ties = rng.random(num) if rng is not None else np.arange(num)
-    by_size = np.lexsort((ties, -sizes))
-    position = np.arange(num)
-    rounds, within = position // k, position % k
-    snake = np.where(rounds % 2 == 0, within, k - 1 - within)
-    names = rng.permutation(k) if rng is not None else np.arange(k)
-    out = np.empty(num, dtype=np.int64)
-    out[by_size] = names[snake]
-    return out
-
-
 _PAIR_SHIFT = np.int64(32)
 
 
@@ -1231,7 +1214,7 @@ def build_folds(
         shuffle = folds.shuffle
 
         def decide(sizes: np.ndarray, *pairs: object) -> np.ndarray:
-            return group_kfolds(sizes, k, seed, shuffle)
+            return assign.group_folds_of_sizes(sizes, k, seed, shuffle)
 
         assigner = _Group(folds.group, None, decide, k, **where_)
         job = _Job(spec.filter, None, k, _single(np.zeros(k)), None, shuffle_seed, assigner)
