@@ -233,31 +233,20 @@ def _streamed_permutation_checks(
     """
     assert isinstance(data.spec, PermutationSpec)
     spec, split = data.spec, data.spec.split
-    stored = db.open_table(table)
-    stored = db.open_table(table, version=stored.version)  # one version for scan and count
-    member = Membership.build(
-        base, table_batches(stored), len(spec.split_names()), spill_dir=db.spill_dir
+    covered = _streamed_cover(
+        db,
+        table,
+        base,
+        spec.filter,
+        len(spec.split_names()),
+        data.num_rows,
+        label=split.label if isinstance(split, StratifiedSplit) else None,
+        group=split.group if isinstance(split, GroupSplit) else None,
+        time=split.column if isinstance(split, TimeSplit) else None,
     )
-    if member is None:
+    if covered is None:
         return None
-    with member:
-        scan = scan_filtered(
-            member,
-            base,
-            spec.filter,
-            asset=table,
-            label=split.label if isinstance(split, StratifiedSplit) else None,
-            group=split.group if isinstance(split, GroupSplit) else None,
-            time=split.column if isinstance(split, TimeSplit) else None,
-        )
-    figures = cover_figures(member, scan)
-    persisted = stored.count_rows()
-    figures = {
-        **figures,
-        "persisted_version": stored.version,
-        "persisted_rows": persisted,
-        "passed": figures["passed"] and persisted == data.num_rows,
-    }
+    _, member, scan, figures = covered
     if drops:  # rows were left out on purpose: only duplicates and stray ids are errors
         figures["passed"] = (
             figures["duplicate_rows"] == 0
@@ -357,6 +346,38 @@ def run_folds_checks(
         )
 
 
+def _streamed_cover(
+    db: LanceDBResource,
+    table: str,
+    base: Table,
+    filter: str | None,
+    num_splits: int,
+    expected_rows: int,
+    *,
+    label: str | None = None,
+    group: str | None = None,
+    time: str | None = None,
+):
+    """The written ``table`` (pinned to one version for scan and count), its membership in
+    ``base``, the filtered scan and the disjoint-and-complete figures; None for stable row ids."""
+    stored = db.open_table(table)
+    stored = db.open_table(table, version=stored.version)  # one version for scan and count
+    member = Membership.build(base, table_batches(stored), num_splits, spill_dir=db.spill_dir)
+    if member is None:
+        return None
+    with member:
+        scan = scan_filtered(member, base, filter, asset=table, label=label, group=group, time=time)
+    figures = cover_figures(member, scan)
+    persisted = stored.count_rows()
+    figures = {
+        **figures,
+        "persisted_version": stored.version,
+        "persisted_rows": persisted,
+        "passed": figures["passed"] and persisted == expected_rows,
+    }
+    return stored, member, scan, figures
+
+
 def _streamed_folds_checks(
     db: LanceDBResource, table: str, data: FoldsData, base: Table, checks: list[Check]
 ) -> list[dg.AssetCheckResult] | None:
@@ -365,28 +386,19 @@ def _streamed_folds_checks(
     spec = cast(FoldsSpec, data.validation.spec)
     folds = spec.folds
     k = folds.k
-    stored = db.open_table(table)
-    stored = db.open_table(table, version=stored.version)  # one version for scan and count
-    member = Membership.build(base, table_batches(stored), k, spill_dir=db.spill_dir)
-    if member is None:
+    covered = _streamed_cover(
+        db,
+        table,
+        base,
+        spec.filter,
+        k,
+        data.validation.num_rows,
+        label=folds.label if isinstance(folds, StratifiedKFold) else None,
+        group=folds.group if isinstance(folds, GroupKFold) else None,
+    )
+    if covered is None:
         return None
-    with member:
-        scan = scan_filtered(
-            member,
-            base,
-            spec.filter,
-            asset=table,
-            label=folds.label if isinstance(folds, StratifiedKFold) else None,
-            group=folds.group if isinstance(folds, GroupKFold) else None,
-        )
-    figures = cover_figures(member, scan)
-    persisted = stored.count_rows()
-    figures = {
-        **figures,
-        "persisted_version": stored.version,
-        "persisted_rows": persisted,
-        "passed": figures["passed"] and persisted == data.validation.num_rows,
-    }
+    stored, member, scan, figures = covered
     results = [_result(Check.DISJOINT_COMPLETE, figures)]
     train, ranges = _persisted_training(db, table, stored.version)
     sizes = member.split_rows
