@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -500,6 +501,56 @@ def test_a_live_builds_spill_folder_is_not_reclaimed(tmp_path: Path) -> None:
         with Spill(str(tmp_path)):  # a second build on the same machine meanwhile
             assert running.path.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+_RECLAIM = "import sys; from pathlib import Path; from perm_assets.engines.local import reclaim; "
+_RECLAIM += "print(reclaim(Path(sys.argv[1])))"
+
+
+def _reclaim_in_another_pid_namespace(root: Path) -> subprocess.CompletedProcess[str]:
+    """`reclaim(root)` run by a process in a new PID namespace (same host name, other pids);
+    needs root or user namespaces, as CI has."""
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _RECLAIM]
+    return subprocess.run(
+        [*command, str(root)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_live_builds_spill_folder_survives_a_build_in_another_pid_namespace(
+    tmp_path: Path,
+) -> None:
+    """A container or sandbox sharing the spill folder (same host name, its own pids) used to
+    take the live build for dead, its pid being invisible there, and remove its bucket files
+    mid-build (a 100M-row build then wrote other rows; its blocking check failed)."""
+    with Spill(str(tmp_path)) as running:
+        assert running.path is not None
+        running.append("bucket", np.arange(10, dtype=np.uint64))
+        other = _reclaim_in_another_pid_namespace(tmp_path)
+        assert other.returncode == 0, other.stderr
+        assert other.stdout.split() == ["0"], other.stdout
+        assert np.array_equal(running.read("bucket", np.uint64), np.arange(10, dtype=np.uint64))
+    # Once the build has ended, a build in that namespace does reclaim what a SIGKILL left.
+    left = tmp_path / (SPILL_PREFIX + "killed")
+    left.mkdir()
+    (left / "owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": 1}))
+    again = _reclaim_in_another_pid_namespace(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == ["1"] and list(tmp_path.iterdir()) == []
+
+
+def test_a_spill_folder_removed_under_a_build_fails_it_instead_of_reading_empty_buckets(
+    tmp_path: Path,
+) -> None:
+    with Spill(str(tmp_path)) as spill, pytest.raises(RuntimeError, match="was removed during"):
+        assert spill.path is not None
+        spill.append("bucket", np.arange(10, dtype=np.uint64))
+        shutil.rmtree(spill.path)
+        spill.read("bucket", np.uint64)
 
 
 def test_a_spill_folder_without_room_is_named_with_the_space_needed(tmp_path: Path) -> None:

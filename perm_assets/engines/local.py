@@ -35,12 +35,13 @@ table version, spec and seed the table is the same row for row, whatever the buc
 sizes. Without a shuffle a split is stored in row-id order (table order for a table that was
 never compacted). Spill files live in a per-run directory under ``spill_dir`` (default: the
 system temporary directory), removed when the build ends; a directory left by a killed run is
-removed by the next run on the machine once its process is gone.
+removed by the next run on the machine (a running build holds a lock on it, see `Spill`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import lancedb
 import numpy as np
@@ -265,8 +266,12 @@ def _groups(index: np.ndarray, count: int) -> Iterator[tuple[int, np.ndarray]]:
 class Spill:
     """A per-run spill directory under ``root``, removed on exit (whatever happens).
 
-    The directory records its host and process id; entering a new one first removes those of
-    runs on this host whose process is gone (a SIGKILL leaves no chance to clean up).
+    The build holds an exclusive ``flock`` on the directory's owner file for as long as it
+    runs; the kernel drops it when the process ends, SIGKILL included. Entering a new spill
+    first removes the directories of this host whose lock is free (a SIGKILL leaves no chance
+    to clean up). A lock, not a process id: a build in another PID namespace (a container, a
+    ``unshare --pid`` sandbox) sharing this folder sees other pids or none, and once removed a
+    live build's bucket files under it (a missing bucket file reads as an empty bucket).
     """
 
     def __init__(self, root: str | None) -> None:
@@ -274,23 +279,42 @@ class Spill:
         self.path: Path | None = None
         self.bytes_written = 0
         self.needed = 0
+        self._owner: IO[str] | None = None
 
     def __enter__(self) -> Spill:
         self.root.mkdir(parents=True, exist_ok=True)
         reclaim(self.root)
         self.path = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.root))
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        (self.path / _OWNER_FILE).write_text(json.dumps(owner))
+        # Locked before anything is written to it: `reclaim` skips an owner file it cannot
+        # parse, so it can never see a complete owner file whose lock is not yet held.
+        owner = open(self.path / _OWNER_FILE, "w")  # held, so locked, until __exit__
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        owner.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        owner.flush()
+        self._owner = owner
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
+        if self._owner is not None:
+            self._owner.close()  # releases the lock, after the folder is gone
+            self._owner = None
 
     def _file(self, name: str) -> Path:
         assert self.path is not None, "spill used outside its with-block"
         return self.path / name
+
+    def _intact(self) -> None:
+        """RuntimeError when this build's folder was removed under it: its bucket files would
+        otherwise read as empty buckets, and the build would write other rows."""
+        assert self.path is not None, "spill used outside its with-block"
+        if not (self.path / _OWNER_FILE).exists():
+            raise RuntimeError(
+                f"local engine: spill folder '{self.path}' was removed during the build (by "
+                "another process sharing this spill_dir?); nothing was written; re-run"
+            )
 
     def require_space(self, needed: int) -> None:
         """SpecError naming the directory when it lacks ``needed`` bytes."""
@@ -321,12 +345,14 @@ class Spill:
     def read(self, name: str, dtype: type[np.generic]) -> np.ndarray:
         path = self._file(name)
         if not path.exists():
+            self._intact()
             return np.zeros(0, dtype=dtype)
         return np.fromfile(path, dtype=dtype)
 
     def chunks(self, name: str, dtype: type[np.generic], rows: int) -> Iterator[np.ndarray]:
         path = self._file(name)
         if not path.exists():
+            self._intact()
             return
         with open(path, "rb") as source:
             while True:
@@ -340,15 +366,25 @@ class Spill:
 
 
 def reclaim(root: Path) -> int:
-    """Remove spill directories under ``root`` left by dead processes of this host; their
-    count. A live process's directory (a concurrent build) is left alone."""
+    """Remove spill directories under ``root`` left by ended builds of this host (their owner
+    file's lock is free); their count. A running build's directory is left alone, whichever
+    process or PID namespace it runs in; another host's too (its lock may not reach here)."""
     removed = 0
     host = socket.gethostname()
     for entry in root.glob(SPILL_PREFIX + "*"):
         if not entry.is_dir():
             continue
         try:
-            owner = json.loads((entry / _OWNER_FILE).read_text())
+            with open(entry / _OWNER_FILE) as owner_file:
+                owner = json.loads(owner_file.read())
+                if owner.get("host") != host:
+                    continue
+                try:
+                    fcntl.flock(owner_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its build is running
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
         except FileNotFoundError:
             try:
                 stale = time.time() - entry.stat().st_mtime > _ORPHAN_SECONDS
@@ -357,30 +393,13 @@ def reclaim(root: Path) -> int:
             if stale:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
-            continue
         except (OSError, ValueError):
-            continue
-        if owner.get("host") != host or _alive(int(owner.get("pid", 0))):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed += 1
+            continue  # unreadable, or an owner file being written (its lock is held)
     if removed:
         log.warning(
             "local engine: removed %d spill folder(s) of killed builds in %s", removed, root
         )
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------ the plan
