@@ -4,9 +4,11 @@ re-created tables never hit old entries, damaged entries refetched, least recent
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,46 @@ def test_a_damaged_entry_is_fetched_again(
         column.write_bytes(bytes(data))
     cache_module._VERIFIED.clear()  # a new process: it verifies entries once
     again = cache.open(table, ["x"], pin=None, what="view")
+    ids = _all_ids(table)
+    assert np.array_equal(
+        again.take(ids, {"x": "x"}).column("x").to_numpy(),
+        _take(table, ids, ["x"]).column("x").to_numpy(),
+    )
+
+
+def test_a_node_checksums_an_entry_once_until_one_of_its_files_changes(
+    table: lancedb.table.Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every DDP rank and DataLoader worker opens the entry; only the first process on the
+    node (per boot) reads it whole to verify it, unless a file changed since."""
+    cache = ColumnCache(tmp_path / "cache", 1 << 30)
+    entry = cache.open(table, ["x"], pin=None, what="view")
+    files = [entry.folder / name for name in entry.manifest["files"]]
+    fetched_long_ago = time.time_ns() - 60 * 10**9  # markers vouch only for settled files
+    for path in files:
+        os.utime(path, ns=(fetched_long_ago, fetched_long_ago))
+    checksummed: list[Path] = []
+    checksum = cache_module._checksum
+    monkeypatch.setattr(
+        cache_module, "_checksum", lambda path: checksummed.append(path) or checksum(path)
+    )
+
+    cache_module._VERIFIED.clear()  # a second process on the node: verifies, leaves a marker
+    cache.open(table, ["x"], pin=None, what="view")
+    assert sorted(checksummed) == sorted(files)
+    assert (entry.folder / "verified.json").exists()
+    checksummed.clear()
+    cache_module._VERIFIED.clear()  # a third: trusts the marker
+    cache.open(table, ["x"], pin=None, what="view")
+    assert checksummed == []
+
+    column = entry.folder / entry.manifest["fixed"]["x"]
+    data = bytearray(column.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    column.write_bytes(bytes(data))  # a write: a new mtime, so the marker no longer applies
+    cache_module._VERIFIED.clear()
+    again = cache.open(table, ["x"], pin=None, what="view")
+    assert column in checksummed  # the damage was looked for, found, and the entry refetched
     ids = _all_ids(table)
     assert np.array_equal(
         again.take(ids, {"x": "x"}).column("x").to_numpy(),
