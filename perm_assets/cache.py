@@ -65,7 +65,29 @@ _VERIFIED_FILE = "verified.json"
 """Per entry: the boot and the (size, mtime, inode) of each file whose checksums matched. A
 process finding it unchanged skips the checksums: a write to a file changes its mtime, and a
 reboot (after which a crash may have left damage on disk) changes the boot id."""
-_SETTLED_NS = 2_000_000_000
+_VOUCHED_AGE_NS = 10 * 1_000_000_000
+
+
+def _stats(stats: Mapping[str, os.stat_result]) -> dict[str, list[int]]:
+    return {name: [st.st_size, st.st_mtime_ns, st.st_ino] for name, st in stats.items()}
+
+
+def _vouch(folder: Path, names: list[str]) -> None:
+    """Write ``folder``'s `_VERIFIED_FILE` for files whose checksums just matched. Their mtimes
+    are first set 10 s into the past: any later write sets "now", which then differs, even
+    within the clock's coarseness (a few ms) of the verification."""
+    boot = _boot_id()
+    if not boot:
+        return
+    past = time.time_ns() - _VOUCHED_AGE_NS
+    marker = folder / _VERIFIED_FILE
+    staged = marker.with_name(f"{marker.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(OSError):  # a read-only cache: every process verifies
+        for name in names:
+            os.utime(folder / name, ns=(past, past))
+        stats = {name: (folder / name).stat() for name in names}
+        staged.write_text(json.dumps({"boot": boot, "files": _stats(stats)}))
+        os.replace(staged, marker)  # atomic: a reader sees a whole marker or none
 
 
 def _boot_id() -> str:
@@ -282,25 +304,15 @@ class ColumnCache:
         # Every DDP rank and DataLoader worker opens the entry: re-checksumming it in each
         # (~1.5 GB/s: 2-3 s per process for two columns of 100M rows) made a cached view's first
         # batch slower than an uncached one's.
-        seen = {name: [st.st_size, st.st_mtime_ns, st.st_ino] for name, st in stats.items()}
-        marker = plan.folder / _VERIFIED_FILE
         with contextlib.suppress(OSError, ValueError):
-            if json.loads(marker.read_text()) == {"boot": _boot_id(), "files": seen}:
+            marker = json.loads((plan.folder / _VERIFIED_FILE).read_text())
+            if _boot_id() and marker == {"boot": _boot_id(), "files": _stats(stats)}:
                 with _VERIFIED_LOCK:
                     _VERIFIED.add(str(plan.folder))
                 return True
         if any(_checksum(plan.folder / name) != checksum for name, checksum in files.items()):
             return False
-        with _VERIFIED_LOCK:
-            _VERIFIED.add(str(plan.folder))
-        newest = max((st.st_mtime_ns for st in stats.values()), default=0)
-        # Only files older than the clock's coarseness: a write right after the fetch could
-        # leave the same mtime, and the marker would vouch for changed bytes.
-        if _boot_id() and time.time_ns() - newest > _SETTLED_NS:
-            staged = marker.with_name(f"{marker.name}.tmp-{os.getpid()}")
-            with contextlib.suppress(OSError):
-                staged.write_text(json.dumps({"boot": _boot_id(), "files": seen}))
-                os.replace(staged, marker)  # atomic: a reader sees a whole marker or none
+        _vouch(plan.folder, list(files))
         return True
 
     def _fetch(self, table: Table, columns: list[str], plan: _Plan, *, what: str) -> None:
@@ -385,6 +397,11 @@ class ColumnCache:
             }
             (staging / "manifest.json").write_text(json.dumps(manifest))
             os.replace(staging, plan.folder)  # atomic: readers see all of it or nothing
+            # The checksums above read back the files just written: this process and the
+            # node's others need not read them again.
+            _vouch(plan.folder, files)
+            with _VERIFIED_LOCK:
+                _VERIFIED.add(str(plan.folder))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
