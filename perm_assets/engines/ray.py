@@ -56,14 +56,16 @@ from perm_assets.build import (
 from perm_assets.engines import local
 from perm_assets.engines.local import _DOMAIN_ORDER, order_key
 from perm_assets.errors import SpecError
-from perm_assets.specs import PermutationSpec, RandomSplit
+from perm_assets.folds import FOLDS_KIND, TRAIN_KIND, TRAIN_SPLIT, FoldsData, _of_kind
+from perm_assets.specs import FoldsSpec, KFold, PermutationSpec, RandomSplit
 from perm_assets.tables import where
 
 ALGORITHM = local.ALGORITHM
 """The local engine's: the same rows for the same (base version, spec, seed)."""
 
 SUPPORTED = (
-    "no split, RandomSplit (ratios, counts or fixed; no clump_size); Shuffle without clump_size"
+    "no split, RandomSplit (ratios, counts or fixed; no clump_size), KFold; Shuffle without "
+    "clump_size"
 )
 INSTALL = "pip install 'perm-assets[ray]'"
 
@@ -76,11 +78,13 @@ _CONNECT_SECONDS = 5.0
 _STREAM_BATCH_ROWS = 1 << 20
 
 
-def unsupported(spec: PermutationSpec) -> str | None:
+def unsupported(spec: PermutationSpec | FoldsSpec) -> str | None:
     """What of ``spec`` this engine cannot build yet (None: all of it)."""
     shuffle = spec.shuffle
     if shuffle is not None and shuffle.clump_size not in (None, 1):
         return "Shuffle(clump_size=...)"
+    if isinstance(spec, FoldsSpec):
+        return None if isinstance(spec.folds, KFold) else type(spec.folds).__name__
     split = spec.split
     if split is None:
         return None
@@ -154,9 +158,12 @@ def _public_options(options: dict[str, str]) -> dict[str, str] | None:
 # the cluster's nodes.
 
 
-def _assignment_keys(batch: pa.Table, *, seed: int) -> pa.Table:
+def _assignment_keys(batch: pa.Table, *, seed: int | None) -> pa.Table:
+    """Each row's assignment key: ``order_key(row_id, seed)``, or without a seed the row id
+    itself (rank by row id: unshuffled k-fold, the local engine's scan position)."""
     row_ids = batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
-    return pa.table({"row_id": row_ids, "akey": order_key(row_ids, seed)})
+    keys = row_ids if seed is None else order_key(row_ids, seed)
+    return pa.table({"row_id": row_ids, "akey": keys})
 
 
 def _place(
@@ -185,62 +192,68 @@ def _row_ids(batch: pa.Table) -> pa.Table:
 _SCHEMA = local._SCHEMA
 
 
-def _keys_at_ranks(ray: Any, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
-    """The ``akey`` at each global rank of a materialized dataset sorted by it: block sizes
-    from the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` / ``slices``; Ray Data
-    has no public "row at position"), then only the blocks holding those ranks are fetched."""
-    found: list[int] = []
-    pending = sorted(ranks)
-    start = 0
-    for bundle in sorted_ds.iter_internal_ref_bundles():
+def _blocks(ray: Any, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.Table]]:
+    """``(global row of its first row, rows)`` of each block piece of the materialized ``ds``
+    overlapping rows ``[start, stop)``, in order, trimmed to that range. Block sizes come from
+    the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` / ``slices``; Ray Data has
+    no public "rows at positions"), so only the blocks in range are fetched, one at a time."""
+    at = 0
+    for bundle in ds.iter_internal_ref_bundles():
         slices = bundle.slices or (None,) * len(bundle.blocks)
         for entry, part in zip(bundle.blocks, slices, strict=True):
             first = 0 if part is None else part.start_offset
             rows = int(entry.metadata.num_rows or 0) if part is None else part.num_rows
-            here = [r for r in pending if r < start + rows]  # a loop over boundaries only
-            if here:
-                keys = ray.get(entry.ref).column("akey").to_numpy()
-                found += [int(keys[first + r - start]) for r in here]
-                pending = pending[len(here) :]
-            start += rows
-        if not pending:
-            break
-    if pending:
-        raise RuntimeError(f"engine 'ray': ranks {pending} past the {start} sorted rows")
+            lo, hi = max(start, at), min(stop, at + rows)
+            if lo < hi:
+                block = ray.get(entry.ref)
+                yield lo, block.slice(first + lo - at, hi - lo)
+            at += rows
+            if at >= stop:
+                return
+
+
+def _keys_at_ranks(ray: Any, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
+    """The ``akey`` at each global rank of a materialized dataset sorted by it."""
+    found = []
+    for rank in ranks:  # a loop over split boundaries, not rows
+        for _, rows in _blocks(ray, sorted_ds, rank, rank + 1):
+            found.append(rows.column("akey")[0].as_py())
+    if len(found) != len(ranks):
+        raise RuntimeError(f"engine 'ray': ranks {ranks} past the sorted rows")
     return np.array(found, dtype=np.uint64)
 
 
-def build_permutation(
-    table: Table,
-    spec: PermutationSpec,
-    *,
-    asset: str,
-    address: str | None,
-    storage_options: dict[str, str],
-) -> PermutationData:
-    """The permutation of ``spec`` over ``table`` (at its checked-out version) on the Ray
-    cluster at ``address``, streamed: each call of ``stream`` yields it in read order. Seeds
-    must be resolved."""
-    missing = unsupported(spec)
-    if missing is not None:
-        _refuse(missing, asset=asset)
-    ray = connect(address)
-    import lance_ray
+def _batches(
+    ray: Any, ordered: Any, start: int, stop: int, *, split_id: int | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Rows ``[start, stop)`` of the materialized ``ordered`` dataset as permutation batches of
+    at most ``_STREAM_BATCH_ROWS``; ``split_id`` set: every row gets that split."""
+    for _, rows in _blocks(ray, ordered, start, stop):
+        for batch in rows.cast(_SCHEMA).to_batches(max_chunksize=_STREAM_BATCH_ROWS):
+            if split_id is not None:
+                ids = pa.array(np.full(batch.num_rows, split_id, dtype=np.uint64))
+                batch = batch.set_column(1, _SCHEMA.field("split_id"), ids)
+            yield batch
 
-    n = _count_filtered(table, spec.filter, asset=asset)
-    if n == 0:
-        raise SpecError(
-            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
-            f"(version {table.version}); loosen the filter"
-        )
-    _check_key_columns(table, spec, expected=n, asset=asset)
-    names = spec.split_names()
-    split = spec.split
-    assert split is None or isinstance(split, RandomSplit)  # unsupported() refused the rest
-    sizes = np.array([n]) if split is None else split_sizes(split, n, asset=asset)
-    local._check_sizes(names, sizes, asset=asset)
-    _check_coverage(spec, kept=int(sizes.sum()), expected=n, asset=asset)
-    shuffle_seed = local._shuffle_seed(spec.shuffle)
+
+def _ordered(
+    ray: Any,
+    table: Table,
+    *,
+    filter: str | None,
+    n: int,
+    sizes: np.ndarray,
+    rank_seed: int | None,
+    shuffle_seed: int | None,
+    storage_options: dict[str, str],
+    asset: str,
+) -> Any:
+    """The materialized dataset of ``(row_id, split_id)`` in read order: the ``n`` filtered
+    rows ranked by their assignment key (``order_key(row_id, rank_seed)``, or the row id
+    without a seed), split ``s`` the ranks ``[ends[s-1], ends[s])`` of the cumulative
+    ``sizes`` (ranks past the last end are left out), each split ordered by its read key.
+    The local engine's rank intervals (`local._run`), as a distributed sort."""
+    import lance_ray
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # blocks of a sort, in key order
@@ -249,20 +262,20 @@ def build_permutation(
     rows: Any = lance_ray.read_lance(
         cast(Any, table).uri,
         columns=[],
-        filter=where(spec.filter),
+        filter=where(filter),
         with_metadata=True,
         storage_options=_public_options(storage_options),
         dataset_options={"version": table.version},
     )
     boundaries = np.zeros(0, dtype=np.uint64)
     keyed: Any
-    if split is None:
+    if sizes.size == 1 and int(sizes[0]) == n:
+        # One split holding every row: every rank is in it, so nothing needs ranking.
         keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
     else:
-        assert split.seed is not None  # seeds are resolved before building
         keyed = (
             rows.map_batches(
-                _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": split.seed}
+                _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": rank_seed}
             )
             .sort("akey")
             .materialize()
@@ -280,7 +293,7 @@ def build_permutation(
             batch_format="pyarrow",
             fn_kwargs={
                 "boundaries": boundaries,
-                "splits": len(names),
+                "splits": int(sizes.size),
                 "shuffle_seed": shuffle_seed,
             },
         )
@@ -294,11 +307,54 @@ def build_permutation(
             f"asset '{asset}': engine 'ray' placed {kept} rows, planned {int(sizes.sum())} "
             f"(table '{table.name}' changed during the build?); re-run"
         )
+    return ordered
 
-    def stream() -> Iterator[pa.RecordBatch]:
-        for batch in ordered.iter_batches(batch_size=_STREAM_BATCH_ROWS, batch_format="pyarrow"):
-            yield from batch.cast(_SCHEMA).to_batches()
 
+def _filtered_rows(table: Table, spec: PermutationSpec | FoldsSpec, *, asset: str) -> int:
+    n = _count_filtered(table, spec.filter, asset=asset)
+    if n == 0:
+        raise SpecError(
+            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
+            f"(version {table.version}); loosen the filter"
+        )
+    return n
+
+
+def build_permutation(
+    table: Table,
+    spec: PermutationSpec,
+    *,
+    asset: str,
+    address: str | None,
+    storage_options: dict[str, str],
+) -> PermutationData:
+    """The permutation of ``spec`` over ``table`` (at its checked-out version) on the Ray
+    cluster at ``address``, streamed: each call of ``stream`` yields it in read order. Seeds
+    must be resolved."""
+    missing = unsupported(spec)
+    if missing is not None:
+        _refuse(missing, asset=asset)
+    ray = connect(address)
+    n = _filtered_rows(table, spec, asset=asset)
+    _check_key_columns(table, spec, expected=n, asset=asset)
+    names = spec.split_names()
+    split = spec.split
+    assert split is None or isinstance(split, RandomSplit)  # unsupported() refused the rest
+    sizes = np.array([n]) if split is None else split_sizes(split, n, asset=asset)
+    local._check_sizes(names, sizes, asset=asset)
+    _check_coverage(spec, kept=int(sizes.sum()), expected=n, asset=asset)
+    ordered = _ordered(
+        ray,
+        table,
+        filter=spec.filter,
+        n=n,
+        sizes=sizes,
+        rank_seed=None if split is None else split.seed,
+        shuffle_seed=local._shuffle_seed(spec.shuffle),
+        storage_options=storage_options,
+        asset=asset,
+    )
+    kept = int(sizes.sum())
     return PermutationData(
         data=local._schema_only(
             base_version=table.version, base_table=table.name, names=names, spec=spec
@@ -309,6 +365,76 @@ def build_permutation(
         split_rows=tuple(int(r) for r in sizes),
         spec=spec,
         filtered_rows=n,
-        stream=stream,
+        stream=lambda: _batches(ray, ordered, 0, kept),
         algorithm=ALGORITHM,
+    )
+
+
+def build_folds(
+    table: Table,
+    spec: FoldsSpec,
+    *,
+    asset: str,
+    address: str | None,
+    storage_options: dict[str, str],
+) -> FoldsData:
+    """`KFold` folds of ``table`` on the Ray cluster at ``address``: the local engine's
+    (`local.build_folds`) row for row. Fold sizes ``n // k`` (+1 for the first ``n % k``)
+    are rank intervals of ``order_key(row_id, seed)``, or of the row id without
+    ``shuffle``, as a random split with counts; both tables are streamed from one sorted
+    dataset (the training table is its folds rotated, see `perm_assets.folds`)."""
+    missing = unsupported(spec)
+    if missing is not None:
+        _refuse(missing, asset=asset)
+    folds = spec.folds
+    assert isinstance(folds, KFold)  # unsupported() refused the rest
+    ray = connect(address)
+    k = folds.k
+    n = _filtered_rows(table, spec, asset=asset)
+    if k > n:
+        raise SpecError(
+            f"asset '{asset}', table '{table.name}': k={k} folds need at least {k} rows; the "
+            f"filter selects {n}"
+        )
+    sizes = np.full(k, n // k, dtype=np.int64)
+    sizes[: n % k] += 1
+    seed = folds.seed if folds.seed is not None else 0  # as local.build_folds
+    ordered = _ordered(
+        ray,
+        table,
+        filter=spec.filter,
+        n=n,
+        sizes=sizes,
+        rank_seed=seed if folds.shuffle else None,
+        shuffle_seed=local._shuffle_seed(spec.shuffle),
+        storage_options=storage_options,
+        asset=asset,
+    )
+    first, last = int(sizes[0]), int(sizes[-1])
+    ranges = tuple((int(sizes[: i + 1].sum()) - first, n - int(sizes[i])) for i in range(k))
+
+    def train() -> Iterator[pa.RecordBatch]:
+        # The folds rotated: folds 1..k-1 (rows from the end of fold 0), then 0..k-2.
+        yield from _batches(ray, ordered, first, n, split_id=0)
+        yield from _batches(ray, ordered, 0, n - last, split_id=0)
+
+    names = spec.split_names()
+    meta = {"base_version": table.version, "base_table": table.name, "spec": spec}
+    return FoldsData(
+        validation=PermutationData(
+            data=_of_kind(local._schema_only(names=names, **meta), FOLDS_KIND),
+            base_table=table.name,
+            base_version=table.version,
+            split_names=tuple(names),
+            split_rows=tuple(int(r) for r in sizes),
+            spec=spec,
+            filtered_rows=n,
+            stream=lambda: _batches(ray, ordered, 0, n),
+            algorithm=ALGORITHM,
+        ),
+        train=_of_kind(local._schema_only(names=[TRAIN_SPLIT], **meta), TRAIN_KIND),
+        train_ranges=ranges,
+        small_classes={},
+        train_stream=train,
+        train_total=2 * n - first - last,
     )
