@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 
 def trivial() -> dict[str, Any]:
@@ -303,7 +303,7 @@ def _worker_killed_mid_build(bucket: str, options: dict[str, str], previous: str
         "split": RandomSplit(ratios=[0.8, 0.1, 0.1], seed=8, split_names=["a", "b", "c"]),
     }
 
-    def materialize(engine: str) -> dg.ExecuteInProcessResult:
+    def materialize(engine: Literal["local", "ray"]) -> dg.ExecuteInProcessResult:
         db = LanceDBResource(uri=f"s3://{bucket}/{engine}", engine=engine, storage_options=options)
 
         @dg.asset(name="base")
@@ -341,13 +341,14 @@ def _worker_killed_mid_build(bucket: str, options: dict[str, str], previous: str
     report["alive_at_start"] = report.get("node") in alive
     report["dead_before_end"] = began < report.get("dead_at", ended + 1) < ended
     report["seconds"] = round(ended - began, 1)
+    report["killed_after"] = round(report.get("dead_at", ended) - began, 1)
     report["killed_run"] = {"success": result.success, **state()}
     if not result.success:
         failure = result.failure_data_for_node("perm")
         report["killed_run"]["error"] = str(
             failure.error.to_string() if failure and failure.error else ""
         )[-2000:]
-    deadline = time.monotonic() + 30.0
+    deadline, dead = time.monotonic() + 30.0, []
     while time.monotonic() < deadline:
         dead = [n for n in ray.nodes() if n["NodeID"] == report.get("node") and not n["Alive"]]
         if dead:

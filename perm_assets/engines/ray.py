@@ -12,14 +12,29 @@ So the data version's algorithm identity is the local engine's (`ALGORITHM`).
    are exactly the ``row_id`` values lancedb's ``Permutation`` expects of a table without
    stable row ids (what ``with_row_id(True)`` returns and the local engine stores; a view over
    a Ray-built table reads the expected base rows: tests/test_ray_engine.py).
-2. **Assign** (random splits): each row gets ``order_key(row_id, split seed)``; Ray Data sorts
-   the keys (a distributed, range-partitioned sort). The split of a row of rank ``r`` is the
+2. **Assign** (random splits, k-fold): each row gets an assignment key,
+   ``order_key(row_id, split seed)``, or for ``KFold(shuffle=False)`` the row id itself (the
+   local engine ranks those rows by scan position, which is row-id order); Ray Data sorts the
+   keys (a distributed, range-partitioned sort). With one split keeping every row, nothing is
+   ranked. The split of a row of rank ``r`` is the
    interval of cumulative split sizes ``r`` falls in, so a split boundary is the key at rank
    ``ends[s]``: the driver reads those few keys from the sorted blocks' metadata and one block
    each, and every task places its rows with ``searchsorted`` against them.
 3. **Order**: rows are sorted by ``(split_id, order_key(row_id, shuffle seed))`` (or by row id
    without a shuffle, as the local engine stores an unshuffled split) and streamed, in order,
    into the permutation table by the IO manager's single commit.
+
+``KFold`` is a random split with counts ``n // k`` (+1 for the first ``n % k`` folds), as in
+the local engine; its training table is the sorted dataset's folds rotated (folds 1..k-1, then
+0..k-2; see `perm_assets.folds`), streamed from the same materialized blocks, which are fetched
+by position so only the blocks of each range are read. Stratified and group k-fold are not
+built here yet (refused, naming the engines that build them).
+
+A worker node that dies mid-build loses its running tasks and the blocks in its object store;
+Ray Data retries the tasks and Ray rebuilds lost blocks from their lineage on the surviving
+nodes, so the build finishes with the same rows (tests/test_ray_engine_s3.py kills a node
+with SIGKILL). Whatever fails, nothing is committed before the whole permutation has been
+streamed, so the previous version stays the latest.
 
 Driver memory does not grow with the row count: it holds the row count, the split sizes, one
 key per boundary and one streamed batch at a time (the row ids do pass through the driver,
@@ -40,6 +55,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import numpy as np
@@ -192,6 +208,22 @@ def _row_ids(batch: pa.Table) -> pa.Table:
 _SCHEMA = local._SCHEMA
 
 
+@contextmanager
+def _on_cluster(ray: Any, *, asset: str) -> Iterator[None]:
+    """Ray's errors (a lost object whose lineage cannot be rebuilt, a task out of retries, a
+    lost connection) as one that names the asset and the engine and says what was kept: Ray's
+    own message names internal operators and object ids, not what to do."""
+    try:
+        yield
+    except ray.exceptions.RayError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RuntimeError(
+            f"asset '{asset}': engine 'ray': the build failed on the Ray cluster "
+            f"({type(exc).__name__}: {first}); no new permutation version was committed, the "
+            "previous one stays the latest; re-run when the cluster is healthy"
+        ) from exc
+
+
 def _blocks(ray: Any, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.Table]]:
     """``(global row of its first row, rows)`` of each block piece of the materialized ``ds``
     overlapping rows ``[start, stop)``, in order, trimmed to that range. Block sizes come from
@@ -224,16 +256,17 @@ def _keys_at_ranks(ray: Any, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
 
 
 def _batches(
-    ray: Any, ordered: Any, start: int, stop: int, *, split_id: int | None = None
+    ray: Any, ordered: Any, start: int, stop: int, *, asset: str, split_id: int | None = None
 ) -> Iterator[pa.RecordBatch]:
     """Rows ``[start, stop)`` of the materialized ``ordered`` dataset as permutation batches of
     at most ``_STREAM_BATCH_ROWS``; ``split_id`` set: every row gets that split."""
-    for _, rows in _blocks(ray, ordered, start, stop):
-        for batch in rows.cast(_SCHEMA).to_batches(max_chunksize=_STREAM_BATCH_ROWS):
-            if split_id is not None:
-                ids = pa.array(np.full(batch.num_rows, split_id, dtype=np.uint64))
-                batch = batch.set_column(1, _SCHEMA.field("split_id"), ids)
-            yield batch
+    with _on_cluster(ray, asset=asset):
+        for _, rows in _blocks(ray, ordered, start, stop):
+            for batch in rows.cast(_SCHEMA).to_batches(max_chunksize=_STREAM_BATCH_ROWS):
+                if split_id is not None:
+                    ids = pa.array(np.full(batch.num_rows, split_id, dtype=np.uint64))
+                    batch = batch.set_column(1, _SCHEMA.field("split_id"), ids)
+                yield batch
 
 
 def _ordered(
@@ -258,50 +291,51 @@ def _ordered(
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # blocks of a sort, in key order
     context.enable_progress_bars = False
-    # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
-    rows: Any = lance_ray.read_lance(
-        cast(Any, table).uri,
-        columns=[],
-        filter=where(filter),
-        with_metadata=True,
-        storage_options=_public_options(storage_options),
-        dataset_options={"version": table.version},
-    )
-    boundaries = np.zeros(0, dtype=np.uint64)
-    keyed: Any
-    if sizes.size == 1 and int(sizes[0]) == n:
-        # One split holding every row: every rank is in it, so nothing needs ranking.
-        keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
-    else:
-        keyed = (
-            rows.map_batches(
-                _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": rank_seed}
+    with _on_cluster(ray, asset=asset):
+        # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
+        rows: Any = lance_ray.read_lance(
+            cast(Any, table).uri,
+            columns=[],
+            filter=where(filter),
+            with_metadata=True,
+            storage_options=_public_options(storage_options),
+            dataset_options={"version": table.version},
+        )
+        boundaries = np.zeros(0, dtype=np.uint64)
+        keyed: Any
+        if sizes.size == 1 and int(sizes[0]) == n:
+            # One split holding every row: every rank is in it, so nothing needs ranking.
+            keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
+        else:
+            keyed = (
+                rows.map_batches(
+                    _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": rank_seed}
+                )
+                .sort("akey")
+                .materialize()
             )
-            .sort("akey")
+            if keyed.count() != n:
+                raise SpecError(
+                    f"asset '{asset}': table '{table.name}' read {keyed.count()} rows at version "
+                    f"{table.version}, {n} counted; re-run"
+                )
+            ends = np.cumsum(sizes)
+            boundaries = _keys_at_ranks(ray, keyed, [int(e) for e in ends if e < n])
+        ordered: Any = (
+            keyed.map_batches(
+                _place,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "boundaries": boundaries,
+                    "splits": int(sizes.size),
+                    "shuffle_seed": shuffle_seed,
+                },
+            )
+            .sort(["split_id", "rkey"])
+            .select_columns(["row_id", "split_id"])
             .materialize()
         )
-        if keyed.count() != n:
-            raise SpecError(
-                f"asset '{asset}': table '{table.name}' read {keyed.count()} rows at version "
-                f"{table.version}, {n} counted; re-run"
-            )
-        ends = np.cumsum(sizes)
-        boundaries = _keys_at_ranks(ray, keyed, [int(e) for e in ends if e < n])
-    ordered: Any = (
-        keyed.map_batches(
-            _place,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "boundaries": boundaries,
-                "splits": int(sizes.size),
-                "shuffle_seed": shuffle_seed,
-            },
-        )
-        .sort(["split_id", "rkey"])
-        .select_columns(["row_id", "split_id"])
-        .materialize()
-    )
-    kept = ordered.count()
+        kept = ordered.count()
     if kept != int(sizes.sum()):
         raise SpecError(
             f"asset '{asset}': engine 'ray' placed {kept} rows, planned {int(sizes.sum())} "
@@ -365,7 +399,7 @@ def build_permutation(
         split_rows=tuple(int(r) for r in sizes),
         spec=spec,
         filtered_rows=n,
-        stream=lambda: _batches(ray, ordered, 0, kept),
+        stream=lambda: _batches(ray, ordered, 0, kept, asset=asset),
         algorithm=ALGORITHM,
     )
 
@@ -415,8 +449,8 @@ def build_folds(
 
     def train() -> Iterator[pa.RecordBatch]:
         # The folds rotated: folds 1..k-1 (rows from the end of fold 0), then 0..k-2.
-        yield from _batches(ray, ordered, first, n, split_id=0)
-        yield from _batches(ray, ordered, 0, n - last, split_id=0)
+        yield from _batches(ray, ordered, first, n, asset=asset, split_id=0)
+        yield from _batches(ray, ordered, 0, n - last, asset=asset, split_id=0)
 
     names = spec.split_names()
     meta = {"base_version": table.version, "base_table": table.name, "spec": spec}
@@ -429,7 +463,7 @@ def build_folds(
             split_rows=tuple(int(r) for r in sizes),
             spec=spec,
             filtered_rows=n,
-            stream=lambda: _batches(ray, ordered, 0, n),
+            stream=lambda: _batches(ray, ordered, 0, n, asset=asset),
             algorithm=ALGORITHM,
         ),
         train=_of_kind(local._schema_only(names=[TRAIN_SPLIT], **meta), TRAIN_KIND),
