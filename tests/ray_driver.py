@@ -161,7 +161,56 @@ def build() -> dict[str, Any]:
                 got = read_arrow(view).column("id").to_numpy()
                 ok = ok and np.array_equal(got, expected[split_ids == index])
             out["view_ok"][name] = ok
+    if sys.argv[4:] == ["then-kill-the-worker"]:
+        out["no_worker"] = _no_worker_left(root, connect_ray)
     return out
+
+
+def _no_worker_left(root: str, address: str | None) -> dict[str, Any]:
+    """Every worker node dead (SIGKILLed, and Ray says so), then a Ray build: Ray would wait
+    for a CPU forever; the engine fails it after ``NO_CPU_SECONDS`` (3 s here)."""
+    import dagster as dg
+    import lancedb
+
+    from perm_assets import LanceDBIOManager, LanceDBResource, RandomSplit, permutation_asset
+    from perm_assets.engines import ray as ray_engine
+
+    ray = sys.modules["ray"]  # connected by the Ray builds above
+    workers = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    pids = [pid for node in workers for pid in _node_processes(node["RayletSocketName"])]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60.0
+    while ray.cluster_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    uri = f"{root}/ray"
+    before = lancedb.connect(uri).open_table("random_counts").list_versions()
+    ray_engine.NO_CPU_SECONDS = 3.0
+    db = LanceDBResource(uri=uri, engine="ray", ray_address=address)
+
+    @dg.asset(name="base")
+    def base() -> Any:
+        return _rows(N)
+
+    perm = permutation_asset("random_counts", source=base, split=RandomSplit(counts=[9, 9], seed=1))
+    began = time.monotonic()
+    result = dg.materialize(
+        [base, perm],
+        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        selection=[perm.key],
+        raise_on_error=False,
+    )
+    failure = result.failure_data_for_node("random_counts")
+    after = lancedb.connect(uri).open_table("random_counts").list_versions()
+    return {
+        "workers_killed": len(workers),
+        "processes": len(pids),
+        "cpus_left": ray.cluster_resources().get("CPU", 0),
+        "success": result.success,
+        "seconds": round(time.monotonic() - began, 1),
+        "error": failure.error.to_string()[-3000:] if failure and failure.error else "",
+        "versions_unchanged": [v["version"] for v in after] == [v["version"] for v in before],
+    }
 
 
 def s3() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from perm_assets import (
 from perm_assets.engines.ray import _public_options
 from perm_assets.factories import folds_asset
 from perm_assets.specs import StratifiedKFold
-from tests.ray_netns import run_on_ray
+from tests.ray_netns import FAST_NODE_DEATH, run_on_ray
 from tests.servers import free_port
 
 DRIVER = Path(__file__).with_name("ray_driver.py")
@@ -41,7 +41,19 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
     every = ["no_split_shuffled", "random_counts", "kfold_shuffled", "kfold_unshuffled"]
     root = tmp_path / "one"
     root.mkdir()
-    one = run_on_ray(DRIVER, "build", str(root), ",".join(every), workers=1).check().json()
+    one = (
+        run_on_ray(
+            DRIVER,
+            "build",
+            str(root),
+            ",".join(every),
+            "then-kill-the-worker",
+            workers=1,
+            env=FAST_NODE_DEATH,
+        )
+        .check()
+        .json()
+    )
     tables = [*every, "kfold_shuffled__train", "kfold_unshuffled__train"]
     for name in tables:
         assert one["hashes"][f"ray/{name}"] == one["hashes"][f"local/{name}"], name
@@ -51,6 +63,17 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         assert one["view_ok"][name], f"{name}: a view over the Ray-built table read other rows"
     # Different specs gave different tables (the hashes are not all of one empty table).
     assert len({one["hashes"][f"ray/{name}"] for name in tables}) == len(tables)
+    # Then the only worker node is SIGKILLed and a build starts: Ray alone would wait for a
+    # CPU forever; the engine fails it after NO_CPU_SECONDS (3 s in the driver), naming why,
+    # and commits nothing.
+    alone = one["no_worker"]
+    assert alone["workers_killed"] == 1 and alone["processes"] >= 2, alone
+    assert alone["cpus_left"] == 0, alone
+    assert not alone["success"]
+    assert "engine 'ray': the Ray cluster has had no CPU for" in alone["error"], alone["error"]
+    assert "the previous one stays the latest" in alone["error"]
+    assert alone["versions_unchanged"]
+    assert alone["seconds"] < 60, alone
 
 
 def _error(result: dg.ExecuteInProcessResult, node: str) -> str:

@@ -6,23 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.ray_netns import run_on_ray
+from tests.ray_netns import FAST_NODE_DEATH, run_on_ray
 
 DRIVER = Path(__file__).with_name("ray_driver.py")
-# Ray's GCS declares a node dead after health checks fail for ~period x threshold (Ray's
-# defaults: tens of seconds), and only then are its lost blocks rebuilt elsewhere: shorter here
-# so the killed-worker run costs seconds, with a timeout loose enough for 2 loaded cores.
-_FAST_NODE_DEATH = {
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_timeout_ms": "2000",
-    "RAY_health_check_failure_threshold": "3",
-}
 
 
 def test_ray_on_two_workers_over_s3_builds_the_local_engines_table_and_leaks_no_secret() -> None:
     # Two worker nodes over moto's S3 (inside the namespace), credentials only in the
     # environment: the harness's own checks, then a random split + shuffle by both engines.
-    over_s3 = run_on_ray(DRIVER, "s3", "x", workers=2, s3=True, env=_FAST_NODE_DEATH).check().json()
+    over_s3 = run_on_ray(DRIVER, "s3", "x", workers=2, s3=True, env=FAST_NODE_DEATH).check().json()
     killed = over_s3.pop("killed")
     assert over_s3.pop("ray_log_files") > 0  # the leak check below looked at real logs
     built = over_s3.pop("hash")
@@ -37,7 +29,6 @@ def test_ray_on_two_workers_over_s3_builds_the_local_engines_table_and_leaks_no_
         "secret_in_metadata": False,
         "secret_in_ray_logs": [],
     }
-    print(killed)
     _assert_a_killed_worker_lost_nothing(killed, previous_hash=built)
 
 

@@ -54,7 +54,9 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -92,6 +94,13 @@ log = logging.getLogger(__name__)
 _SECRET = re.compile(r"secret|key|token|password|credential|session", re.IGNORECASE)
 _CONNECT_SECONDS = 5.0
 _STREAM_BATCH_ROWS = 1 << 20
+# Ray Data retries a dead node's tasks without limit (max_retries=-1) and Ray waits for CPUs
+# without limit (an autoscaler may add nodes); Ray Data's own no-progress guard
+# (DataContext.execution_no_progress_timeout_s) is off for datasets with a sort. So with every
+# worker node dead a build would wait forever: it fails instead once the cluster has had no
+# CPU for this long (long enough for an autoscaler to start a node).
+NO_CPU_SECONDS = 600.0
+_POLL_SECONDS = 1.0
 
 
 def unsupported(spec: PermutationSpec | FoldsSpec) -> str | None:
@@ -224,7 +233,59 @@ def _on_cluster(ray: Any, *, asset: str) -> Iterator[None]:
         ) from exc
 
 
-def _blocks(ray: Any, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.Table]]:
+class _Watch:
+    """Fails a wait on the cluster once it has had no CPU for `NO_CPU_SECONDS` (see there)."""
+
+    def __init__(self, ray: Any, *, asset: str) -> None:
+        self.ray, self.asset = ray, asset
+        self.since: float | None = None
+
+    def check(self) -> None:
+        if float(self.ray.cluster_resources().get("CPU", 0)) > 0:
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if now - self.since >= NO_CPU_SECONDS:
+            raise RuntimeError(
+                f"asset '{self.asset}': engine 'ray': the Ray cluster has had no CPU for "
+                f"{now - self.since:.0f} s (its worker nodes died or were removed), so the "
+                "build cannot go on; no new permutation version was committed, the previous "
+                "one stays the latest; re-run when the cluster has workers"
+            )
+
+    def run(self, call: Callable[[], Any]) -> Any:
+        """``call()`` (a blocking Ray Data execution), checked every `_POLL_SECONDS`; given
+        up on, it is left waiting in a daemon thread."""
+        done: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                done["value"] = call()
+            except BaseException as exc:  # handed to the caller's thread
+                done["error"] = exc
+
+        thread = threading.Thread(target=target, name="perm_assets-ray-build", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(_POLL_SECONDS)
+            if thread.is_alive():
+                self.check()
+        if "error" in done:
+            raise done["error"]
+        return done["value"]
+
+    def get(self, ref: Any) -> Any:
+        """``ray.get(ref)``, checked every `_POLL_SECONDS` (a lost block is rebuilt from its
+        lineage, which needs a CPU)."""
+        while True:
+            try:
+                return self.ray.get(ref, timeout=_POLL_SECONDS)
+            except self.ray.exceptions.GetTimeoutError:
+                self.check()
+
+
+def _blocks(watch: _Watch, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.Table]]:
     """``(global row of its first row, rows)`` of each block piece of the materialized ``ds``
     overlapping rows ``[start, stop)``, in order, trimmed to that range. Block sizes come from
     the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` / ``slices``; Ray Data has
@@ -237,18 +298,18 @@ def _blocks(ray: Any, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.
             rows = int(entry.metadata.num_rows or 0) if part is None else part.num_rows
             lo, hi = max(start, at), min(stop, at + rows)
             if lo < hi:
-                block = ray.get(entry.ref)
+                block = watch.get(entry.ref)
                 yield lo, block.slice(first + lo - at, hi - lo)
             at += rows
             if at >= stop:
                 return
 
 
-def _keys_at_ranks(ray: Any, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
+def _keys_at_ranks(watch: _Watch, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
     """The ``akey`` at each global rank of a materialized dataset sorted by it."""
     found = []
     for rank in ranks:  # a loop over split boundaries, not rows
-        for _, rows in _blocks(ray, sorted_ds, rank, rank + 1):
+        for _, rows in _blocks(watch, sorted_ds, rank, rank + 1):
             found.append(rows.column("akey")[0].as_py())
     if len(found) != len(ranks):
         raise RuntimeError(f"engine 'ray': ranks {ranks} past the sorted rows")
@@ -261,7 +322,7 @@ def _batches(
     """Rows ``[start, stop)`` of the materialized ``ordered`` dataset as permutation batches of
     at most ``_STREAM_BATCH_ROWS``; ``split_id`` set: every row gets that split."""
     with _on_cluster(ray, asset=asset):
-        for _, rows in _blocks(ray, ordered, start, stop):
+        for _, rows in _blocks(_Watch(ray, asset=asset), ordered, start, stop):
             for batch in rows.cast(_SCHEMA).to_batches(max_chunksize=_STREAM_BATCH_ROWS):
                 if split_id is not None:
                     ids = pa.array(np.full(batch.num_rows, split_id, dtype=np.uint64))
@@ -291,6 +352,7 @@ def _ordered(
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # blocks of a sort, in key order
     context.enable_progress_bars = False
+    watch = _Watch(ray, asset=asset)
     with _on_cluster(ray, asset=asset):
         # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
         rows: Any = lance_ray.read_lance(
@@ -307,12 +369,12 @@ def _ordered(
             # One split holding every row: every rank is in it, so nothing needs ranking.
             keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
         else:
-            keyed = (
+            keyed = watch.run(
                 rows.map_batches(
                     _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": rank_seed}
                 )
                 .sort("akey")
-                .materialize()
+                .materialize
             )
             if keyed.count() != n:
                 raise SpecError(
@@ -320,8 +382,8 @@ def _ordered(
                     f"{table.version}, {n} counted; re-run"
                 )
             ends = np.cumsum(sizes)
-            boundaries = _keys_at_ranks(ray, keyed, [int(e) for e in ends if e < n])
-        ordered: Any = (
+            boundaries = _keys_at_ranks(watch, keyed, [int(e) for e in ends if e < n])
+        ordered: Any = watch.run(
             keyed.map_batches(
                 _place,
                 batch_format="pyarrow",
@@ -333,7 +395,7 @@ def _ordered(
             )
             .sort(["split_id", "rkey"])
             .select_columns(["row_id", "split_id"])
-            .materialize()
+            .materialize
         )
         kept = ordered.count()
     if kept != int(sizes.sum()):
