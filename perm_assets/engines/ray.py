@@ -14,12 +14,13 @@ So the data version's algorithm identity is the local engine's (`ALGORITHM`).
    a Ray-built table reads the expected base rows: tests/test_ray_engine.py).
 2. **Assign** (random splits, k-fold): each row gets an assignment key,
    ``order_key(row_id, split seed)``, or for ``KFold(shuffle=False)`` the row id itself (the
-   local engine ranks those rows by scan position, which is row-id order); Ray Data sorts the
-   keys (a distributed, range-partitioned sort). With one split keeping every row, nothing is
-   ranked. The split of a row of rank ``r`` is the
-   interval of cumulative split sizes ``r`` falls in, so a split boundary is the key at rank
-   ``ends[s]``: the driver reads those few keys from the sorted blocks' metadata and one block
-   each, and every task places its rows with ``searchsorted`` against them.
+   local engine ranks those rows by scan position, which is row-id order: Lance lists
+   fragments in id order, also after a compaction); Ray Data sorts the keys (a distributed,
+   range-partitioned sort). With one split keeping every row, nothing is ranked. The split of
+   a row of rank ``r`` is the interval of cumulative split sizes ``r`` falls in, so a split
+   boundary is the key at rank ``ends[s]``: the driver reads those few keys from the sorted
+   blocks' metadata and one block each, and every task places its rows with
+   ``searchsorted`` against them.
 3. **Order**: rows are sorted by ``(split_id, order_key(row_id, shuffle seed))`` (or by row id
    without a shuffle, as the local engine stores an unshuffled split) and streamed, in order,
    into the permutation table by the IO manager's single commit.
@@ -33,8 +34,9 @@ built here yet (refused, naming the engines that build them).
 A worker node that dies mid-build loses its running tasks and the blocks in its object store;
 Ray Data retries the tasks and Ray rebuilds lost blocks from their lineage on the surviving
 nodes, so the build finishes with the same rows (tests/test_ray_engine_s3.py kills a node
-with SIGKILL). Whatever fails, nothing is committed before the whole permutation has been
-streamed, so the previous version stays the latest.
+with SIGKILL). With no CPU left in the whole cluster Ray would wait forever, so the build
+fails after `NO_CPU_SECONDS`. Whatever fails, nothing is committed before the whole
+permutation has been streamed, so the previous version stays the latest.
 
 Driver memory does not grow with the row count: it holds the row count, the split sizes, one
 key per boundary and one streamed batch at a time (the row ids do pass through the driver,
