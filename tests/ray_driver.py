@@ -22,6 +22,9 @@ def trivial() -> dict[str, Any]:
 
     @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
     def where() -> tuple[str, bool]:
+        # Long enough that a busy node's CPU sends the next task to another node: instant
+        # tasks all ran on one worker in some runs (a worker's first lease was faster).
+        time.sleep(0.5)
         return ray.get_runtime_context().get_node_id(), "AWS_SECRET_ACCESS_KEY" in os.environ
 
     seen = ray.get([where.remote() for _ in range(6)])
