@@ -438,6 +438,7 @@ def build_permutation(
     names = spec.split_names()
     split = spec.split
     assert split is None or isinstance(split, RandomSplit)  # unsupported() refused the rest
+    assert split is None or split.seed is not None  # seeds are resolved before building
     sizes = np.array([n]) if split is None else split_sizes(split, n, asset=asset)
     local._check_sizes(names, sizes, asset=asset)
     _check_coverage(spec, kept=int(sizes.sum()), expected=n, asset=asset)
@@ -509,7 +510,8 @@ def build_folds(
         asset=asset,
     )
     first, last = int(sizes[0]), int(sizes[-1])
-    ranges = tuple((int(sizes[: i + 1].sum()) - first, n - int(sizes[i])) for i in range(k))
+    ends = np.cumsum(sizes)  # fold i trains on folds i+1..k-1, 0..i-1 of the rotated order
+    ranges = tuple((int(ends[i]) - first, n - int(sizes[i])) for i in range(k))
 
     def train() -> Iterator[pa.RecordBatch]:
         # The folds rotated: folds 1..k-1 (rows from the end of fold 0), then 0..k-2.
