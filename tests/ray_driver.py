@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
-from typing import Any
+import threading
+import time
+from typing import Any, Literal
 
 
 def trivial() -> dict[str, Any]:
@@ -19,6 +22,9 @@ def trivial() -> dict[str, Any]:
 
     @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
     def where() -> tuple[str, bool]:
+        # Long enough that a busy node's CPU sends the next task to another node: instant
+        # tasks all ran on one worker in some runs (a worker's first lease was faster).
+        time.sleep(0.5)
         return ray.get_runtime_context().get_node_id(), "AWS_SECRET_ACCESS_KEY" in os.environ
 
     seen = ray.get([where.remote() for _ in range(6)])
@@ -43,7 +49,8 @@ def _rows(n: int) -> Any:
 
 
 def _cases() -> dict[str, dict[str, Any]]:
-    from perm_assets import RandomSplit, Shuffle
+    """Permutation specs, and folds specs (those with ``folds``)."""
+    from perm_assets import KFold, RandomSplit, Shuffle
 
     return {
         "no_split_shuffled": {"filter": "id % 3 = 0", "shuffle": Shuffle(seed=4)},
@@ -54,7 +61,34 @@ def _cases() -> dict[str, dict[str, Any]]:
         },
         "random_counts": {"split": RandomSplit(counts=[1000, 333], seed=3)},
         "random_fixed_unshuffled": {"split": RandomSplit(fixed=3, seed=5)},
+        # Rank by order_key(row id, seed), filtered, read shuffled; both tables compared.
+        "kfold_shuffled": {
+            "filter": "label < 30",
+            "folds": KFold(k=4, seed=3),
+            "shuffle": Shuffle(seed=2),
+        },
+        # Rank by row id (the local engine's scan position), read in row-id order.
+        "kfold_unshuffled": {"filter": "id % 5 != 1", "folds": KFold(k=3, shuffle=False)},
     }
+
+
+def _asset(name: str, base: Any, spec: dict[str, Any]) -> Any:
+    from perm_assets import folds_asset, permutation_asset
+
+    factory = folds_asset if "folds" in spec else permutation_asset
+    return factory(name, source=base, **spec)
+
+
+def _tables(cases: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(case, table)`` for every table the cases write: a folds asset writes two."""
+    from perm_assets.folds import TRAIN_SUFFIX
+
+    pairs = []
+    for name, spec in cases.items():
+        pairs.append((name, name))
+        if "folds" in spec:
+            pairs.append((name, name + TRAIN_SUFFIX))
+    return pairs
 
 
 def _digest(table: Any) -> str:
@@ -76,7 +110,7 @@ def build() -> dict[str, Any]:
     import lancedb
     import numpy as np
 
-    from perm_assets import LanceDBIOManager, LanceDBResource, permutation_asset
+    from perm_assets import LanceDBIOManager, LanceDBResource
     from perm_assets.tables import read_all
     from perm_assets.views import ViewRequest, open_view, read_arrow
 
@@ -95,7 +129,7 @@ def build() -> dict[str, Any]:
         def base() -> Any:
             return _rows(N)
 
-        perms = [permutation_asset(name, source=base, **spec) for name, spec in cases.items()]
+        perms = [_asset(name, base, spec) for name, spec in cases.items()]
         with dg.DagsterInstance.ephemeral() as instance:
             result = dg.materialize([base, *perms], resources=resources, instance=instance)
             assert result.success
@@ -105,11 +139,11 @@ def build() -> dict[str, Any]:
                 tags = event.asset_materialization.tags or {}
                 out["versions"][f"{engine}/{name}"] = tags["dagster/data_version"]
         conn = lancedb.connect(uri)
-        for name in cases:
+        for case, name in _tables(cases):
             table = read_all(conn.open_table(name))
             row_ids = table.column("row_id").to_numpy()
             out["hashes"][f"{engine}/{name}"] = _digest(table)
-            if engine != "ray":
+            if engine != "ray" or name != case:  # a view of the training table needs a fold
                 continue
             # The base rows each row id addresses: the base is one fragment (0) holding ids
             # 0..N-1 at offsets 0..N-1. The filters make the selected rows sparse, so row ids
@@ -130,7 +164,56 @@ def build() -> dict[str, Any]:
                 got = read_arrow(view).column("id").to_numpy()
                 ok = ok and np.array_equal(got, expected[split_ids == index])
             out["view_ok"][name] = ok
+    if sys.argv[4:] == ["then-kill-the-worker"]:
+        out["no_worker"] = _no_worker_left(root, connect_ray)
     return out
+
+
+def _no_worker_left(root: str, address: str | None) -> dict[str, Any]:
+    """Every worker node dead (SIGKILLed, and Ray says so), then a Ray build: Ray would wait
+    for a CPU forever; the engine fails it after ``NO_CPU_SECONDS`` (3 s here)."""
+    import dagster as dg
+    import lancedb
+
+    from perm_assets import LanceDBIOManager, LanceDBResource, RandomSplit, permutation_asset
+    from perm_assets.engines import ray as ray_engine
+
+    ray = sys.modules["ray"]  # connected by the Ray builds above
+    workers = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    pids = [pid for node in workers for pid in _node_processes(node["RayletSocketName"])]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60.0
+    while ray.cluster_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    uri = f"{root}/ray"
+    before = lancedb.connect(uri).open_table("random_counts").list_versions()
+    ray_engine.NO_CPU_SECONDS = 3.0
+    db = LanceDBResource(uri=uri, engine="ray", ray_address=address)
+
+    @dg.asset(name="base")
+    def base() -> Any:
+        return _rows(N)
+
+    perm = permutation_asset("random_counts", source=base, split=RandomSplit(counts=[9, 9], seed=1))
+    began = time.monotonic()
+    result = dg.materialize(
+        [base, perm],
+        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        selection=[perm.key],
+        raise_on_error=False,
+    )
+    failure = result.failure_data_for_node("random_counts")
+    after = lancedb.connect(uri).open_table("random_counts").list_versions()
+    return {
+        "workers_killed": len(workers),
+        "processes": len(pids),
+        "cpus_left": ray.cluster_resources().get("CPU", 0),
+        "success": result.success,
+        "seconds": round(time.monotonic() - began, 1),
+        "error": failure.error.to_string()[-3000:] if failure and failure.error else "",
+        "versions_unchanged": [v["version"] for v in after] == [v["version"] for v in before],
+    }
 
 
 def s3() -> dict[str, Any]:
@@ -184,7 +267,148 @@ def s3() -> dict[str, Any]:
         secret_in_ray_logs=leaked,
         ray_log_files=sum(1 for path in logs.rglob("*") if path.is_file()),
     )
+    # Last, as it leaves one worker node: the Ray-built "perm" above is the previous version.
+    out["killed"] = _worker_killed_mid_build(bucket, options, previous=hashes["ray"])
     return out
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (exists and is not a zombie: in the harness's PID namespace the
+    dead are reaped only when the cluster stops)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _node_processes(raylet_socket: str) -> list[int]:
+    """A Ray node's processes: its raylet (found by the socket named on its command line) and
+    every descendant (core workers, the agents)."""
+    parents: dict[int, int] = {}
+    raylets = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                args = cmdline.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry}/stat") as stat:
+                parents[int(entry)] = int(stat.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if args[0].endswith("/raylet") and f"--raylet_socket_name={raylet_socket}" in args:
+            raylets.append(int(entry))
+    found, frontier = list(raylets), list(raylets)
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _kill_a_busy_worker(ray: Any, started: threading.Event, report: dict[str, Any]) -> None:
+    """Once ``started`` is set, wait until a worker node has a CPU in use (a task of the
+    build runs there), then SIGKILL that node's processes and wait until they are dead."""
+    from ray._private import state as ray_state  # per-node resources: no public API
+
+    workers = {
+        node["NodeID"]: node
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("CPU", 0) > 0
+    }
+    started.wait()
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        free = ray_state.available_resources_per_node()
+        busy = [
+            node_id
+            for node_id, node in workers.items()
+            if free.get(node_id, {}).get("CPU", 0) < node["Resources"]["CPU"]
+        ]
+        if busy:
+            pids = _node_processes(workers[busy[0]]["RayletSocketName"])
+            report["node"] = busy[0]
+            report["alive_when_killed"] = bool(pids) and all(_running(pid) for pid in pids)
+            report["processes"] = len(pids)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            while any(_running(pid) for pid in pids):
+                time.sleep(0.01)
+            report["dead_at"] = time.monotonic()
+            return
+        time.sleep(0.01)
+
+
+def _worker_killed_mid_build(bucket: str, options: dict[str, str], previous: str) -> dict:
+    """The Ray-built "perm" (random_shuffled) is at version V; materialize it again with
+    another seed and SIGKILL a worker node while the Ray build runs; then once more. Reports
+    the outcome of the killed run, the table's versions and row hashes after each run, and the
+    local engine's hash for the new spec."""
+    import dagster as dg
+
+    from perm_assets import LanceDBIOManager, LanceDBResource, RandomSplit, permutation_asset
+    from perm_assets.tables import read_all
+
+    spec = {
+        **_cases()["random_shuffled"],
+        "split": RandomSplit(ratios=[0.8, 0.1, 0.1], seed=8, split_names=["a", "b", "c"]),
+    }
+
+    def materialize(engine: Literal["local", "ray"]) -> dg.ExecuteInProcessResult:
+        db = LanceDBResource(uri=f"s3://{bucket}/{engine}", engine=engine, storage_options=options)
+
+        @dg.asset(name="base")
+        def base() -> Any:
+            return _rows(N)
+
+        perm = permutation_asset("perm", source=base, **spec)
+        resources = {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
+        # The base as a source only (its table is at the same version as before).
+        return dg.materialize(
+            [base, perm], resources=resources, selection=[perm.key], raise_on_error=False
+        )
+
+    def state() -> dict[str, Any]:
+        db = LanceDBResource(uri=f"s3://{bucket}/ray", storage_options=options)
+        table = db.open_table("perm")
+        versions = sorted(v["version"] for v in table.list_versions())
+        return {"versions": versions, "latest": table.version, "hash": _digest(read_all(table))}
+
+    assert materialize("local").success
+    local_db = LanceDBResource(uri=f"s3://{bucket}/local", storage_options=options)
+    report: dict[str, Any] = {"previous": state(), "previous_built": previous}
+    report["expected_hash"] = _digest(read_all(local_db.open_table("perm")))
+
+    ray = sys.modules["ray"]  # connected by the Ray build above
+    started = threading.Event()
+    killer = threading.Thread(target=_kill_a_busy_worker, args=(ray, started, report))
+    killer.start()
+    began = time.monotonic()
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    started.set()
+    result = materialize("ray")
+    ended = time.monotonic()
+    killer.join()
+    report["alive_at_start"] = report.get("node") in alive
+    report["dead_before_end"] = began < report.get("dead_at", ended + 1) < ended
+    report["seconds"] = round(ended - began, 1)
+    report["killed_after"] = round(report.get("dead_at", ended) - began, 1)
+    report["killed_run"] = {"success": result.success, **state()}
+    if not result.success:
+        failure = result.failure_data_for_node("perm")
+        report["killed_run"]["error"] = str(
+            failure.error.to_string() if failure and failure.error else ""
+        )[-2000:]
+    deadline, dead = time.monotonic() + 30.0, []
+    while time.monotonic() < deadline:
+        dead = [n for n in ray.nodes() if n["NodeID"] == report.get("node") and not n["Alive"]]
+        if dead:
+            break
+        time.sleep(0.2)
+    report["reported_dead"] = bool(dead)
+    report["next_run"] = {"success": materialize("ray").success, **state()}
+    return report
 
 
 COMMANDS = {"trivial": trivial, "build": build, "s3": s3}

@@ -49,6 +49,14 @@ EXIT_SCRIPT_TIMEOUT = 98
 # Per-node object store: small, five people share this machine's memory.
 _OBJECT_STORE_BYTES = 150 * 1024 * 1024
 _RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+FAST_NODE_DEATH = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "5",
+}
+"""``env`` for `run_on_ray` in tests that kill a node: Ray's GCS declares a node dead after its
+health checks fail about period x threshold times (Ray's defaults: tens of seconds), and only
+then are its tasks and lost blocks run elsewhere. A timeout loose enough for 2 loaded cores."""
 
 
 @dataclass(frozen=True)

@@ -22,28 +22,58 @@ from perm_assets import (
 )
 from perm_assets.engines.ray import _public_options
 from perm_assets.factories import folds_asset
-from perm_assets.specs import KFold
-from tests.ray_netns import run_on_ray
+from perm_assets.specs import StratifiedKFold
+from tests.ray_netns import FAST_NODE_DEATH, run_on_ray
 from tests.servers import free_port
 
 DRIVER = Path(__file__).with_name("ray_driver.py")
 
 
 def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_path: Path) -> None:
-    # One worker node over the local disk: every kind the engine builds. Two workers over S3:
+    # One worker node over the local disk: every code path of the engine. Two workers over S3:
     # tests/test_ray_engine_s3.py (another file, so that make test runs the two clusters on its
-    # two cores at once); both equal the local engine's table, hence each other.
-    every = ["no_split_shuffled", "random_shuffled", "random_counts", "random_fixed_unshuffled"]
+    # two cores at once); both equal the local engine's table, hence each other. Paths:
+    # no_split_shuffled skips the ranking sort; random_counts ranks by a seed, leaves rows out
+    # and reads unshuffled; kfold_shuffled ranks by a seed, filtered, reads shuffled (the path
+    # of a shuffled random split, which the S3 test builds); kfold_unshuffled ranks by row id.
+    # Not here, as they take no other path: RandomSplit(fixed=...) (its sizes are the local
+    # engine's split_sizes) and RandomSplit(ratios=...) + Shuffle (the S3 test's case).
+    every = ["no_split_shuffled", "random_counts", "kfold_shuffled", "kfold_unshuffled"]
     root = tmp_path / "one"
     root.mkdir()
-    one = run_on_ray(DRIVER, "build", str(root), ",".join(every), workers=1).check().json()
-    for name in every:
+    one = (
+        run_on_ray(
+            DRIVER,
+            "build",
+            str(root),
+            ",".join(every),
+            "then-kill-the-worker",
+            workers=1,
+            env=FAST_NODE_DEATH,
+        )
+        .check()
+        .json()
+    )
+    tables = [*every, "kfold_shuffled__train", "kfold_unshuffled__train"]
+    for name in tables:
         assert one["hashes"][f"ray/{name}"] == one["hashes"][f"local/{name}"], name
+    for name in every:
         # The same rows: the same data version (downstream of a switch of engine stays fresh).
         assert one["versions"][f"ray/{name}"] == one["versions"][f"local/{name}"], name
         assert one["view_ok"][name], f"{name}: a view over the Ray-built table read other rows"
     # Different specs gave different tables (the hashes are not all of one empty table).
-    assert len({one["hashes"][f"ray/{name}"] for name in every}) == len(every)
+    assert len({one["hashes"][f"ray/{name}"] for name in tables}) == len(tables)
+    # Then the only worker node is SIGKILLed and a build starts: Ray alone would wait for a
+    # CPU forever; the engine fails it after NO_CPU_SECONDS (3 s in the driver), naming why,
+    # and commits nothing.
+    alone = one["no_worker"]
+    assert alone["workers_killed"] == 1 and alone["processes"] >= 2, alone
+    assert alone["cpus_left"] == 0, alone
+    assert not alone["success"]
+    assert "engine 'ray': the Ray cluster has had no CPU for" in alone["error"], alone["error"]
+    assert "the previous one stays the latest" in alone["error"]
+    assert alone["versions_unchanged"]
+    assert alone["seconds"] < 60, alone
 
 
 def _error(result: dg.ExecuteInProcessResult, node: str) -> str:
@@ -93,7 +123,9 @@ def test_kinds_the_ray_engine_does_not_build_fail_with_the_local_engines_kind_of
         "stratified": permutation_asset(
             "stratified", source=base, split=StratifiedSplit(ratios=[0.5, 0.5], label="label")
         ),
-        "folds": folds_asset("folds", source=base, folds=KFold(k=3)),
+        "folds": folds_asset(
+            "folds", source=base, folds=StratifiedKFold(k=3, label="label", seed=1)
+        ),
     }
     for name, asset in cases.items():
         result = dg.materialize(
@@ -103,7 +135,7 @@ def test_kinds_the_ray_engine_does_not_build_fail_with_the_local_engines_kind_of
         )
         message = _error(result, name)
         assert "engine 'ray' does not build" in message, message
-        assert ("StratifiedSplit" if name == "stratified" else "KFold") in message
+        assert ("StratifiedSplit" if name == "stratified" else "StratifiedKFold") in message
         assert "engine='local'" in message
         assert not db.table_exists(name)
 

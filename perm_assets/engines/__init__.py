@@ -131,11 +131,16 @@ def build_folds(
     `build_permutation`, use the result inside the block."""
     engine = _resolve(db, table, spec, asset=asset, log=log)
     if engine == "ray":
-        raise SpecError(
-            f"asset '{asset}': engine 'ray' does not build {type(spec.folds).__name__} yet "
-            "(it builds permutations: no split or RandomSplit, with or without Shuffle); use "
-            "LanceDBResource(engine='local') for folds on one machine"
+        from perm_assets.engines import ray  # Ray is an optional extra: imported when chosen
+
+        yield ray.build_folds(
+            table,
+            spec,
+            asset=asset,
+            address=db.ray_address,
+            storage_options=db.resolved_storage_options(),
         )
+        return
     if engine == "local":
         with local.Spill(db.spill_dir) as spill:
             yield local.build_folds(table, spec, asset=asset, spill=spill, settings=_settings(db))

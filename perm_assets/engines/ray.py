@@ -12,14 +12,31 @@ So the data version's algorithm identity is the local engine's (`ALGORITHM`).
    are exactly the ``row_id`` values lancedb's ``Permutation`` expects of a table without
    stable row ids (what ``with_row_id(True)`` returns and the local engine stores; a view over
    a Ray-built table reads the expected base rows: tests/test_ray_engine.py).
-2. **Assign** (random splits): each row gets ``order_key(row_id, split seed)``; Ray Data sorts
-   the keys (a distributed, range-partitioned sort). The split of a row of rank ``r`` is the
-   interval of cumulative split sizes ``r`` falls in, so a split boundary is the key at rank
-   ``ends[s]``: the driver reads those few keys from the sorted blocks' metadata and one block
-   each, and every task places its rows with ``searchsorted`` against them.
+2. **Assign** (random splits, k-fold): each row gets an assignment key,
+   ``order_key(row_id, split seed)``, or for ``KFold(shuffle=False)`` the row id itself (the
+   local engine ranks those rows by scan position, which is row-id order: Lance lists
+   fragments in id order, also after a compaction); Ray Data sorts the keys (a distributed,
+   range-partitioned sort). With one split keeping every row, nothing is ranked. The split of
+   a row of rank ``r`` is the interval of cumulative split sizes ``r`` falls in, so a split
+   boundary is the key at rank ``ends[s]``: the driver reads those few keys from the sorted
+   blocks' metadata and one block each, and every task places its rows with
+   ``searchsorted`` against them.
 3. **Order**: rows are sorted by ``(split_id, order_key(row_id, shuffle seed))`` (or by row id
    without a shuffle, as the local engine stores an unshuffled split) and streamed, in order,
    into the permutation table by the IO manager's single commit.
+
+``KFold`` is a random split with counts ``n // k`` (+1 for the first ``n % k`` folds), as in
+the local engine; its training table is the sorted dataset's folds rotated (folds 1..k-1, then
+0..k-2; see `perm_assets.folds`), streamed from the same materialized blocks, which are fetched
+by position so only the blocks of each range are read. Stratified and group k-fold are not
+built here yet (refused, naming the engines that build them).
+
+A worker node that dies mid-build loses its running tasks and the blocks in its object store;
+Ray Data retries the tasks and Ray rebuilds lost blocks from their lineage on the surviving
+nodes, so the build finishes with the same rows (tests/test_ray_engine_s3.py kills a node
+with SIGKILL). With no CPU left in the whole cluster Ray would wait forever, so the build
+fails after `NO_CPU_SECONDS`. Whatever fails, nothing is committed before the whole
+permutation has been streamed, so the previous version stays the latest.
 
 Driver memory does not grow with the row count: it holds the row count, the split sizes, one
 key per boundary and one streamed batch at a time (the row ids do pass through the driver,
@@ -39,7 +56,10 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import numpy as np
@@ -56,14 +76,16 @@ from perm_assets.build import (
 from perm_assets.engines import local
 from perm_assets.engines.local import _DOMAIN_ORDER, order_key
 from perm_assets.errors import SpecError
-from perm_assets.specs import PermutationSpec, RandomSplit
+from perm_assets.folds import FOLDS_KIND, TRAIN_KIND, TRAIN_SPLIT, FoldsData, _of_kind
+from perm_assets.specs import FoldsSpec, KFold, PermutationSpec, RandomSplit
 from perm_assets.tables import where
 
 ALGORITHM = local.ALGORITHM
 """The local engine's: the same rows for the same (base version, spec, seed)."""
 
 SUPPORTED = (
-    "no split, RandomSplit (ratios, counts or fixed; no clump_size); Shuffle without clump_size"
+    "no split, RandomSplit (ratios, counts or fixed; no clump_size), KFold; Shuffle without "
+    "clump_size"
 )
 INSTALL = "pip install 'perm-assets[ray]'"
 
@@ -74,13 +96,22 @@ log = logging.getLogger(__name__)
 _SECRET = re.compile(r"secret|key|token|password|credential|session", re.IGNORECASE)
 _CONNECT_SECONDS = 5.0
 _STREAM_BATCH_ROWS = 1 << 20
+# Ray Data retries a dead node's tasks without limit (max_retries=-1) and Ray waits for CPUs
+# without limit (an autoscaler may add nodes); Ray Data's own no-progress guard
+# (DataContext.execution_no_progress_timeout_s) is off for datasets with a sort. So with every
+# worker node dead a build would wait forever: it fails instead once the cluster has had no
+# CPU for this long (long enough for an autoscaler to start a node).
+NO_CPU_SECONDS = 600.0
+_POLL_SECONDS = 1.0
 
 
-def unsupported(spec: PermutationSpec) -> str | None:
+def unsupported(spec: PermutationSpec | FoldsSpec) -> str | None:
     """What of ``spec`` this engine cannot build yet (None: all of it)."""
     shuffle = spec.shuffle
     if shuffle is not None and shuffle.clump_size not in (None, 1):
         return "Shuffle(clump_size=...)"
+    if isinstance(spec, FoldsSpec):
+        return None if isinstance(spec.folds, KFold) else type(spec.folds).__name__
     split = spec.split
     if split is None:
         return None
@@ -154,9 +185,12 @@ def _public_options(options: dict[str, str]) -> dict[str, str] | None:
 # the cluster's nodes.
 
 
-def _assignment_keys(batch: pa.Table, *, seed: int) -> pa.Table:
+def _assignment_keys(batch: pa.Table, *, seed: int | None) -> pa.Table:
+    """Each row's assignment key: ``order_key(row_id, seed)``, or without a seed the row id
+    itself (rank by row id: unshuffled k-fold, the local engine's scan position)."""
     row_ids = batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
-    return pa.table({"row_id": row_ids, "akey": order_key(row_ids, seed)})
+    keys = row_ids if seed is None else order_key(row_ids, seed)
+    return pa.table({"row_id": row_ids, "akey": keys})
 
 
 def _place(
@@ -185,29 +219,203 @@ def _row_ids(batch: pa.Table) -> pa.Table:
 _SCHEMA = local._SCHEMA
 
 
-def _keys_at_ranks(ray: Any, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
-    """The ``akey`` at each global rank of a materialized dataset sorted by it: block sizes
-    from the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` / ``slices``; Ray Data
-    has no public "row at position"), then only the blocks holding those ranks are fetched."""
-    found: list[int] = []
-    pending = sorted(ranks)
-    start = 0
-    for bundle in sorted_ds.iter_internal_ref_bundles():
+@contextmanager
+def _on_cluster(ray: Any, *, asset: str) -> Iterator[None]:
+    """Ray's errors (a lost object whose lineage cannot be rebuilt, a task out of retries, a
+    lost connection) as one that names the asset and the engine and says what was kept: Ray's
+    own message names internal operators and object ids, not what to do."""
+    try:
+        yield
+    except ray.exceptions.RayError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RuntimeError(
+            f"asset '{asset}': engine 'ray': the build failed on the Ray cluster "
+            f"({type(exc).__name__}: {first}); no new permutation version was committed, the "
+            "previous one stays the latest; re-run when the cluster is healthy"
+        ) from exc
+
+
+class _Watch:
+    """Fails a wait on the cluster once it has had no CPU for `NO_CPU_SECONDS` (see there)."""
+
+    def __init__(self, ray: Any, *, asset: str) -> None:
+        self.ray, self.asset = ray, asset
+        self.since: float | None = None
+
+    def check(self) -> None:
+        if float(self.ray.cluster_resources().get("CPU", 0)) > 0:
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if now - self.since >= NO_CPU_SECONDS:
+            raise RuntimeError(
+                f"asset '{self.asset}': engine 'ray': the Ray cluster has had no CPU for "
+                f"{now - self.since:.0f} s (its worker nodes died or were removed), so the "
+                "build cannot go on; no new permutation version was committed, the previous "
+                "one stays the latest; re-run when the cluster has workers"
+            )
+
+    def run(self, call: Callable[[], Any]) -> Any:
+        """``call()`` (a blocking Ray Data execution), checked every `_POLL_SECONDS`; given
+        up on, it is left waiting in a daemon thread."""
+        done: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                done["value"] = call()
+            except BaseException as exc:  # handed to the caller's thread
+                done["error"] = exc
+
+        thread = threading.Thread(target=target, name="perm_assets-ray-build", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(_POLL_SECONDS)
+            if thread.is_alive():
+                self.check()
+        if "error" in done:
+            raise done["error"]
+        return done["value"]
+
+    def get(self, ref: Any) -> Any:
+        """``ray.get(ref)``, checked every `_POLL_SECONDS` (a lost block is rebuilt from its
+        lineage, which needs a CPU)."""
+        while True:
+            try:
+                return self.ray.get(ref, timeout=_POLL_SECONDS)
+            except self.ray.exceptions.GetTimeoutError:
+                self.check()
+
+
+def _blocks(watch: _Watch, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.Table]]:
+    """``(global row of its first row, rows)`` of each block piece of the materialized ``ds``
+    overlapping rows ``[start, stop)``, in order, trimmed to that range. Block sizes come from
+    the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` / ``slices``; Ray Data has
+    no public "rows at positions"), so only the blocks in range are fetched, one at a time."""
+    at = 0
+    for bundle in ds.iter_internal_ref_bundles():
         slices = bundle.slices or (None,) * len(bundle.blocks)
         for entry, part in zip(bundle.blocks, slices, strict=True):
             first = 0 if part is None else part.start_offset
             rows = int(entry.metadata.num_rows or 0) if part is None else part.num_rows
-            here = [r for r in pending if r < start + rows]  # a loop over boundaries only
-            if here:
-                keys = ray.get(entry.ref).column("akey").to_numpy()
-                found += [int(keys[first + r - start]) for r in here]
-                pending = pending[len(here) :]
-            start += rows
-        if not pending:
-            break
-    if pending:
-        raise RuntimeError(f"engine 'ray': ranks {pending} past the {start} sorted rows")
+            lo, hi = max(start, at), min(stop, at + rows)
+            if lo < hi:
+                block = watch.get(entry.ref)
+                yield lo, block.slice(first + lo - at, hi - lo)
+            at += rows
+            if at >= stop:
+                return
+
+
+def _keys_at_ranks(watch: _Watch, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
+    """The ``akey`` at each global rank of a materialized dataset sorted by it."""
+    found = []
+    for rank in ranks:  # a loop over split boundaries, not rows
+        for _, rows in _blocks(watch, sorted_ds, rank, rank + 1):
+            found.append(rows.column("akey")[0].as_py())
+    if len(found) != len(ranks):
+        raise RuntimeError(f"engine 'ray': ranks {ranks} past the sorted rows")
     return np.array(found, dtype=np.uint64)
+
+
+def _batches(
+    ray: Any, ordered: Any, start: int, stop: int, *, asset: str, split_id: int | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Rows ``[start, stop)`` of the materialized ``ordered`` dataset as permutation batches of
+    at most ``_STREAM_BATCH_ROWS``; ``split_id`` set: every row gets that split."""
+    with _on_cluster(ray, asset=asset):
+        for _, rows in _blocks(_Watch(ray, asset=asset), ordered, start, stop):
+            for batch in rows.cast(_SCHEMA).to_batches(max_chunksize=_STREAM_BATCH_ROWS):
+                if split_id is not None:
+                    ids = pa.array(np.full(batch.num_rows, split_id, dtype=np.uint64))
+                    batch = batch.set_column(1, _SCHEMA.field("split_id"), ids)
+                yield batch
+
+
+def _ordered(
+    ray: Any,
+    table: Table,
+    *,
+    filter: str | None,
+    n: int,
+    sizes: np.ndarray,
+    rank_seed: int | None,
+    shuffle_seed: int | None,
+    storage_options: dict[str, str],
+    asset: str,
+) -> Any:
+    """The materialized dataset of ``(row_id, split_id)`` in read order: the ``n`` filtered
+    rows ranked by their assignment key (``order_key(row_id, rank_seed)``, or the row id
+    without a seed), split ``s`` the ranks ``[ends[s-1], ends[s])`` of the cumulative
+    ``sizes`` (ranks past the last end are left out), each split ordered by its read key.
+    The local engine's rank intervals (`local._run`), as a distributed sort."""
+    import lance_ray
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # blocks of a sort, in key order
+    context.enable_progress_bars = False
+    watch = _Watch(ray, asset=asset)
+    with _on_cluster(ray, asset=asset):
+        # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
+        rows: Any = lance_ray.read_lance(
+            cast(Any, table).uri,
+            columns=[],
+            filter=where(filter),
+            with_metadata=True,
+            storage_options=_public_options(storage_options),
+            dataset_options={"version": table.version},
+        )
+        boundaries = np.zeros(0, dtype=np.uint64)
+        keyed: Any
+        if sizes.size == 1 and int(sizes[0]) == n:
+            # One split holding every row: every rank is in it, so nothing needs ranking.
+            keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
+        else:
+            keyed = watch.run(
+                rows.map_batches(
+                    _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": rank_seed}
+                )
+                .sort("akey")
+                .materialize
+            )
+            if keyed.count() != n:
+                raise SpecError(
+                    f"asset '{asset}': table '{table.name}' read {keyed.count()} rows at version "
+                    f"{table.version}, {n} counted; re-run"
+                )
+            ends = np.cumsum(sizes)
+            boundaries = _keys_at_ranks(watch, keyed, [int(e) for e in ends if e < n])
+        ordered: Any = watch.run(
+            keyed.map_batches(
+                _place,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "boundaries": boundaries,
+                    "splits": int(sizes.size),
+                    "shuffle_seed": shuffle_seed,
+                },
+            )
+            .sort(["split_id", "rkey"])
+            .select_columns(["row_id", "split_id"])
+            .materialize
+        )
+        kept = ordered.count()
+    if kept != int(sizes.sum()):
+        raise SpecError(
+            f"asset '{asset}': engine 'ray' placed {kept} rows, planned {int(sizes.sum())} "
+            f"(table '{table.name}' changed during the build?); re-run"
+        )
+    return ordered
+
+
+def _filtered_rows(table: Table, spec: PermutationSpec | FoldsSpec, *, asset: str) -> int:
+    n = _count_filtered(table, spec.filter, asset=asset)
+    if n == 0:
+        raise SpecError(
+            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
+            f"(version {table.version}); loosen the filter"
+        )
+    return n
 
 
 def build_permutation(
@@ -225,80 +433,27 @@ def build_permutation(
     if missing is not None:
         _refuse(missing, asset=asset)
     ray = connect(address)
-    import lance_ray
-
-    n = _count_filtered(table, spec.filter, asset=asset)
-    if n == 0:
-        raise SpecError(
-            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
-            f"(version {table.version}); loosen the filter"
-        )
+    n = _filtered_rows(table, spec, asset=asset)
     _check_key_columns(table, spec, expected=n, asset=asset)
     names = spec.split_names()
     split = spec.split
     assert split is None or isinstance(split, RandomSplit)  # unsupported() refused the rest
+    assert split is None or split.seed is not None  # seeds are resolved before building
     sizes = np.array([n]) if split is None else split_sizes(split, n, asset=asset)
     local._check_sizes(names, sizes, asset=asset)
     _check_coverage(spec, kept=int(sizes.sum()), expected=n, asset=asset)
-    shuffle_seed = local._shuffle_seed(spec.shuffle)
-
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # blocks of a sort, in key order
-    context.enable_progress_bars = False
-    # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
-    rows: Any = lance_ray.read_lance(
-        cast(Any, table).uri,
-        columns=[],
-        filter=where(spec.filter),
-        with_metadata=True,
-        storage_options=_public_options(storage_options),
-        dataset_options={"version": table.version},
+    ordered = _ordered(
+        ray,
+        table,
+        filter=spec.filter,
+        n=n,
+        sizes=sizes,
+        rank_seed=None if split is None else split.seed,
+        shuffle_seed=local._shuffle_seed(spec.shuffle),
+        storage_options=storage_options,
+        asset=asset,
     )
-    boundaries = np.zeros(0, dtype=np.uint64)
-    keyed: Any
-    if split is None:
-        keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
-    else:
-        assert split.seed is not None  # seeds are resolved before building
-        keyed = (
-            rows.map_batches(
-                _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": split.seed}
-            )
-            .sort("akey")
-            .materialize()
-        )
-        if keyed.count() != n:
-            raise SpecError(
-                f"asset '{asset}': table '{table.name}' read {keyed.count()} rows at version "
-                f"{table.version}, {n} counted; re-run"
-            )
-        ends = np.cumsum(sizes)
-        boundaries = _keys_at_ranks(ray, keyed, [int(e) for e in ends if e < n])
-    ordered: Any = (
-        keyed.map_batches(
-            _place,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "boundaries": boundaries,
-                "splits": len(names),
-                "shuffle_seed": shuffle_seed,
-            },
-        )
-        .sort(["split_id", "rkey"])
-        .select_columns(["row_id", "split_id"])
-        .materialize()
-    )
-    kept = ordered.count()
-    if kept != int(sizes.sum()):
-        raise SpecError(
-            f"asset '{asset}': engine 'ray' placed {kept} rows, planned {int(sizes.sum())} "
-            f"(table '{table.name}' changed during the build?); re-run"
-        )
-
-    def stream() -> Iterator[pa.RecordBatch]:
-        for batch in ordered.iter_batches(batch_size=_STREAM_BATCH_ROWS, batch_format="pyarrow"):
-            yield from batch.cast(_SCHEMA).to_batches()
-
+    kept = int(sizes.sum())
     return PermutationData(
         data=local._schema_only(
             base_version=table.version, base_table=table.name, names=names, spec=spec
@@ -309,6 +464,77 @@ def build_permutation(
         split_rows=tuple(int(r) for r in sizes),
         spec=spec,
         filtered_rows=n,
-        stream=stream,
+        stream=lambda: _batches(ray, ordered, 0, kept, asset=asset),
         algorithm=ALGORITHM,
+    )
+
+
+def build_folds(
+    table: Table,
+    spec: FoldsSpec,
+    *,
+    asset: str,
+    address: str | None,
+    storage_options: dict[str, str],
+) -> FoldsData:
+    """`KFold` folds of ``table`` on the Ray cluster at ``address``: the local engine's
+    (`local.build_folds`) row for row. Fold sizes ``n // k`` (+1 for the first ``n % k``)
+    are rank intervals of ``order_key(row_id, seed)``, or of the row id without
+    ``shuffle``, as a random split with counts; both tables are streamed from one sorted
+    dataset (the training table is its folds rotated, see `perm_assets.folds`)."""
+    missing = unsupported(spec)
+    if missing is not None:
+        _refuse(missing, asset=asset)
+    folds = spec.folds
+    assert isinstance(folds, KFold)  # unsupported() refused the rest
+    ray = connect(address)
+    k = folds.k
+    n = _filtered_rows(table, spec, asset=asset)
+    if k > n:
+        raise SpecError(
+            f"asset '{asset}', table '{table.name}': k={k} folds need at least {k} rows; the "
+            f"filter selects {n}"
+        )
+    sizes = np.full(k, n // k, dtype=np.int64)
+    sizes[: n % k] += 1
+    seed = folds.seed if folds.seed is not None else 0  # as local.build_folds
+    ordered = _ordered(
+        ray,
+        table,
+        filter=spec.filter,
+        n=n,
+        sizes=sizes,
+        rank_seed=seed if folds.shuffle else None,
+        shuffle_seed=local._shuffle_seed(spec.shuffle),
+        storage_options=storage_options,
+        asset=asset,
+    )
+    first, last = int(sizes[0]), int(sizes[-1])
+    ends = np.cumsum(sizes)  # fold i trains on folds i+1..k-1, 0..i-1 of the rotated order
+    ranges = tuple((int(ends[i]) - first, n - int(sizes[i])) for i in range(k))
+
+    def train() -> Iterator[pa.RecordBatch]:
+        # The folds rotated: folds 1..k-1 (rows from the end of fold 0), then 0..k-2.
+        yield from _batches(ray, ordered, first, n, asset=asset, split_id=0)
+        yield from _batches(ray, ordered, 0, n - last, asset=asset, split_id=0)
+
+    names = spec.split_names()
+    meta = {"base_version": table.version, "base_table": table.name, "spec": spec}
+    return FoldsData(
+        validation=PermutationData(
+            data=_of_kind(local._schema_only(names=names, **meta), FOLDS_KIND),
+            base_table=table.name,
+            base_version=table.version,
+            split_names=tuple(names),
+            split_rows=tuple(int(r) for r in sizes),
+            spec=spec,
+            filtered_rows=n,
+            stream=lambda: _batches(ray, ordered, 0, n, asset=asset),
+            algorithm=ALGORITHM,
+        ),
+        train=_of_kind(local._schema_only(names=[TRAIN_SPLIT], **meta), TRAIN_KIND),
+        train_ranges=ranges,
+        small_classes={},
+        train_stream=train,
+        train_total=2 * n - first - last,
     )
