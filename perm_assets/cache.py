@@ -47,6 +47,7 @@ import pyarrow as pa
 from lancedb.table import Table
 
 from perm_assets.errors import LineageError
+from perm_assets.node import boot_id
 from perm_assets.pins import version_stamp
 
 __all__ = ["CacheEntry", "ColumnCache", "cache_key"]
@@ -76,26 +77,18 @@ def _vouch(folder: Path, names: list[str]) -> None:
     """Write ``folder``'s `_VERIFIED_FILE` for files whose checksums just matched. Their mtimes
     are first set 10 s into the past: any later write sets "now", which then differs, even
     within the clock's coarseness (a few ms) of the verification."""
-    boot = _boot_id()
+    boot = boot_id()
     if not boot:
         return
     past = time.time_ns() - _VOUCHED_AGE_NS
     marker = folder / _VERIFIED_FILE
-    staged = marker.with_name(f"{marker.name}.tmp-{os.getpid()}")
+    staged = marker.with_name(f"{marker.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with contextlib.suppress(OSError):  # a read-only cache: every process verifies
         for name in names:
             os.utime(folder / name, ns=(past, past))
         stats = {name: (folder / name).stat() for name in names}
         staged.write_text(json.dumps({"boot": boot, "files": _stats(stats)}))
         os.replace(staged, marker)  # atomic: a reader sees a whole marker or none
-
-
-def _boot_id() -> str:
-    """This boot's id (Linux); empty elsewhere: then every process verifies once."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 def cache_key(table: Table, columns: Sequence[str], *, pin: str | None) -> dict[str, Any]:
@@ -306,12 +299,14 @@ class ColumnCache:
         # batch slower than an uncached one's.
         with contextlib.suppress(OSError, ValueError):
             marker = json.loads((plan.folder / _VERIFIED_FILE).read_text())
-            if _boot_id() and marker == {"boot": _boot_id(), "files": _stats(stats)}:
+            if boot_id() and marker == {"boot": boot_id(), "files": _stats(stats)}:
                 with _VERIFIED_LOCK:
                     _VERIFIED.add(str(plan.folder))
                 return True
         if any(_checksum(plan.folder / name) != checksum for name, checksum in files.items()):
             return False
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(str(plan.folder))
         _vouch(plan.folder, list(files))
         return True
 
@@ -396,6 +391,9 @@ class ColumnCache:
                 "fetched_by_pid": os.getpid(),
             }
             (staging / "manifest.json").write_text(json.dumps(manifest))
+            # What is left of a damaged or half-evicted entry (a marker written while it was
+            # removed) would make the rename fail on every open: nothing there verified.
+            shutil.rmtree(plan.folder, ignore_errors=True)
             os.replace(staging, plan.folder)  # atomic: readers see all of it or nothing
             # The checksums above read back the files just written: this process and the
             # node's others need not read them again.

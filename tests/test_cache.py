@@ -215,6 +215,44 @@ def test_a_node_checksums_an_entry_once_until_one_of_its_files_changes(
     )
 
 
+def test_without_a_boot_id_a_process_checksums_an_entry_once(
+    table: lancedb.table.Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no marker can be written (no boot id: not Linux), each process verifies once."""
+    monkeypatch.setattr(cache_module, "boot_id", lambda: "")
+    checksummed: list[Path] = []
+    checksum = cache_module._checksum
+    monkeypatch.setattr(
+        cache_module, "_checksum", lambda path: checksummed.append(path) or checksum(path)
+    )
+    cache = ColumnCache(tmp_path / "cache", 1 << 30)
+    entry = cache.open(table, ["x"], pin=None, what="view")
+    assert not (entry.folder / "verified.json").exists()
+    cache_module._VERIFIED.clear()  # another process
+    checksummed.clear()
+    for _ in range(3):
+        cache.open(table, ["x"], pin=None, what="view")
+    assert len(checksummed) == len(entry.manifest["files"])
+
+
+def test_what_is_left_of_a_half_removed_entry_is_fetched_over(
+    table: lancedb.table.Table, tmp_path: Path
+) -> None:
+    """An eviction racing a marker write can leave the folder holding the marker alone."""
+    cache = ColumnCache(tmp_path / "cache", 1 << 30)
+    entry = cache.open(table, ["x"], pin=None, what="view")
+    for path in entry.folder.iterdir():
+        if path.name != "verified.json":
+            path.unlink()
+    cache_module._VERIFIED.clear()
+    again = cache.open(table, ["x"], pin=None, what="view")
+    ids = _all_ids(table)
+    assert np.array_equal(
+        again.take(ids, {"x": "x"}).column("x").to_numpy(),
+        _take(table, ids, ["x"]).column("x").to_numpy(),
+    )
+
+
 def test_least_recently_used_entries_go_first(table: lancedb.table.Table, tmp_path: Path) -> None:
     one = ColumnCache(tmp_path / "probe", 1 << 30).open(table, ["x"], pin="a", what="v")
     size = sum(p.stat().st_size for p in one.folder.iterdir())

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from perm_assets import (
     permutation_asset,
 )
 from perm_assets.assign import apportion
-from perm_assets.engines.local import ALGORITHM, SPILL_PREFIX, Spill
+from perm_assets.engines.local import ALGORITHM, SPILL_PREFIX, Spill, reclaim
 from perm_assets.factories import folds_asset
 from perm_assets.specs import (
     CalculatedSplit,
@@ -541,6 +542,31 @@ def test_a_live_builds_spill_folder_survives_a_build_in_another_pid_namespace(
     again = _reclaim_in_another_pid_namespace(tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split() == ["1"] and list(tmp_path.iterdir()) == []
+
+
+def test_reclaim_goes_by_the_lock_on_one_kernel_and_keeps_young_half_written_folders(
+    tmp_path: Path,
+) -> None:
+    def left(name: str, owner: str, *, age: float = 0.0) -> Path:
+        folder = tmp_path / (SPILL_PREFIX + name)
+        folder.mkdir()
+        (folder / "owner.json").write_text(owner)
+        if age:
+            then = time.time() - age
+            os.utime(folder, (then, then))
+        return folder
+
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    # A killed build in a container of this machine: another host name, the same kernel.
+    container = left("container", json.dumps({"host": "c0ffee", "boot": boot, "pid": 7}))
+    # Another machine sharing the folder: its lock may not reach here, so it is left alone.
+    elsewhere = left("elsewhere", json.dumps({"host": "c0ffee", "boot": "other", "pid": 7}))
+    # Killed between locking and writing its owner file: removed only once old.
+    young = left("young", "")
+    old = left("old", "", age=2 * 3600)
+    assert reclaim(tmp_path) == 2
+    assert not container.exists() and not old.exists()
+    assert elsewhere.exists() and young.exists()
 
 
 def test_a_spill_folder_removed_under_a_build_fails_it_instead_of_reading_empty_buckets(

@@ -75,6 +75,7 @@ from perm_assets.build import (
 )
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, TRAIN_KIND, TRAIN_SPLIT, FoldsData, _of_kind
+from perm_assets.node import boot_id
 from perm_assets.specs import (
     CalculatedSplit,
     FoldsSpec,
@@ -272,6 +273,8 @@ class Spill:
     to clean up). A lock, not a process id: a build in another PID namespace (a container, a
     ``unshare --pid`` sandbox) sharing this folder sees other pids or none, and once removed a
     live build's bucket files under it (a missing bucket file reads as an empty bucket).
+    ``spill_dir`` must be a local file system: NFS turns ``flock`` into locks that a reader
+    cannot take, so folders of killed builds there are never reclaimed.
     """
 
     def __init__(self, root: str | None) -> None:
@@ -289,7 +292,9 @@ class Spill:
         # parse, so it can never see a complete owner file whose lock is not yet held.
         owner = open(self.path / _OWNER_FILE, "w")  # held, so locked, until __exit__
         fcntl.flock(owner, fcntl.LOCK_EX)
-        owner.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        owner.write(
+            json.dumps({"host": socket.gethostname(), "boot": boot_id(), "pid": os.getpid()})
+        )
         owner.flush()
         self._owner = owner
         return self
@@ -365,36 +370,47 @@ class Spill:
         self._file(name).unlink(missing_ok=True)
 
 
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
+
+
 def reclaim(root: Path) -> int:
     """Remove spill directories under ``root`` left by ended builds of this host (their owner
     file's lock is free); their count. A running build's directory is left alone, whichever
     process or PID namespace it runs in; another host's too (its lock may not reach here)."""
     removed = 0
-    host = socket.gethostname()
+    host, boot = socket.gethostname(), boot_id()
     for entry in root.glob(SPILL_PREFIX + "*"):
         if not entry.is_dir():
             continue
         try:
             with open(entry / _OWNER_FILE) as owner_file:
-                owner = json.loads(owner_file.read())
-                if owner.get("host") != host:
+                try:
+                    owner = json.loads(owner_file.read())
+                except ValueError:  # its build died between taking the lock and writing
+                    owner = None
+                # One kernel (one boot id: containers of one machine, whatever their host
+                # names) makes the lock authoritative; otherwise only this host's folders.
+                same_kernel = bool(boot) and owner is not None and owner.get("boot") == boot
+                if owner is not None and not same_kernel and owner.get("host") != host:
                     continue
                 try:
                     fcntl.flock(owner_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # its build is running
+                if owner is None and not _older_than(entry, _ORPHAN_SECONDS):
+                    continue  # being created right now, or its creator just died
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         except FileNotFoundError:
-            try:
-                stale = time.time() - entry.stat().st_mtime > _ORPHAN_SECONDS
-            except FileNotFoundError:
-                continue
-            if stale:
+            if _older_than(entry, _ORPHAN_SECONDS):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
-        except (OSError, ValueError):
-            continue  # unreadable, or an owner file being written (its lock is held)
+        except OSError:
+            continue  # unreadable
     if removed:
         log.warning(
             "local engine: removed %d spill folder(s) of killed builds in %s", removed, root

@@ -33,8 +33,9 @@ built here yet (refused, naming the engines that build them).
 
 A worker node that dies mid-build loses its running tasks and the blocks in its object store;
 Ray Data retries the tasks and Ray rebuilds lost blocks from their lineage on the surviving
-nodes, so the build finishes with the same rows (tests/test_ray_engine_s3.py kills a node
-with SIGKILL). With no CPU left in the whole cluster Ray would wait forever, so the build
+nodes, so the build usually finishes with the same rows; when it fails instead, nothing is
+committed (tests/test_ray_engine_s3.py kills a node with SIGKILL and accepts either outcome,
+each checked strictly). With no CPU left in the whole cluster Ray would wait forever, so the build
 fails after `NO_CPU_SECONDS`. Whatever fails, nothing is committed before the whole
 permutation has been streamed, so the previous version stays the latest.
 
