@@ -7,6 +7,7 @@ project's views.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -567,6 +568,46 @@ def test_reclaim_goes_by_the_lock_on_one_kernel_and_keeps_young_half_written_fol
     assert reclaim(tmp_path) == 2
     assert not container.exists() and not old.exists()
     assert elsewhere.exists() and young.exists()
+
+
+_FORKING_BUILD = """
+import os, sys, time
+from perm_assets.engines.local import Spill
+with Spill(sys.argv[1]):
+    child = os.fork()  # a DataLoader worker, say, forked mid-build
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_builds_folder_is_reclaimed_while_a_child_it_forked_lives_on(
+    tmp_path: Path,
+) -> None:
+    spill = tmp_path / "spill"
+    build = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_BUILD, str(spill)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert build.stdout is not None
+    child = int(build.stdout.readline())
+    try:
+        assert reclaim(spill) == 0  # the build runs: its lock is held
+        os.kill(build.pid, signal.SIGKILL)
+        build.wait(timeout=10)
+        os.kill(child, 0)  # the forked child is still alive...
+        assert reclaim(spill) == 1  # ...and did not keep the dead build's lock
+        assert list(spill.iterdir()) == []
+    finally:
+        for pid in (build.pid, child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        build.wait(timeout=10)
+        build.stdout.close()
 
 
 def test_a_spill_folder_removed_under_a_build_fails_it_instead_of_reading_empty_buckets(

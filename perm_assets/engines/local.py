@@ -40,6 +40,7 @@ removed by the next run on the machine (a running build holds a lock on it, see 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -50,6 +51,7 @@ import shutil
 import socket
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +266,27 @@ def _groups(index: np.ndarray, count: int) -> Iterator[tuple[int, np.ndarray]]:
 
 
 # ---------------------------------------------------------------------------------- spill
+# Owner files of this process's running builds. A child forked without exec (a DataLoader
+# worker, a subprocess helper) would share their locks and keep a killed build's folder from
+# being reclaimed until it exits: the child closes its copies (close(2) without LOCK_UN leaves
+# the parent's lock in place).
+_HELD: weakref.WeakSet[IO[str]] = weakref.WeakSet()
+
+
+_AT_FORK: list[bool] = []  # the hook is registered on the first build, not at import
+
+
+def _drop_inherited_locks() -> None:
+    for owner in list(_HELD):
+        with contextlib.suppress(OSError):
+            # /dev/null over the inherited descriptor: its reference to the locked file goes
+            # (without LOCK_UN: the parent keeps its lock) and a later close() still works.
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, owner.fileno())
+            os.close(null)
+    _HELD.clear()
+
+
 class Spill:
     """A per-run spill directory under ``root``, removed on exit (whatever happens).
 
@@ -286,6 +309,9 @@ class Spill:
 
     def __enter__(self) -> Spill:
         self.root.mkdir(parents=True, exist_ok=True)
+        if not _AT_FORK:
+            os.register_at_fork(after_in_child=_drop_inherited_locks)
+            _AT_FORK.append(True)
         reclaim(self.root)
         self.path = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.root))
         # Locked before anything is written to it: `reclaim` skips an owner file it cannot
@@ -297,6 +323,7 @@ class Spill:
         )
         owner.flush()
         self._owner = owner
+        _HELD.add(owner)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -304,6 +331,7 @@ class Spill:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = None
         if self._owner is not None:
+            _HELD.discard(self._owner)
             self._owner.close()  # releases the lock, after the folder is gone
             self._owner = None
 

@@ -254,7 +254,8 @@ class _Watch:
                 f"asset '{self.asset}': engine 'ray': the Ray cluster has had no CPU for "
                 f"{now - self.since:.0f} s (its worker nodes died or were removed), so the "
                 "build cannot go on; no new permutation version was committed, the previous "
-                "one stays the latest; re-run when the cluster has workers"
+                "one stays the latest; re-run when the cluster has workers (the abandoned Ray "
+                "Data execution waits in a background thread until this process exits)"
             )
 
     def run(self, call: Callable[[], Any]) -> Any:
