@@ -171,16 +171,22 @@ def test_a_damaged_entry_is_fetched_again(
     )
 
 
-def test_a_node_checksums_an_entry_once_until_one_of_its_files_changes(
-    table: lancedb.table.Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every DDP rank and DataLoader worker opens the entry; only the first process on the
-    node (per boot) reads it whole to verify it, unless a file changed since."""
+def _count_checksums(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files the cache checksums from now on, in order (the real checksum still runs)."""
     checksummed: list[Path] = []
     checksum = cache_module._checksum
     monkeypatch.setattr(
         cache_module, "_checksum", lambda path: checksummed.append(path) or checksum(path)
     )
+    return checksummed
+
+
+def test_a_node_checksums_an_entry_once_until_one_of_its_files_changes(
+    table: lancedb.table.Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every DDP rank and DataLoader worker opens the entry; only the first process on the
+    node (per boot) reads it whole to verify it, unless a file changed since."""
+    checksummed = _count_checksums(monkeypatch)
     cache = ColumnCache(tmp_path / "cache", 1 << 30)
     entry = cache.open(table, ["x"], pin=None, what="view")
     files = [entry.folder / name for name in entry.manifest["files"]]
@@ -220,11 +226,7 @@ def test_without_a_boot_id_a_process_checksums_an_entry_once(
 ) -> None:
     """Where no marker can be written (no boot id: not Linux), each process verifies once."""
     monkeypatch.setattr(cache_module, "boot_id", lambda: "")
-    checksummed: list[Path] = []
-    checksum = cache_module._checksum
-    monkeypatch.setattr(
-        cache_module, "_checksum", lambda path: checksummed.append(path) or checksum(path)
-    )
+    checksummed = _count_checksums(monkeypatch)
     cache = ColumnCache(tmp_path / "cache", 1 << 30)
     entry = cache.open(table, ["x"], pin=None, what="view")
     assert not (entry.folder / "verified.json").exists()

@@ -1207,18 +1207,92 @@ def _schema_only(*, base_version: int, base_table: str, names: list[str], spec) 
     return with_permutation_metadata(empty, base_table=base_table, split_names=names, spec=spec)
 
 
-def build_permutation(
-    table: Table, spec: PermutationSpec, *, asset: str, spill: Spill, settings: LocalSettings
-) -> PermutationData:
-    """The permutation of ``spec`` over ``table`` (at its checked-out version), streamed from
-    ``spill``: valid while ``spill`` is open. Seeds must be resolved."""
-    _refuse(spec, asset=asset)
+def _filtered_rows(table: Table, spec: PermutationSpec | FoldsSpec, *, asset: str) -> int:
+    """Rows ``spec``'s filter selects; a SpecError when none."""
     n = _count_filtered(table, spec.filter, asset=asset)
     if n == 0:
         raise SpecError(
             f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
             f"(version {table.version}); loosen the filter"
         )
+    return n
+
+
+def _check_k(table: Table, k: int, n: int, *, asset: str) -> None:
+    if k > n:
+        raise SpecError(
+            f"asset '{asset}', table '{table.name}': k={k} folds need at least {k} rows; the "
+            f"filter selects {n}"
+        )
+
+
+def _kfold_sizes(n: int, k: int) -> np.ndarray:
+    """`KFold`'s fold sizes: ``n // k``, one more for the first ``n % k`` folds."""
+    sizes = np.full(k, n // k, dtype=np.int64)
+    sizes[: n % k] += 1
+    return sizes
+
+
+def _streamed(
+    table: Table,
+    spec: PermutationSpec | FoldsSpec,
+    names: list[str],
+    rows: np.ndarray,
+    n: int,
+    stream: Callable[[], Iterator[pa.RecordBatch]],
+    *,
+    kind: str | None = None,
+) -> PermutationData:
+    """The permutation (or, with ``kind``, folds) table streamed by ``stream`` in read order:
+    ``rows`` per split of the ``n`` filtered rows of ``table`` at its checked-out version."""
+    data = _schema_only(base_version=table.version, base_table=table.name, names=names, spec=spec)
+    return PermutationData(
+        data=data if kind is None else _of_kind(data, kind),
+        base_table=table.name,
+        base_version=table.version,
+        split_names=tuple(names),
+        split_rows=tuple(int(r) for r in rows),
+        spec=spec,
+        filtered_rows=n,
+        stream=stream,
+        algorithm=ALGORITHM,
+    )
+
+
+def _streamed_folds(
+    table: Table,
+    spec: FoldsSpec,
+    rows: np.ndarray,
+    n: int,
+    validation: Callable[[], Iterator[pa.RecordBatch]],
+    train: Callable[[], Iterator[pa.RecordBatch]],
+    small: dict[str, int],
+) -> FoldsData:
+    """Folds of ``rows`` per fold: the folds table streamed by ``validation``, and the training
+    table by ``train`` (the folds rotated: 1..k-1 then 0..k-2, see `perm_assets.folds`)."""
+    k = len(rows)
+    starts = np.r_[0, np.cumsum(rows)]
+    ranges = tuple((int(starts[i + 1] - rows[0]), int(n - rows[i])) for i in range(k))
+    train_table = _schema_only(
+        base_version=table.version, base_table=table.name, names=[TRAIN_SPLIT], spec=spec
+    )
+    return FoldsData(
+        validation=_streamed(table, spec, spec.split_names(), rows, n, validation, kind=FOLDS_KIND),
+        train=_of_kind(train_table, TRAIN_KIND),
+        train_ranges=ranges,
+        small_classes=small,
+        train_stream=train,
+        train_total=int(2 * n - rows[0] - rows[-1]),
+    )
+
+
+def build_permutation(
+    table: Table, spec: PermutationSpec, *, asset: str, spill: Spill, settings: LocalSettings
+) -> PermutationData:
+    """The permutation of ``spec`` over ``table`` (at its checked-out version), streamed from
+    ``spill``: valid while ``spill`` is open. Seeds must be resolved."""
+    _refuse(spec, asset=asset)
+    n = _filtered_rows(table, spec, asset=asset)
     _check_key_columns(table, spec, expected=n, asset=asset)
     job = _split_job(table, spec, n, settings, asset=asset)
     names = spec.split_names()
@@ -1233,19 +1307,7 @@ def build_permutation(
         for split in range(len(names)):
             yield from result.batches(split)
 
-    return PermutationData(
-        data=_schema_only(
-            base_version=table.version, base_table=table.name, names=names, spec=spec
-        ),
-        base_table=table.name,
-        base_version=table.version,
-        split_names=tuple(names),
-        split_rows=tuple(int(r) for r in result.split_rows),
-        spec=spec,
-        filtered_rows=n,
-        stream=stream,
-        algorithm=ALGORITHM,
-    )
+    return _streamed(table, spec, names, result.split_rows, n, stream)
 
 
 # ---------------------------------------------------------------------------------- folds
@@ -1258,17 +1320,8 @@ def build_folds(
     folds = spec.folds
     assert isinstance(folds, KFold | StratifiedKFold | GroupKFold)
     k = folds.k
-    n = _count_filtered(table, spec.filter, asset=asset)
-    if n == 0:
-        raise SpecError(
-            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
-            f"(version {table.version}); loosen the filter"
-        )
-    if k > n:
-        raise SpecError(
-            f"asset '{asset}', table '{table.name}': k={k} folds need at least {k} rows; the "
-            f"filter selects {n}"
-        )
+    n = _filtered_rows(table, spec, asset=asset)
+    _check_k(table, k, n, asset=asset)
     shuffle_seed = _shuffle_seed(spec.shuffle)
     seed = folds.seed if folds.seed is not None else 0
     where_ = {"asset": asset, "table": table.name}
@@ -1293,8 +1346,7 @@ def build_folds(
 
         job = _Job(spec.filter, folds.label, k, stratified, seed, shuffle_seed)
     else:
-        sizes = np.full(k, n // k, dtype=np.int64)
-        sizes[: n % k] += 1
+        sizes = _kfold_sizes(n, k)
         job = _Job(
             spec.filter, None, k, _single(sizes), seed if folds.shuffle else None, shuffle_seed
         )
@@ -1316,8 +1368,6 @@ def build_folds(
             f"asset '{asset}': fold(s) {empty} would be empty ({n} rows for k={k}); "
             "use fewer folds or loosen the filter"
         )
-    starts = np.r_[0, np.cumsum(rows)]
-    ranges = tuple((int(starts[i + 1] - rows[0]), int(n - rows[i])) for i in range(k))
 
     def validation() -> Iterator[pa.RecordBatch]:
         for fold in range(k):
@@ -1329,22 +1379,4 @@ def build_folds(
             for batch in result.batches(fold):
                 yield batch.set_column(1, "split_id", pa.array(np.zeros(batch.num_rows, np.uint64)))
 
-    meta = {"base_version": table.version, "base_table": table.name, "spec": spec}
-    return FoldsData(
-        validation=PermutationData(
-            data=_of_kind(_schema_only(names=names, **meta), FOLDS_KIND),
-            base_table=table.name,
-            base_version=table.version,
-            split_names=tuple(names),
-            split_rows=tuple(int(r) for r in rows),
-            spec=spec,
-            filtered_rows=n,
-            stream=validation,
-            algorithm=ALGORITHM,
-        ),
-        train=_of_kind(_schema_only(names=[TRAIN_SPLIT], **meta), TRAIN_KIND),
-        train_ranges=ranges,
-        small_classes=small,
-        train_stream=train,
-        train_total=int(2 * n - rows[0] - rows[-1]),
-    )
+    return _streamed_folds(table, spec, rows, n, validation, train, small)

@@ -71,13 +71,12 @@ from perm_assets.build import (
     PermutationData,
     _check_coverage,
     _check_key_columns,
-    _count_filtered,
     split_sizes,
 )
 from perm_assets.engines import local
 from perm_assets.engines.local import _DOMAIN_ORDER, order_key
 from perm_assets.errors import SpecError
-from perm_assets.folds import FOLDS_KIND, TRAIN_KIND, TRAIN_SPLIT, FoldsData, _of_kind
+from perm_assets.folds import FoldsData
 from perm_assets.specs import FoldsSpec, KFold, PermutationSpec, RandomSplit
 from perm_assets.tables import where
 
@@ -410,16 +409,6 @@ def _ordered(
     return ordered
 
 
-def _filtered_rows(table: Table, spec: PermutationSpec | FoldsSpec, *, asset: str) -> int:
-    n = _count_filtered(table, spec.filter, asset=asset)
-    if n == 0:
-        raise SpecError(
-            f"asset '{asset}': filter {spec.filter!r} selects no rows of table '{table.name}' "
-            f"(version {table.version}); loosen the filter"
-        )
-    return n
-
-
 def build_permutation(
     table: Table,
     spec: PermutationSpec,
@@ -435,7 +424,7 @@ def build_permutation(
     if missing is not None:
         _refuse(missing, asset=asset)
     ray = connect(address)
-    n = _filtered_rows(table, spec, asset=asset)
+    n = local._filtered_rows(table, spec, asset=asset)
     _check_key_columns(table, spec, expected=n, asset=asset)
     names = spec.split_names()
     split = spec.split
@@ -456,18 +445,8 @@ def build_permutation(
         asset=asset,
     )
     kept = int(sizes.sum())
-    return PermutationData(
-        data=local._schema_only(
-            base_version=table.version, base_table=table.name, names=names, spec=spec
-        ),
-        base_table=table.name,
-        base_version=table.version,
-        split_names=tuple(names),
-        split_rows=tuple(int(r) for r in sizes),
-        spec=spec,
-        filtered_rows=n,
-        stream=lambda: _batches(ray, ordered, 0, kept, asset=asset),
-        algorithm=ALGORITHM,
+    return local._streamed(
+        table, spec, names, sizes, n, lambda: _batches(ray, ordered, 0, kept, asset=asset)
     )
 
 
@@ -491,14 +470,9 @@ def build_folds(
     assert isinstance(folds, KFold)  # unsupported() refused the rest
     ray = connect(address)
     k = folds.k
-    n = _filtered_rows(table, spec, asset=asset)
-    if k > n:
-        raise SpecError(
-            f"asset '{asset}', table '{table.name}': k={k} folds need at least {k} rows; the "
-            f"filter selects {n}"
-        )
-    sizes = np.full(k, n // k, dtype=np.int64)
-    sizes[: n % k] += 1
+    n = local._filtered_rows(table, spec, asset=asset)
+    local._check_k(table, k, n, asset=asset)
+    sizes = local._kfold_sizes(n, k)
     seed = folds.seed if folds.seed is not None else 0  # as local.build_folds
     ordered = _ordered(
         ray,
@@ -512,31 +486,12 @@ def build_folds(
         asset=asset,
     )
     first, last = int(sizes[0]), int(sizes[-1])
-    ends = np.cumsum(sizes)  # fold i trains on folds i+1..k-1, 0..i-1 of the rotated order
-    ranges = tuple((int(ends[i]) - first, n - int(sizes[i])) for i in range(k))
 
     def train() -> Iterator[pa.RecordBatch]:
         # The folds rotated: folds 1..k-1 (rows from the end of fold 0), then 0..k-2.
         yield from _batches(ray, ordered, first, n, asset=asset, split_id=0)
         yield from _batches(ray, ordered, 0, n - last, asset=asset, split_id=0)
 
-    names = spec.split_names()
-    meta = {"base_version": table.version, "base_table": table.name, "spec": spec}
-    return FoldsData(
-        validation=PermutationData(
-            data=_of_kind(local._schema_only(names=names, **meta), FOLDS_KIND),
-            base_table=table.name,
-            base_version=table.version,
-            split_names=tuple(names),
-            split_rows=tuple(int(r) for r in sizes),
-            spec=spec,
-            filtered_rows=n,
-            stream=lambda: _batches(ray, ordered, 0, n, asset=asset),
-            algorithm=ALGORITHM,
-        ),
-        train=_of_kind(local._schema_only(names=[TRAIN_SPLIT], **meta), TRAIN_KIND),
-        train_ranges=ranges,
-        small_classes={},
-        train_stream=train,
-        train_total=2 * n - first - last,
+    return local._streamed_folds(
+        table, spec, sizes, n, lambda: _batches(ray, ordered, 0, n, asset=asset), train, {}
     )
