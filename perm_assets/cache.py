@@ -47,8 +47,8 @@ import pyarrow as pa
 from lancedb.table import Table
 
 from perm_assets.errors import LineageError
+from perm_assets.identity import version_stamp
 from perm_assets.node import boot_id
-from perm_assets.pins import version_stamp
 
 __all__ = ["CacheEntry", "ColumnCache", "cache_key"]
 

@@ -42,15 +42,16 @@ from perm_assets.balance import (
 from perm_assets.build import PermutationData, split_rows_of, with_permutation_metadata
 from perm_assets.errors import SpecError
 from perm_assets.folds import TRAIN_SUFFIX, FoldsData
+from perm_assets.identity import verify_identity, version_stamp
 from perm_assets.lineage import STAMP_KEY, lineage_of, recorded_identity
-from perm_assets.pins import new_pin, pin, verify_identity, version_stamp
+from perm_assets.pins import new_pin, pin
+from perm_assets.reader import SPLIT_RANGES_KEY
 from perm_assets.resources import LanceDBResource, StrictFields
 from perm_assets.tables import (
     BASE_TABLE_KEY,
     BASE_VERSION_KEY,
     PIN_KEY,
     SOURCE_TABLE_KEY,
-    SPLIT_RANGES_KEY,
     WriteMode,
     is_permutation_schema,
     read_all,

@@ -18,7 +18,7 @@ from typing import Any
 import dagster as dg
 
 from perm_assets.errors import LineageError, TableNotFoundError
-from perm_assets.pins import VersionIdentity
+from perm_assets.identity import VersionIdentity
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import table_name
 from perm_assets.views import PermutationView, ViewRequest, open_view, refine

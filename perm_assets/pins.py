@@ -29,7 +29,6 @@ from typing import Any
 import dagster as dg
 from lancedb.table import Table
 
-from perm_assets.errors import LineageError
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import PIN_KEY
 
@@ -51,84 +50,6 @@ def pinned_table(pin: str) -> str | None:
 def pin(table: Table, name: str, version: int) -> None:
     """Tag ``version`` of ``table`` as ``name`` (protects it from cleanup)."""
     table.tags.create(name, version)
-
-
-def verify_pin(base: Table, pin_name: str | None, version: int, *, asset: str) -> None:
-    """Raise LineageError unless ``base`` still carries pin ``pin_name`` at ``version``.
-
-    Views of permutations persisted before pins existed (no ``pin_name``) are not checked.
-    """
-    if pin_name is None:
-        return
-    tags = base.tags.list()
-    found = tags.get(pin_name)
-    if found is not None and int(found["version"]) == version:
-        return
-    state = "no such tag" if found is None else f"it at version {found['version']}"
-    raise LineageError(
-        f"asset '{asset}' pins version {version} of base table '{base.name}' with tag "
-        f"'{pin_name}', but the table has {state}: the base table was dropped and re-created, "
-        "or the pin was retired by retain(). Reading would return other rows than were "
-        f"materialized; re-materialize asset '{asset}'."
-    )
-
-
-def version_stamp(table: Table, version: int | None = None) -> int | None:
-    """When Lance committed ``version`` of ``table`` (default: its checked-out version), in
-    microseconds since the epoch; None when the version is not listed.
-
-    A dropped and re-created table reuses version numbers, never commit times (microsecond
-    precision), so (version, stamp) identifies the rows a version holds. Table assets have no
-    pin; this is their identity. lancedb reports naive local times; ``.timestamp()`` reads them
-    in the same local zone, so the stamp is the same in every time zone.
-    """
-    wanted = table.version if version is None else version
-    for listed in table.list_versions():
-        if int(listed["version"]) == wanted:
-            return round(listed["timestamp"].timestamp() * 1_000_000)
-    return None
-
-
-@dataclass(frozen=True)
-class VersionIdentity:
-    """What a materialization or a view recorded of one table version: enough to tell it from
-    another table's version of the same number.
-
-    ``pin`` (permutation and folds tables: the tag made with the materialization) or ``stamp``
-    (`version_stamp`, any table); either may be None for records made before they existed.
-    """
-
-    version: int
-    pin: str | None = None
-    stamp: int | None = None
-
-
-def verify_identity(table: Table, identity: VersionIdentity, *, asset: str) -> None:
-    """Raise LineageError unless ``table`` at ``identity.version`` is the recorded one."""
-    problem = None
-    if identity.pin is not None:
-        tag = table.tags.list().get(identity.pin)
-        if tag is None or int(tag["version"]) != identity.version:
-            problem = f"has no tag '{identity.pin}' at version {identity.version}"
-    if problem is None and identity.stamp is not None:
-        found = version_stamp(table, identity.version)
-        if found != identity.stamp:
-            problem = (
-                f"version {identity.version} was committed at {_when(found)}, not at "
-                f"{_when(identity.stamp)} as recorded"
-            )
-    if problem is not None:
-        raise LineageError(
-            f"asset '{asset}': table '{table.name}' {problem}: the table was dropped and "
-            "re-created (or the version retired by retain()) since it was recorded. Reading it "
-            f"would return other rows; re-materialize asset '{asset}'."
-        )
-
-
-def _when(stamp: int | None) -> str:
-    if stamp is None:
-        return "no recorded time"
-    return datetime.fromtimestamp(stamp / 1_000_000).isoformat(sep=" ")
 
 
 @dataclass

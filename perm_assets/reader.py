@@ -12,6 +12,11 @@ both uint64, at a pinned version), so it reads them itself:
   whole split.
 - `take_rows` reads base rows by row id at the pinned base version (``Table.take_row_ids``)
   and puts them in the requested order (lancedb returns them sorted by address).
+
+Both work on a `Store`: `LanceDBStore` wraps a lancedb ``Table`` (every process that opened
+the view), `LanceStore` a pylance dataset at a pinned version (the read helper of a forked
+DataLoader worker, `perm_assets.forked`, which must start without lancedb's 2-3 s import).
+This module imports neither dagster nor lancedb.
 """
 
 from __future__ import annotations
@@ -19,21 +24,146 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-from lancedb.table import Table
 
 from perm_assets.errors import LineageError
-from perm_assets.tables import SPLIT_RANGES_KEY
 
-__all__ = ["ROW_ID_BATCH", "SplitRows", "ramp", "take_rows"]
+if TYPE_CHECKING:
+    from lance import LanceDataset
+    from lancedb.table import Table
+
+__all__ = [
+    "ROW_ID_BATCH",
+    "SPLIT_RANGES_KEY",
+    "LanceDBStore",
+    "LanceStore",
+    "SplitRows",
+    "Store",
+    "ramp",
+    "take_rows",
+]
 
 ROW_ID_BATCH = 1 << 20
 """Permutation-table rows per read batch (1M: ~20 ms for the two uint64 columns)."""
 
+SPLIT_RANGES_KEY = "perm_assets.split_ranges"
+"""``[[first row, rows], ...]`` per split id when the table stores its splits one after another
+(every table this project builds): a reader takes a split's row ids by table offset."""
+
 _ROWID = "_rowid"
+
+
+class Store(Protocol):
+    """One table at one version, as this module reads it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    def metadata(self) -> Mapping[bytes, bytes]:
+        """The schema's metadata."""
+        ...
+
+    def take_offsets(self, offsets: np.ndarray, columns: list[str]) -> pa.Table:
+        """Rows at table ``offsets`` (sorted, distinct), in that order."""
+        ...
+
+    def take_row_ids(self, row_ids: np.ndarray, columns: Mapping[str, str]) -> pa.Table:
+        """Rows ``row_ids`` (sorted, distinct) in address order, with ``columns`` (output
+        name → source column) and ``_rowid``; rows not in the table are left out."""
+        ...
+
+    def scan(self, column: str | None, where: str | None) -> Iterator[np.ndarray]:
+        """``column`` (None: the row ids) of the rows matching ``where``, in stored order, in
+        batches of `ROW_ID_BATCH` rows."""
+        ...
+
+
+class LanceDBStore:
+    """A lancedb ``Table`` (at its checked-out version) as a `Store`."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+    @property
+    def version(self) -> int:
+        return self.table.version
+
+    def metadata(self) -> Mapping[bytes, bytes]:
+        return self.table.schema.metadata or {}
+
+    def take_offsets(self, offsets: np.ndarray, columns: list[str]) -> pa.Table:
+        return self.table.take_offsets(offsets.tolist()).select(columns).to_arrow()
+
+    def take_row_ids(self, row_ids: np.ndarray, columns: Mapping[str, str]) -> pa.Table:
+        query = self.table.take_row_ids(row_ids.tolist()).with_row_id()
+        return query.select(dict(columns) if columns else []).to_arrow()
+
+    def scan(self, column: str | None, where: str | None) -> Iterator[np.ndarray]:
+        query = self.table.search()
+        if where is not None:
+            query = query.where(where)
+        # Filtered in lancedb, to_batches rather than to_arrow: query.to_arrow() took 2.3 s
+        # for an 8M-row split, these batches 0.26 s (and 5.2 s for a 80M-row split of 100M
+        # rows, where reading both columns and masking in numpy took 7.7 s).
+        query = query.select([column]) if column is not None else query.select([])
+        if column is None:
+            query = query.with_row_id(True)
+        for batch in query.to_batches(ROW_ID_BATCH):
+            yield batch.column(column or _ROWID).to_numpy().astype(np.uint64, copy=False)
+
+
+class LanceStore:
+    """A pylance dataset (checked out at a version) as a `Store`, and as the `Versioned`
+    table `perm_assets.identity` checks."""
+
+    def __init__(self, dataset: LanceDataset, name: str) -> None:
+        self.dataset = dataset
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> int:
+        return int(self.dataset.version)
+
+    @property
+    def tags(self) -> Any:
+        return self.dataset.tags
+
+    def list_versions(self) -> list[dict[str, Any]]:
+        return [dict(version) for version in self.dataset.versions()]
+
+    def metadata(self) -> Mapping[bytes, bytes]:
+        return self.dataset.schema.metadata or {}
+
+    def take_offsets(self, offsets: np.ndarray, columns: list[str]) -> pa.Table:
+        return self.dataset.take(pa.array(offsets, pa.uint64()), columns=columns)
+
+    def take_row_ids(self, row_ids: np.ndarray, columns: Mapping[str, str]) -> pa.Table:
+        wanted = {**columns, _ROWID: _ROWID}
+        return self.dataset._take_rows(pa.array(row_ids, pa.uint64()), columns=wanted)
+
+    def scan(self, column: str | None, where: str | None) -> Iterator[np.ndarray]:
+        batches = self.dataset.to_batches(
+            columns=[column] if column is not None else [],
+            filter=where,
+            with_row_id=column is None,
+            batch_size=ROW_ID_BATCH,
+        )
+        for batch in batches:
+            yield batch.column(column or _ROWID).to_numpy().astype(np.uint64, copy=False)
 
 
 class SplitRows:
@@ -44,7 +174,7 @@ class SplitRows:
     most once per process; thread-safe.
     """
 
-    def __init__(self, base: Table, stored: Table | None, split: int) -> None:
+    def __init__(self, base: Store, stored: Store | None, split: int) -> None:
         self.base = base
         self.stored = stored
         self.split = split
@@ -79,8 +209,7 @@ class SplitRows:
         first = self._range[0] + (offset or 0)
         # lancedb returns taken rows in table order, once each: ask sorted distinct offsets.
         wanted, inverse = np.unique(positions, return_inverse=True)
-        taken = self.stored.take_offsets((wanted + first).tolist())
-        found = taken.select(["row_id", "split_id"]).to_arrow()
+        found = self.stored.take_offsets(wanted + first, ["row_id", "split_id"])
         splits = found.column("split_id").to_numpy()
         if found.num_rows != wanted.size or not bool(np.all(splits == self.split)):
             raise LineageError(
@@ -159,23 +288,16 @@ class SplitRows:
     def _scan(self) -> Iterator[np.ndarray]:
         """The split's row ids batch by batch, in stored order."""
         if self.stored is None:  # identity view: the base table's own row ids
-            query = self.base.search().select([]).with_row_id(True)
-            for batch in query.to_batches(ROW_ID_BATCH):
-                yield batch.column(_ROWID).to_numpy().astype(np.uint64, copy=False)
+            yield from self.base.scan(None, None)
             return
-        # Filtered in lancedb, to_batches rather than to_arrow: query.to_arrow() took 2.3 s for
-        # an 8M-row split, these batches 0.26 s (and 5.2 s for a 80M-row split of 100M rows,
-        # where reading both columns and masking in numpy took 7.7 s).
-        query = self.stored.search().where(f"split_id = {int(self.split)}").select(["row_id"])
-        for batch in query.to_batches(ROW_ID_BATCH):
-            yield batch.column("row_id").to_numpy()
+        yield from self.stored.scan("row_id", f"split_id = {int(self.split)}")
 
 
-def _split_range(stored: Table | None, split: int) -> tuple[int, int] | None:
+def _split_range(stored: Store | None, split: int) -> tuple[int, int] | None:
     """``(first table row, rows)`` of ``split`` from the table's metadata, if recorded."""
     if stored is None:
         return None
-    raw = (stored.schema.metadata or {}).get(SPLIT_RANGES_KEY.encode())
+    raw = stored.metadata().get(SPLIT_RANGES_KEY.encode())
     if raw is None:
         return None
     ranges = json.loads(raw)
@@ -197,7 +319,7 @@ def ramp(first: int, full: int) -> Iterator[int]:
 
 
 def take_rows(
-    base: Table, row_ids: np.ndarray, selection: Mapping[str, str], *, what: str
+    base: Store, row_ids: np.ndarray, selection: Mapping[str, str], *, what: str
 ) -> pa.RecordBatch:
     """Rows ``row_ids`` of ``base`` (at its checked-out version), in that order, as one batch
     with the columns of ``selection`` (output name → source column, as lancedb keeps it).
@@ -210,9 +332,7 @@ def take_rows(
     # per distinct id: ask for the sorted distinct ids, then gather them in the wanted order.
     unique, inverse = np.unique(np.asarray(row_ids, dtype=np.uint64), return_inverse=True)
     columns: dict[str, Any] = {name: selection[name] for name in names if name != _ROWID}
-    query = base.take_row_ids(unique.tolist()).with_row_id()
-    query = query.select(columns if columns else [])
-    found = query.to_arrow()
+    found = base.take_row_ids(unique, columns)
     got = found.column(_ROWID).to_numpy() if found.num_rows else np.empty(0, np.uint64)
     if got.size != unique.size or not np.array_equal(got, unique):
         missing = np.setdiff1d(unique, got)[:5].tolist()

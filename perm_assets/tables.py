@@ -35,9 +35,6 @@ TRAIN_RANGES_KEY = "perm_assets.train_ranges"
 SOURCE_TABLE_KEY = "perm_assets/table"
 # The Lance tag that pins the base version (see perm_assets.pins).
 PIN_KEY = "perm_assets.pin"
-SPLIT_RANGES_KEY = "perm_assets.split_ranges"
-"""``[[first row, rows], ...]`` per split id when the table stores its splits one after another
-(every table this project builds): a reader takes a split's row ids by table offset."""
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # Lance commits are optimistic: a writer that lost a race gets "Retryable commit conflict".

@@ -26,15 +26,16 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 from lancedb.permutation import Permutation, Transforms
-from lancedb.table import Table
+from lancedb.table import LanceTable, Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from perm_assets.batches import OWN_TRANSFORMS, VIEW_FORMATS, ViewFormat, reslice
 from perm_assets.cache import CacheEntry, ColumnCache
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, fold_index
-from perm_assets.pins import VersionIdentity, verify_identity, verify_pin, version_stamp
-from perm_assets.reader import SplitRows, take_rows
+from perm_assets.forked import ReadPlan
+from perm_assets.identity import VersionIdentity, verify_identity, verify_pin, version_stamp
+from perm_assets.reader import LanceDBStore, SplitRows, take_rows
 from perm_assets.resources import LanceDBResource
 from perm_assets.tables import (
     BASE_TABLE_KEY,
@@ -191,7 +192,17 @@ class PermutationView(Permutation):
         self._home_pid = os.getpid()
         # The split's row ids, read by this project (lancedb's take_offsets builds an offset
         # map of the whole split first: 39 s at 72M rows). Copies share it: read once.
-        self._split_rows = SplitRows(self.base_table, self.permutation_table, self.split)
+        stored = self.permutation_table
+        self._split_rows = SplitRows(
+            LanceDBStore(self.base_table),
+            None if stored is None else LanceDBStore(stored),
+            self.split,
+        )
+        # Where pylance finds the tables, for a forked worker's read helper (`_read_plan`).
+        self._locations = (
+            _location(self.base_table),
+            None if stored is None else _location(stored),
+        )
 
     def forked(self) -> bool:
         """Whether this process is a fork of the one that opened the view (lancedb 0.40 is
@@ -234,7 +245,7 @@ class PermutationView(Permutation):
         what = f"view of asset '{lineage.asset}'" if lineage is not None else "view"
         if self.__dict__.get("_cache") is not None:
             return self._cache_entry(what).take(row_ids, self.selection)
-        return take_rows(self.base_table, row_ids, self.selection, what=what)
+        return take_rows(LanceDBStore(self.base_table), row_ids, self.selection, what=what)
 
     def use_cache(self, folder: str, max_bytes: int) -> PermutationView:
         """This view reading its selected columns from the column cache under ``folder``
@@ -306,8 +317,39 @@ class PermutationView(Permutation):
         # reads hung or crashed in about one worker in ten here, and opening tables in one in
         # two. A forked child reads through a fresh interpreter instead (_ForkedReader).
         if self.__dict__.get("_home_pid", os.getpid()) != os.getpid():
-            return _ForkedReader(self.__getstate__())
+            return _ForkedReader(self._read_plan() or self.__getstate__())
         return await super()._build_reader()
+
+    def _read_plan(self) -> ReadPlan | None:
+        """What the lean read helper (`perm_assets.forked`) of a forked worker needs, from
+        Python attributes only; None when only the full helper can reopen the view (no
+        lineage, a connection factory, or a table pylance does not open by location)."""
+        lineage: ViewLineage | None = self.__dict__.get("lineage")
+        base_path, stored_path = self.__dict__.get("_locations", (None, None))
+        stored = self.permutation_table
+        if (
+            lineage is None
+            or self.connection_factory is not None
+            or base_path is None
+            or (stored is not None and stored_path is None)
+        ):
+            return None
+        return ReadPlan(
+            asset=lineage.asset,
+            base_path=base_path,
+            base_name=lineage.base_table,
+            base_version=lineage.base_version,
+            stored_path=stored_path if stored is not None else None,
+            stored_name=lineage.table,
+            stored_version=lineage.table_version,
+            split=int(self.split or 0),
+            pin=lineage.pin,
+            stamp=lineage.stamp,
+            offset=self.offset,
+            limit=self.limit,
+            selection=dict(self.selection),
+            storage_options=dict(_storage_options_of(self.base_table)),
+        )
 
     def __copy__(self) -> PermutationView:
         # lancedb's with_* methods call copy.copy, which would otherwise go through
@@ -596,6 +638,18 @@ def _env_name_holding(key: str, value: str, environ: Mapping[str, str]) -> str |
     return next((name for name in sorted(environ) if environ[name] == value), None)
 
 
+def _location(table: Table) -> str | None:
+    """Where pylance opens ``table`` (a local or object-store path), or None for a LanceDB
+    Cloud or namespace table. Pure Python: safe on lancedb's event-loop thread."""
+    if not isinstance(table, LanceTable):
+        return None
+    if getattr(table, "_location", None) is not None or getattr(table, "_namespace_path", None):
+        return None  # a namespace decides where the table is, and its credentials
+    if urlsplit(str(getattr(table._conn, "uri", ""))).scheme in ("db", "namespace"):
+        return None
+    return table._dataset_path
+
+
 def _storage_options_of(table: Table) -> Mapping[str, str]:
     # lancedb keeps the options on the table's connection and has no public accessor.
     connection = getattr(table, "_conn", None)
@@ -605,26 +659,29 @@ def _storage_options_of(table: Table) -> Mapping[str, str]:
 class _ForkedReader:
     """lancedb's ``PermutationReader`` interface, answered by a helper interpreter.
 
-    The helper (`_serve_forked_reads`) unpickles the view, which reopens its pinned tables in a
-    process whose lancedb runtime was never forked, and answers one request at a time over its
-    stdin and stdout (Arrow batches pickle as Arrow IPC buffers). It exits when this process
-    closes the pipe or exits. Starting it costs one interpreter's imports (~2-3 s) per worker.
+    The helper reopens the view's pinned tables in a process whose runtime was never forked and
+    answers one request at a time over its stdin and stdout (Arrow batches pickle as Arrow IPC
+    buffers); it exits when this process closes the pipe or exits. Given a `ReadPlan` it is
+    the lean helper (`perm_assets.forked`: pylance only, ~0.7 s to start); given the view's
+    pickled state, the full one (`_serve_forked_reads`: unpickles the view, importing dagster
+    and lancedb, ~3-4 s), for views the lean one cannot open.
     """
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        # Batches come back as Arrow; this process applies the view's own transform.
-        state = {**state, "transform_fn": Transforms.arrow2arrow}
+    def __init__(self, request: ReadPlan | dict[str, Any]) -> None:
+        if isinstance(request, ReadPlan):
+            program = "import perm_assets.forked as f; f.serve()"
+        else:
+            # Batches come back as Arrow; this process applies the view's own transform.
+            request = {**request, "transform_fn": Transforms.arrow2arrow}
+            program = "import perm_assets.views as v; v._serve_forked_reads()"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._process = subprocess.Popen(
-            [sys.executable, "-c", "import perm_assets.views as v; v._serve_forked_reads()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
+            [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         # One request at a time: num_rows calls count_rows from the caller's thread, the rest
         # arrive on lancedb's event-loop thread.
         self._lock = threading.Lock()
-        self._send(state)
+        self._send(request)
 
     def _send(self, message: object) -> None:
         stdin = cast(IO[bytes], self._process.stdin)

@@ -16,6 +16,7 @@ them on S3.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -25,12 +26,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 import lancedb
 import pyarrow as pa
 import pytest
+from torch.utils.data import DataLoader, Dataset
 
 from perm_assets import (
     LanceDBIOManager,
@@ -351,6 +353,61 @@ def test_a_cached_view_reads_the_base_table_once_then_makes_no_data_requests(
     assert first == plain and again == plain and len(plain) == 2_400
     assert plain_gets > 0 and fetch_gets > 0
     assert cached_gets == 0
+
+
+def _forked_pass(view: Any, out: Any) -> None:
+    """A forked child's whole pass over ``view`` (lancedb's reads there go through the helper)."""
+    reader_pid = None
+    ids: list[int] = []
+    for batch in view.iter(100):
+        ids.extend(batch.column("id").to_pylist())
+        reader_pid = view.reader._process.pid
+    maps = Path(f"/proc/{reader_pid}/maps").read_text()
+    out.put((ids, "_lancedb.abi3.so" in maps))
+
+
+@pytest.mark.filterwarnings("ignore:lancedb fork support is experimental:RuntimeWarning")
+def test_forked_workers_read_the_bucket_through_the_lean_helper(
+    run: Runner, db: LanceDBResource, s3: S3Server
+) -> None:
+    """A forked DataLoader worker's helper opens the tables in the bucket with pylance (the
+    parent's storage options) and reads the parent's rows, by position and in passes."""
+    source = table_asset("rows", 3_000)
+    splits = permutation_asset(
+        "splits",
+        source=source,
+        split=RandomSplit(ratios=[0.8, 0.2], seed=0, split_names=["train", "test"]),
+        shuffle=Shuffle(seed=0),
+    )
+    run([source, splits])
+    view = open_view(
+        db,
+        asset="splits",
+        table="splits",
+        version=None,
+        request=ViewRequest(split="train", columns=["id"], format="arrow"),
+    )
+    expected = read_arrow(view).column("id").to_pylist()
+    assert len(expected) == 2_400
+
+    loader = DataLoader(
+        cast(Dataset[Any], view),
+        batch_size=500,
+        num_workers=2,
+        multiprocessing_context="fork",
+        collate_fn=lambda batch: batch,
+    )
+    by_position = [i for batch in loader for i in batch.column("id").to_pylist()]
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_forked_pass, args=(view, out))
+    child.start()
+    in_passes, helper_has_lancedb = out.get(timeout=120)
+    child.join(timeout=60)
+
+    assert by_position == expected
+    assert in_passes == expected
+    assert child.exitcode == 0 and not helper_has_lancedb
 
 
 # ------------------------------------------------------- two processes, one permutation asset

@@ -41,6 +41,7 @@ from torch.utils.data import (
 
 from perm_assets import LanceDBResource, PermutationView, RandomSplit, Shuffle, permutation_asset
 from perm_assets.batches import reslice
+from perm_assets.errors import LineageError
 from perm_assets.training import (
     BatchLoader,
     feistel_permute,
@@ -169,17 +170,23 @@ def test_view_is_a_map_style_dataset_for_dataloader_workers(
     assert len(loader) == math.ceil(TRAIN_ROWS / 64)
 
 
-def reader_kind(batch: Any) -> str:
-    """A collate_fn, so it runs in the worker: the kind of reader that served the batch."""
+def helper_of(batch: Any) -> tuple[str, bool, bool]:
+    """A collate_fn, so it runs in the worker: the kind of reader that served the batch, and
+    whether its helper process has lancedb's and pylance's extensions mapped."""
     info = get_worker_info()
     assert info is not None
-    return type(cast(PermutationView, info.dataset).reader).__name__
+    reader: Any = cast(PermutationView, info.dataset).reader
+    maps = Path(f"/proc/{reader._process.pid}/maps").read_text()
+    return type(reader).__name__, "_lancedb.abi3.so" in maps, "lance.abi3.so" in maps
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings(FORK_WARNING)
-def test_forked_workers_read_through_a_fresh_interpreter(run: Runner) -> None:
-    """lancedb 0.40 hangs or crashes in some forked children: they must not call into it."""
+def test_forked_workers_read_through_a_lean_interpreter_without_lancedb(
+    run: Runner, db: LanceDBResource
+) -> None:
+    """lancedb 0.40 hangs or crashes in some forked children: they must not call into it.
+    Their helper reads through pylance alone (its start-up is in the first batch)."""
     view = materialize_view(run, {"columns": COLUMNS, "format": "arrow"})
 
     loader = DataLoader(
@@ -187,11 +194,71 @@ def test_forked_workers_read_through_a_fresh_interpreter(run: Runner) -> None:
         batch_size=TRAIN_ROWS // 2,
         num_workers=2,
         multiprocessing_context="fork",
-        collate_fn=reader_kind,
+        collate_fn=helper_of,
     )
 
-    assert list(loader) == ["_ForkedReader", "_ForkedReader"]
+    assert list(loader) == [("_ForkedReader", False, True)] * 2
     assert type(view.reader).__name__ == "PermutationReader"  # the parent's own, untouched
+    rows = DataLoader(
+        cast(Dataset[Any], view),
+        batch_size=64,
+        num_workers=2,
+        multiprocessing_context="fork",
+        collate_fn=lambda b: b,
+    )
+    got = pa.concat_tables([pa.Table.from_batches([b]) for b in rows])
+    assert got.column("id").to_pylist() == split_ids(db)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_a_connection_factory_view_in_a_forked_worker_uses_the_full_helper(
+    run: Runner, db: LanceDBResource
+) -> None:
+    """A view reopened by the user's factory cannot be opened by location: the helper
+    unpickles it with lancedb, and reads the same rows."""
+    view = materialize_view(run, {"columns": COLUMNS, "format": "arrow"})
+    with_factory = view.with_connection_factory(functools.partial(open_local_table, db.uri))
+
+    loader = DataLoader(
+        cast(Dataset[Any], with_factory),
+        batch_size=TRAIN_ROWS,
+        num_workers=1,
+        multiprocessing_context="fork",
+        collate_fn=lambda batch: (helper_of(batch), batch),
+    )
+
+    ((kind, batch),) = list(loader)
+    assert kind == ("_ForkedReader", True, False)
+    assert batch.column("id").to_pylist() == split_ids(db)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_a_base_table_recreated_after_the_fork_fails_in_the_worker_not_other_rows(
+    run: Runner, db: LanceDBResource
+) -> None:
+    """The lean helper reopens tables by location: it checks the pin as open_view does."""
+    view = materialize_view(run, {"columns": COLUMNS, "format": "arrow"})
+    base_version = view.lineage.base_version
+    connection = db.connect()
+    connection.drop_table("rows")
+    # Re-created with other rows, up to the same version number: a plain reopen would read it.
+    table = connection.create_table(
+        "rows", pa.table({"id": np.arange(5_000, 5_000 + ROWS), "label": np.zeros(ROWS, np.int64)})
+    )
+    while table.version < base_version:
+        table.add(pa.table({"id": np.arange(3), "label": np.zeros(3, np.int64)}))
+    loader = DataLoader(
+        cast(Dataset[Any], view),
+        batch_size=64,
+        num_workers=1,
+        multiprocessing_context="fork",
+        collate_fn=lambda batch: batch,
+    )
+
+    with pytest.raises(LineageError, match=rf"pins version {base_version} of base table 'rows'"):
+        next(iter(loader))
 
 
 # ------------------------------------------------------------------------------ pickling
