@@ -15,7 +15,9 @@ cached in Python, and the peak RSS is that path's own):
   the slower rank's first batch, the two ranks' rows/s added up, the larger peak RSS;
 - ``DataLoader spawn`` / ``fork``: a map-style ``DataLoader(view, batch_size, num_workers=2)``;
   worker start-up (a DataLoader over a dataset that reads nothing) is measured apart and
-  included in the first batch;
+  included in the first batch. A spawned worker's start-up re-imports this script (torch,
+  dagster, lancedb, perm_assets), as it would a training script; a forked worker reads through
+  its lean helper process (`perm_assets.forked`), whose start-up is in the first batch;
 - ``Permutation.iter``: lancedb's own ``Permutation.from_tables(...).iter(batch)``;
 - ``StreamingDataset``: lancedb's ``lancedb.streaming.StreamingDataset`` (setup: building its
   own shuffle of the whole table, as it cannot read a persisted split) through a DataLoader;
@@ -41,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -185,6 +188,9 @@ def measure(path: str, root: Path, batch: int, budget: float, rank: int) -> dict
         batches = BatchLoader(part, batch)
     elif path.startswith("DataLoader"):
         context = path.split()[-1]
+        # lancedb warns in every forked child that its runtime was reset; a view never calls
+        # lancedb there (its reads go through perm_assets.forked's helper process).
+        warnings.filterwarnings("ignore", "lancedb fork support is experimental", RuntimeWarning)
         empty = DataLoader(cast(Any, _Empty()), num_workers=2, multiprocessing_context=context)
         next(iter(empty))
         startup = _since(started)
