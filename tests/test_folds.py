@@ -5,6 +5,7 @@ and joined to the base table's columns), and compared with scikit-learn where it
 same guarantee.
 """
 
+import multiprocessing
 import pickle
 from typing import Any
 
@@ -272,6 +273,7 @@ def test_shuffled_time_series_folds_keep_scikit_learns_sets_with_gap_and_window(
         assert sorted(validation[f"fold_{i}"][0]) == test_idx.tolist()
 
 
+@pytest.mark.filterwarnings("ignore:lancedb fork support is experimental:RuntimeWarning")
 def test_a_fold_training_view_stays_in_its_range_under_skip_take_pickle_and_lineage(
     run: Runner, db: LanceDBResource
 ) -> None:
@@ -317,6 +319,22 @@ def test_a_fold_training_view_stays_in_its_range_under_skip_take_pickle_and_line
     assert read(plain.with_skip(1000).with_take(2)) == [1000, 1001]
     again = reproduce_input(db, run.instance, run_id=result.run_id, input_name="data")
     assert read(again) == ids
+    # A forked worker (its helper reopens the training table by location) reads the same range.
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_read_in_child, args=(view.with_skip(10).with_take(50), out))
+    child.start()
+    passes, taken, rows = out.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert (passes, taken, rows) == (ids[10:60], [ids[13], ids[10], ids[59]], 50)
+
+
+def _read_in_child(view: PermutationView, out: Any) -> None:
+    """In a forked child: a pass, a take by position and the length of ``view``."""
+    passes = read_arrow(view, batch_rows=7).column("id").to_pylist()
+    taken = view.take_arrow([3, 0, 49]).column("id").to_pylist()
+    out.put((passes, taken, len(view)))
 
 
 def test_a_misplaced_training_range_fails_the_leakage_check_and_blocks_training(
