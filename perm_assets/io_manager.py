@@ -163,7 +163,11 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         )
         pin_name = new_pin(name)
         # The training table names the pin too, so its own views verify the base table's.
-        train_data = folds.train_persistable({PIN_KEY.encode(): pin_name.encode()})
+        # One split (id 0) of train_num_rows rows: readers size it without counting.
+        ranges = json.dumps([[0, folds.train_num_rows]]).encode()
+        train_data = folds.train_persistable(
+            {PIN_KEY.encode(): pin_name.encode(), SPLIT_RANGES_KEY.encode(): ranges}
+        )
         train = write_table(connection, name + TRAIN_SUFFIX, train_data, WriteMode.OVERWRITE)
         data = folds.with_train_table(train.name, train.version)
         self._write_permutation(

@@ -69,6 +69,10 @@ class Store(Protocol):
         """The schema's metadata."""
         ...
 
+    def count_rows(self) -> int:
+        """Rows at this version (from the manifest: no scan)."""
+        ...
+
     def take_offsets(self, offsets: np.ndarray, columns: list[str]) -> pa.Table:
         """Rows at table ``offsets`` (sorted, distinct), in that order."""
         ...
@@ -100,6 +104,9 @@ class LanceDBStore:
 
     def metadata(self) -> Mapping[bytes, bytes]:
         return self.table.schema.metadata or {}
+
+    def count_rows(self) -> int:
+        return self.table.count_rows()
 
     def take_offsets(self, offsets: np.ndarray, columns: list[str]) -> pa.Table:
         return self.table.take_offsets(offsets.tolist()).select(columns).to_arrow()
@@ -147,6 +154,9 @@ class LanceStore:
 
     def metadata(self) -> Mapping[bytes, bytes]:
         return self.dataset.schema.metadata or {}
+
+    def count_rows(self) -> int:
+        return self.dataset.count_rows()
 
     def take_offsets(self, offsets: np.ndarray, columns: list[str]) -> pa.Table:
         return self.dataset.take(pa.array(offsets, pa.uint64()), columns=columns)
@@ -220,10 +230,22 @@ class SplitRows:
         return found.column("row_id").to_numpy()[inverse.reshape(-1)]
 
     def size(self, offset: int | None, limit: int | None) -> int:
-        """Rows of the `window`, without reading the row ids when the ranges are recorded."""
-        total = self._range[1] if self._range is not None else self.all().size
-        rest = max(total - (offset or 0), 0)
-        return rest if limit is None else min(limit, rest)
+        """Rows of the `window`, without reading the row ids when `known_size` knows it."""
+        known = self.known_size(offset, limit)
+        return known if known is not None else _window(self.all().size, offset, limit)
+
+    def known_size(self, offset: int | None, limit: int | None) -> int | None:
+        """Rows of the `window` when that costs no scan: the row ids read already, an
+        identity view's row count, or the table's recorded split ranges; else None."""
+        if self._all is not None:
+            total = self._all.size
+        elif self.stored is None:
+            total = self.base.count_rows()
+        elif self._range is not None:
+            total = self._range[1]
+        else:
+            return None
+        return _window(total, offset, limit)
 
     def held(self) -> np.ndarray | None:
         """`all` if it was read already, else None; never reads, never takes the lock (a
@@ -291,6 +313,12 @@ class SplitRows:
             yield from self.base.scan(None, None)
             return
         yield from self.stored.scan("row_id", f"split_id = {int(self.split)}")
+
+
+def _window(total: int, offset: int | None, limit: int | None) -> int:
+    """Rows left of ``total`` after skipping ``offset`` and taking at most ``limit``."""
+    rest = max(total - (offset or 0), 0)
+    return rest if limit is None else min(limit, rest)
 
 
 def _split_range(stored: Store | None, split: int) -> tuple[int, int] | None:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import dagster as dg
 import numpy as np
 import pyarrow as pa
-from lancedb.permutation import Permutation, Transforms
+from lancedb.permutation import DEFAULT_BATCH_SIZE, Permutation, Transforms
 from lancedb.table import LanceTable, Table
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -187,7 +187,11 @@ class PermutationView(Permutation):
     lineage: ViewLineage
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unbuilt = kwargs.get("_reader") is _UNBUILT
         super().__init__(*args, **kwargs)
+        if unbuilt:  # lancedb's _ensure_open builds the reader on first use (see from_tables)
+            self.reader = cast(Any, None)
+            self._pid = None
         # The process whose lancedb runtime holds this view's table handles (_build_reader).
         self._home_pid = os.getpid()
         # The split's row ids, read by this project (lancedb's take_offsets builds an offset
@@ -202,6 +206,60 @@ class PermutationView(Permutation):
         self._locations = (
             _location(self.base_table),
             None if stored is None else _location(stored),
+        )
+
+    @classmethod
+    def from_tables(
+        cls,
+        base_table: Table,
+        permutation_table: Table | None = None,
+        split: str | int | None = None,
+    ) -> PermutationView:
+        """lancedb's ``from_tables``, without building lancedb's reader yet.
+
+        lancedb builds its ``PermutationReader`` at once, and that counts the split's rows over
+        the whole permutation table: 0.75-1.1 s at 100M rows, ~10x that at 1B, before any
+        first batch. This project's reads by position and its passes (`take_row_ids`,
+        `perm_assets.training`) never use that reader, and `num_rows` / `schema` come from
+        the table's recorded split ranges and the base schema; lancedb's reader is built on
+        the first call that needs it (an uncached ``iter``, or a forked worker's helper).
+        A split given by name is resolved by lancedb, which builds the reader.
+        """
+        if isinstance(split, str):
+            return cast(PermutationView, super().from_tables(base_table, permutation_table, split))
+        if split is not None and permutation_table is None:
+            raise ValueError(f"split {split} of a view needs a permutation table")
+        selection = {name: name for name in base_table.schema.names}
+        return cls(
+            base_table,
+            permutation_table,
+            split or 0,
+            selection,
+            DEFAULT_BATCH_SIZE,
+            Transforms.arrow2python,
+            _reader=_UNBUILT,
+        )
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the view: from the table's recorded split ranges (or row ids already read)
+        without lancedb's reader; otherwise lancedb counts them."""
+        rows = self.split_rows()
+        known = None if rows is None else rows.known_size(self.offset, self.limit)
+        return known if known is not None else super().num_rows
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The selected columns' schema, as lancedb's reader reports it (tests compare),
+        from the base table's schema: no reader needed."""
+        if self.forked():  # the helper answers; the parent's table handles are not usable
+            return super().schema
+        base = self.base_table.schema
+        return pa.schema(
+            [
+                pa.field(name, pa.uint64()) if src == "_rowid" else base.field(src).with_name(name)
+                for name, src in self.selection.items()
+            ]
         )
 
     def forked(self) -> bool:
@@ -636,6 +694,10 @@ def _env_name_holding(key: str, value: str, environ: Mapping[str, str]) -> str |
     if environ.get(conventional) == value:
         return conventional
     return next((name for name in sorted(environ) if environ[name] == value), None)
+
+
+_UNBUILT: Any = object()
+"""``_reader`` of a `PermutationView` built without lancedb's reader (`from_tables`)."""
 
 
 def _location(table: Table) -> str | None:

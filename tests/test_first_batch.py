@@ -213,6 +213,41 @@ def test_the_first_batch_does_not_wait_for_the_whole_split(splits: LanceDBResour
     assert first.equals(lancedb_take(view, np.arange(8)))
 
 
+@pytest.mark.parametrize(("table", "request_"), VIEWS)
+def test_opening_a_view_and_its_first_batch_never_build_lancedbs_reader(
+    splits: LanceDBResource, table: str, request_: dict[str, Any]
+) -> None:
+    """lancedb's reader counts the split over the whole permutation table when built (~1 s at
+    100M rows): opening, len, schema and a BatchLoader's batches do without it, and give
+    lancedb's own answers."""
+    view = view_of(splits, table, **request_)
+    assert view.reader is None
+    length, schema = len(view), view.schema
+    first = next(iter(BatchLoader(view, 64)))
+    assert view.reader is None
+
+    split = None if view.permutation_table is None else view.split  # identity: no split
+    lancedbs = Permutation.from_tables(view.base_table, view.permutation_table, split)
+    lancedbs = lancedbs.select_columns(list(view.selection.values()))
+    if view.offset is not None or view.limit is not None:  # a fold's range of its table
+        lancedbs = lancedbs.with_skip(view.offset or 0)
+        lancedbs = lancedbs.with_take(view.limit) if view.limit is not None else lancedbs
+    assert length == len(lancedbs) > 0
+    assert schema == lancedbs.schema == first.schema
+    assert first.equals(lancedb_take(lancedbs, np.arange(first.num_rows)))
+
+
+def test_a_views_schema_names_renamed_and_row_id_columns_as_lancedb_does(
+    splits: LanceDBResource,
+) -> None:
+    view = view_of(splits, "splits", split="val")
+    for selection in ({"v": "value", "rid": "_rowid"}, {"_rowid": "_rowid", "name": "name"}):
+        renamed = view._with_selection(selection)
+        lancedbs = Permutation.from_tables(view.base_table, view.permutation_table, view.split)
+        assert renamed.schema == lancedbs._with_selection(selection).schema
+    assert view.reader is None
+
+
 def test_recorded_split_ranges_answer_takes_without_reading_the_whole_split(
     run: Runner, db: LanceDBResource
 ) -> None:
