@@ -45,12 +45,33 @@ def _rows(n: int) -> Any:
     import pyarrow as pa
 
     ids = np.arange(n, dtype=np.int64)
-    return pa.table({"id": ids, "label": (ids * 7919 % 37).astype(np.int32)})
+    tags = np.array(["d", "a", "c", "b", "e"])  # first appearance is not label order
+    return pa.table(
+        {
+            "id": ids,
+            "label": (ids * 7919 % 37).astype(np.int32),
+            "tag": tags[ids * 31 % 11 % 5],
+            "user": (ids * 104729 % 997).astype(np.int64),  # groups of ~30 rows
+            "t": (ids * 7 % 1500 // 3).astype(np.float64),  # 500 times, ~60 rows each
+        }
+    )
 
 
 def _cases() -> dict[str, dict[str, Any]]:
     """Permutation specs, and folds specs (those with ``folds``)."""
-    from perm_assets import KFold, RandomSplit, Shuffle
+    from perm_assets import (
+        CalculatedSplit,
+        GroupKFold,
+        GroupSplit,
+        HashSplit,
+        KFold,
+        RandomSplit,
+        SequentialSplit,
+        Shuffle,
+        StratifiedKFold,
+        StratifiedSplit,
+        TimeSplit,
+    )
 
     return {
         "no_split_shuffled": {"filter": "id % 3 = 0", "shuffle": Shuffle(seed=4)},
@@ -69,6 +90,35 @@ def _cases() -> dict[str, dict[str, Any]]:
         },
         # Rank by row id (the local engine's scan position), read in row-id order.
         "kfold_unshuffled": {"filter": "id % 5 != 1", "folds": KFold(k=3, shuffle=False)},
+        # Per-class rank intervals: classes of a string label in ascending label order.
+        "stratified_shuffled": {
+            "filter": "id % 4 != 3",
+            "split": StratifiedSplit(label="tag", ratios=[0.6, 0.3, 0.1], seed=5),
+            "shuffle": Shuffle(seed=6),
+        },
+        "stratified_kfold": {"folds": StratifiedKFold(k=4, label="label", seed=2)},
+        # Classes by first appearance, each ranked by row id.
+        "stratified_kfold_in_order": {
+            "filter": "id % 3 != 0",
+            "folds": StratifiedKFold(k=3, label="tag", shuffle=False),
+        },
+        "sequential": {"filter": "label < 30", "split": SequentialSplit(ratios=[0.7, 0.3])},
+        "hash": {
+            "split": HashSplit(columns=["user"], weights=[3, 1], discard_weight=1),
+            "shuffle": Shuffle(seed=9),
+        },
+        "calculated": {
+            "filter": "id % 2 = 0",
+            "split": CalculatedSplit(expression="id % 3", splits=3),
+        },
+        "group_stratified": {
+            "split": GroupSplit(group="user", label="tag", ratios=[0.8, 0.2], seed=4),
+        },
+        "group_kfold": {"filter": "label < 20", "folds": GroupKFold(k=3, group="user", seed=1)},
+        "time": {
+            "split": TimeSplit(column="t", ratios=[0.5, 0.3, 0.2]),
+            "shuffle": Shuffle(seed=3),
+        },
     }
 
 
