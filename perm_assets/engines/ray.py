@@ -554,27 +554,25 @@ class _Build:
     def census(self, columns: list[str]) -> pa.Table:
         """Rows (``rows``) and first row id (``first``) of each distinct value (tuple) of
         ``columns`` among the filtered rows, keyed ``k0, k1, ...``: one row per class (or
-        (group, label) pair), summed across tasks by Ray Data's groupby."""
-        from ray.data.aggregate import Min, Sum
-
-        counted = self.map(self.read(columns), _census_counts, columns=columns)
+        (group, label) pair). Tasks count their blocks; the driver merges their counts one
+        block at a time, so it holds the census and one block's counts, not the rows. (Ray
+        Data's groupby starts a hash shuffle with actors: seconds of overhead per build.)"""
+        counted = self.materialize(self.map(self.read(columns), _census_counts, columns=columns))
         keys = [f"k{i}" for i in range(len(columns))]
-        # Min's stubs type its zero_factory default wrongly (float is not comparable).
-        first = cast(Any, Min)("first", alias_name="first")
-        summed = counted.groupby(keys).aggregate(Sum("rows", alias_name="rows"), first)
-        result = self.materialize(summed)
-        parts = [self.watch.get(ref) for ref, _, _ in _pieces(result)]
-        parts = [_arrow(part, 0, part.num_rows) for part in parts]
-        census = pa.concat_tables(parts) if parts else pa.table({})
-        # Ray Data may widen types (string to large_string): back to the table's own.
-        types = [self.table.schema.field(column).type for column in columns]
-        census = pa.table(
-            {
-                **{k: census.column(k).cast(t) for k, t in zip(keys, types, strict=True)},
-                "rows": census.column("rows").cast(pa.int64()),
-                "first": census.column("first").cast(pa.uint64()),
-            }
-        )
+        census: pa.Table | None = None
+        for ref, first, rows in _pieces(counted):
+            part = _arrow(self.watch.get(ref), first, rows)
+            if census is not None:
+                part = pa.concat_tables([census, part])
+            merged = part.group_by(keys).aggregate([("rows", "sum"), ("first", "min")])
+            census = pa.table(
+                {
+                    **{k: merged.column(k) for k in keys},
+                    "rows": merged.column("rows_sum"),
+                    "first": merged.column("first_min"),
+                }
+            )
+        assert census is not None  # n > 0 rows were read
         if int(pc.sum(census.column("rows")).as_py() or 0) != self.n:  # pyright: ignore[reportAttributeAccessIssue]
             self.changed(int(pc.sum(census.column("rows")).as_py() or 0))  # pyright: ignore[reportAttributeAccessIssue]
         return census
@@ -598,16 +596,18 @@ class _Build:
         ordered = self.materialize(
             placed.sort(["split_id", "rkey"]).select_columns(["row_id", "split_id"])
         )
-        refs = _by_position(self.ray, ordered, _split_counts, splits=splits)
+        if planned is not None:  # the row count is in the blocks' metadata: no tasks
+            kept = ordered.count()
+            if kept != int(planned.sum()):
+                raise SpecError(
+                    f"asset '{self.asset}': engine 'ray' placed {kept} rows, planned "
+                    f"{int(planned.sum())} (table '{self.table.name}' changed during the "
+                    "build?); re-run"
+                )
+            return ordered, planned
         rows = np.zeros(splits, dtype=np.int64)
-        for counts in self.watch.get(refs):
+        for counts in self.watch.get(_by_position(self.ray, ordered, _split_counts, splits=splits)):
             rows += counts
-        if planned is not None and not np.array_equal(rows, planned):
-            raise SpecError(
-                f"asset '{self.asset}': engine 'ray' placed {rows.tolist()} rows per split, "
-                f"planned {planned.tolist()} (table '{self.table.name}' changed during the "
-                "build?); re-run"
-            )
         return ordered, rows
 
     def ordered(self) -> tuple[Any, np.ndarray]:
