@@ -38,7 +38,21 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
     # of a shuffled random split, which the S3 test builds); kfold_unshuffled ranks by row id.
     # Not here, as they take no other path: RandomSplit(fixed=...) (its sizes are the local
     # engine's split_sizes) and RandomSplit(ratios=...) + Shuffle (the S3 test's case).
-    every = ["no_split_shuffled", "random_counts", "kfold_shuffled", "kfold_unshuffled"]
+    every = [
+        "no_split_shuffled",
+        "random_counts",
+        "kfold_shuffled",
+        "kfold_unshuffled",
+        "stratified_shuffled",
+        "stratified_kfold",
+        "stratified_kfold_in_order",
+        "sequential",
+        "hash",
+        "calculated",
+        "group_stratified",
+        "group_kfold",
+        "time",
+    ]
     root = tmp_path / "one"
     root.mkdir()
     one = (
@@ -54,7 +68,7 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         .check()
         .json()
     )
-    tables = [*every, "kfold_shuffled__train", "kfold_unshuffled__train"]
+    tables = [*every, *(f"{name}__train" for name in every if "kfold" in name)]
     for name in tables:
         assert one["hashes"][f"ray/{name}"] == one["hashes"][f"local/{name}"], name
     for name in every:

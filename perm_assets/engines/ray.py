@@ -1,35 +1,59 @@
 """The distributed "ray" engine: the local engine's permutation, computed on a Ray cluster.
 
 Same rows as `perm_assets.engines.local`, row for row, for one base table version, spec and
-seed, whatever the number of Ray workers: it reuses that engine's pure functions of
-``(seed, row id)`` (`local.order_key`, `local.split_of_rank`'s rank intervals), and only the
-way the sort is distributed differs, which a total order on unique keys makes irrelevant.
-So the data version's algorithm identity is the local engine's (`ALGORITHM`).
+seed, whatever the number of Ray workers: it builds from that engine's own plan (the
+`local._Job` of `local._split_job` / `local._folds_job`: sizes per class, seeds, the kind's
+assigner) and reuses its pure functions (`local.order_key`, `local.split_of_rank`'s rank
+intervals, `local.hash_splits`, `local._Group.split_of_code`, `local.time_key`, ...); only the
+way the work is distributed differs, which a total order on unique keys makes irrelevant. So
+it builds exactly the kinds the local engine builds, and the data version's algorithm identity
+is the local engine's (`ALGORITHM`).
 
 1. **Read**: Ray Data reads the filtered base table at the pinned version through lance-ray's
-   ``read_lance(columns=[], with_metadata=True)``: each task reads only the row addresses
-   (``_rowaddr``, ``fragment id << 32 | offset``) of its fragments, never a data column. These
+   ``read_lance(with_metadata=True)``: each task reads the row addresses (``_rowaddr``,
+   ``fragment id << 32 | offset``) of its fragments and only the columns the kind needs. These
    are exactly the ``row_id`` values lancedb's ``Permutation`` expects of a table without
    stable row ids (what ``with_row_id(True)`` returns and the local engine stores; a view over
    a Ray-built table reads the expected base rows: tests/test_ray_engine.py).
-2. **Assign** (random splits, k-fold): each row gets an assignment key,
-   ``order_key(row_id, split seed)``, or for ``KFold(shuffle=False)`` the row id itself (the
-   local engine ranks those rows by scan position, which is row-id order: Lance lists
-   fragments in id order, also after a compaction); Ray Data sorts the keys (a distributed,
-   range-partitioned sort). With one split keeping every row, nothing is ranked. The split of
-   a row of rank ``r`` is the interval of cumulative split sizes ``r`` falls in, so a split
-   boundary is the key at rank ``ends[s]``: the driver reads those few keys from the sorted
-   blocks' metadata and one block each, and every task places its rows with
-   ``searchsorted`` against them.
+2. **Assign**, by kind:
+
+   - *One class, by rank* (random split, sequential split, k-fold): each row gets an
+     assignment key, ``order_key(row_id, split seed)``, or the row id itself for sequential
+     splits and ``KFold(shuffle=False)`` (the local engine ranks those rows by scan position,
+     which is row-id order: Lance lists fragments in id order, also after a compaction); Ray
+     Data sorts the keys (a distributed, range-partitioned sort). A split boundary is the key
+     at rank ``ends[s]``: the driver reads those few keys from the sorted blocks, and every
+     task places its rows with ``searchsorted``. With one split keeping every row, nothing
+     is ranked.
+   - *Per class, by rank* (`StratifiedSplit`, `StratifiedKFold`): a census (tasks count each
+     label's rows and first row id; the driver merges the counts) gives the classes and, by
+     the local engine's size functions, each class's cumulative sizes per split. Rows are
+     sorted by ``(class code, key)``; one Ray task per sorted block knows the block's global
+     position, so a row's rank in its class is its global rank less its class's first, and
+     its split follows from `local.split_of_rank`. Codes follow ascending label order, or
+     for ``StratifiedKFold(shuffle=False)`` first appearance with the row id as key.
+   - *Per row* (`HashSplit`, `CalculatedSplit`): each task computes its rows' splits with the
+     local engine's per-batch functions (lancedb's hash split on an in-memory table; the
+     calculated expression evaluated by the scan, range-checked).
+   - *Per group* (`GroupSplit`, `GroupKFold`): a census of the groups (and, stratified, of
+     the (group, label) pairs); the driver decides each group's split from the counts with
+     `local._Group.split_of_code`, and each task maps its rows' groups to their splits.
+   - *By time* (`TimeSplit`): rows sorted by `local.time_key`; the first time of each split
+     follows from the key at each target rank and the count of rows below it
+     (`_Build.time_bounds`: the local engine's "a run of equal times goes to the split of
+     its middle row"), then each row's split from its time.
 3. **Order**: rows are sorted by ``(split_id, order_key(row_id, shuffle seed))`` (or by row id
    without a shuffle, as the local engine stores an unshuffled split) and streamed, in order,
    into the permutation table by the IO manager's single commit.
 
-``KFold`` is a random split with counts ``n // k`` (+1 for the first ``n % k`` folds), as in
-the local engine; its training table is the sorted dataset's folds rotated (folds 1..k-1, then
-0..k-2; see `perm_assets.folds`), streamed from the same materialized blocks, which are fetched
-by position so only the blocks of each range are read. Stratified and group k-fold are not
-built here yet (refused, naming the engines that build them).
+Folds are a split with ``k`` folds; their training table is the sorted dataset's folds
+rotated (folds 1..k-1, then 0..k-2; see `perm_assets.folds`), streamed from the same
+materialized blocks, which are fetched by position so only the blocks of each range are read.
+
+Bad input fails with the local engine's error before anything is written: nulls in a label,
+group or time column and a time column without an order are counted on the driver before Ray
+is touched (`_prechecked`); a value only a task meets (a calculated split out of range, a NaN
+time) fails that task with the local engine's SpecError, which reaches the caller as such.
 
 A worker node that dies mid-build loses its running tasks and the blocks in its object store;
 Ray Data retries the tasks and Ray rebuilds lost blocks from their lineage on the surviving
@@ -40,9 +64,10 @@ fails after `NO_CPU_SECONDS`. Whatever fails, nothing is committed before the wh
 permutation has been streamed, so the previous version stays the latest.
 
 Driver memory does not grow with the row count: it holds the row count, the split sizes, one
-key per boundary and one streamed batch at a time (the row ids do pass through the driver,
-batch by batch, to be written; lance-ray's distributed fragment writer is not used because the
-IO manager owns the write and its commit).
+key per boundary, the census (one entry per class, group or (group, label) pair, merged one
+block's counts at a time) and one streamed batch at a time (the row ids do pass through the
+driver, batch by batch, to be written; lance-ray's distributed fragment writer is not used
+because the IO manager owns the write and its commit).
 
 Credentials: workers read the base table with credentials from their own environment
 (``AWS_*`` variables, instance roles). Storage options whose name suggests a secret are left
