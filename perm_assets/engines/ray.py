@@ -598,8 +598,9 @@ class _Build:
                 }
             )
         assert census is not None  # n > 0 rows were read
-        if int(pc.sum(census.column("rows")).as_py() or 0) != self.n:  # pyright: ignore[reportAttributeAccessIssue]
-            self.changed(int(pc.sum(census.column("rows")).as_py() or 0))  # pyright: ignore[reportAttributeAccessIssue]
+        read = int(census.column("rows").to_numpy().sum())
+        if read != self.n:
+            self.changed(read)
         return census
 
     def classes_of(self, values: pa.Array, rows: np.ndarray, first: np.ndarray) -> local._Classes:
