@@ -45,12 +45,30 @@ def _rows(n: int) -> Any:
     import pyarrow as pa
 
     ids = np.arange(n, dtype=np.int64)
-    return pa.table({"id": ids, "label": (ids * 7919 % 37).astype(np.int32)})
+    tags = np.array(["d", "a", "c", "b", "e"])  # first appearance is not label order
+    return pa.table(
+        {
+            "id": ids,
+            "label": (ids * 7919 % 37).astype(np.int32),
+            "tag": tags[ids * 31 % 11 % 5],
+            "user": (ids * 104729 % 997).astype(np.int64),  # groups of ~30 rows
+            "t": (ids * 7 % 1500 // 3).astype(np.float64),  # 500 times, ~60 rows each
+        }
+    )
 
 
 def _cases() -> dict[str, dict[str, Any]]:
     """Permutation specs, and folds specs (those with ``folds``)."""
-    from perm_assets import KFold, RandomSplit, Shuffle
+    from perm_assets import (
+        CalculatedSplit,
+        GroupSplit,
+        HashSplit,
+        RandomSplit,
+        SequentialSplit,
+        Shuffle,
+        StratifiedKFold,
+        TimeSplit,
+    )
 
     return {
         "no_split_shuffled": {"filter": "id % 3 = 0", "shuffle": Shuffle(seed=4)},
@@ -61,14 +79,36 @@ def _cases() -> dict[str, dict[str, Any]]:
         },
         "random_counts": {"split": RandomSplit(counts=[1000, 333], seed=3)},
         "random_fixed_unshuffled": {"split": RandomSplit(fixed=3, seed=5)},
-        # Rank by order_key(row id, seed), filtered, read shuffled; both tables compared.
-        "kfold_shuffled": {
+        # Per-class ranks by a seed (classes in ascending label order), filtered, read
+        # shuffled; both folds tables compared (KFold's path plus classes).
+        "stratified_kfold": {
             "filter": "label < 30",
-            "folds": KFold(k=4, seed=3),
+            "folds": StratifiedKFold(k=4, label="label", seed=3),
             "shuffle": Shuffle(seed=2),
         },
-        # Rank by row id (the local engine's scan position), read in row-id order.
-        "kfold_unshuffled": {"filter": "id % 5 != 1", "folds": KFold(k=3, shuffle=False)},
+        # Classes of a string label by first appearance, each ranked by row id.
+        "stratified_kfold_in_order": {
+            "filter": "id % 3 != 0",
+            "folds": StratifiedKFold(k=3, label="tag", shuffle=False),
+        },
+        # Rank by row id (KFold(shuffle=False)'s path: the local engine's scan position).
+        "sequential": {"filter": "id % 5 != 1", "split": SequentialSplit(ratios=[0.7, 0.3])},
+        "hash": {
+            "split": HashSplit(columns=["user"], weights=[3, 1], discard_weight=1),
+            "shuffle": Shuffle(seed=9),
+        },
+        "calculated": {
+            "filter": "id % 2 = 0",
+            "split": CalculatedSplit(expression="id % 3", splits=3),
+        },
+        # Groups and (group, label) pairs counted; GroupKFold takes the same path.
+        "group_stratified": {
+            "split": GroupSplit(group="user", label="tag", ratios=[0.8, 0.2], seed=4),
+        },
+        "time": {
+            "split": TimeSplit(column="t", ratios=[0.5, 0.3, 0.2]),
+            "shuffle": Shuffle(seed=3),
+        },
     }
 
 
@@ -164,8 +204,46 @@ def build() -> dict[str, Any]:
                 got = read_arrow(view).column("id").to_numpy()
                 ok = ok and np.array_equal(got, expected[split_ids == index])
             out["view_ok"][name] = ok
+    if "calculated" in cases:
+        out["out_of_range"] = _out_of_range(root, connect_ray)
     if sys.argv[4:] == ["then-kill-the-worker"]:
         out["no_worker"] = _no_worker_left(root, connect_ray)
+    return out
+
+
+def _out_of_range(root: str, address: str | None) -> dict[str, Any]:
+    """A calculated split giving an undeclared split index, by each engine: the error (met
+    by a Ray task, not before) and whether a table was written."""
+    import dagster as dg
+
+    from perm_assets import CalculatedSplit, LanceDBIOManager, LanceDBResource, permutation_asset
+
+    out: dict[str, Any] = {}
+    for engine in ("local", "ray"):
+        db = LanceDBResource(uri=f"{root}/{engine}", engine=engine, ray_address=address)
+
+        @dg.asset(name="base")
+        def base() -> Any:
+            return _rows(N)
+
+        split = CalculatedSplit(expression="id % 4", splits=3)
+        perm = permutation_asset("out_of_range", source=base, split=split)
+        result = dg.materialize(
+            [base, perm],
+            resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+            selection=[perm.key],
+            raise_on_error=False,
+        )
+        failure = result.failure_data_for_node("out_of_range")
+        error = failure.error if failure else None
+        # The step's own error is Dagster's wrapper; its cause is what the build raised.
+        cause = error.cause if error is not None else None
+        out[engine] = {
+            "success": result.success,
+            "class": cause.cls_name if cause is not None else None,
+            "message": cause.message if cause is not None else "",
+            "written": db.table_exists("out_of_range"),
+        }
     return out
 
 

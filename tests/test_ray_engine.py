@@ -13,16 +13,19 @@ import pyarrow as pa
 import pytest
 
 from perm_assets import (
+    GroupSplit,
     LanceDBIOManager,
     LanceDBResource,
     RandomSplit,
     SpecError,
+    StratifiedKFold,
     StratifiedSplit,
+    TimeSeriesFolds,
+    TimeSplit,
+    folds_asset,
     permutation_asset,
 )
 from perm_assets.engines.ray import _public_options
-from perm_assets.factories import folds_asset
-from perm_assets.specs import StratifiedKFold
 from tests.ray_netns import FAST_NODE_DEATH, run_on_ray
 from tests.servers import free_port
 
@@ -32,13 +35,27 @@ DRIVER = Path(__file__).with_name("ray_driver.py")
 def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_path: Path) -> None:
     # One worker node over the local disk: every code path of the engine. Two workers over S3:
     # tests/test_ray_engine_s3.py (another file, so that make test runs the two clusters on its
-    # two cores at once); both equal the local engine's table, hence each other. Paths:
-    # no_split_shuffled skips the ranking sort; random_counts ranks by a seed, leaves rows out
-    # and reads unshuffled; kfold_shuffled ranks by a seed, filtered, reads shuffled (the path
-    # of a shuffled random split, which the S3 test builds); kfold_unshuffled ranks by row id.
-    # Not here, as they take no other path: RandomSplit(fixed=...) (its sizes are the local
-    # engine's split_sizes) and RandomSplit(ratios=...) + Shuffle (the S3 test's case).
-    every = ["no_split_shuffled", "random_counts", "kfold_shuffled", "kfold_unshuffled"]
+    # two cores at once); both equal the local engine's table, hence each other. Paths (see
+    # the cases in tests/ray_driver.py): no_split_shuffled skips the ranking sort;
+    # random_counts ranks by a seed, leaves rows out and reads unshuffled; stratified_kfold
+    # ranks each class by a seed, filtered, read shuffled (KFold's path, per class);
+    # stratified_kfold_in_order ranks each class by row id; sequential ranks by row id
+    # (KFold(shuffle=False)'s path); hash and calculated place each row in its task;
+    # group_stratified counts groups and (group, label) pairs (GroupKFold's path without
+    # labels); time finds each split's first time. Not here, as they take no other path:
+    # KFold, StratifiedSplit, GroupKFold, RandomSplit(ratios / fixed) (their sizes are the
+    # local engine's functions) and the S3 test's RandomSplit(ratios=...) + Shuffle.
+    every = [
+        "no_split_shuffled",
+        "random_counts",
+        "stratified_kfold",
+        "stratified_kfold_in_order",
+        "sequential",
+        "hash",
+        "calculated",
+        "group_stratified",
+        "time",
+    ]
     root = tmp_path / "one"
     root.mkdir()
     one = (
@@ -50,11 +67,12 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
             "then-kill-the-worker",
             workers=1,
             env=FAST_NODE_DEATH,
+            timeout=420.0,  # nine Ray builds on 2 shared cores
         )
         .check()
         .json()
     )
-    tables = [*every, "kfold_shuffled__train", "kfold_unshuffled__train"]
+    tables = [*every, *(f"{name}__train" for name in every if "kfold" in name)]
     for name in tables:
         assert one["hashes"][f"ray/{name}"] == one["hashes"][f"local/{name}"], name
     for name in every:
@@ -63,6 +81,20 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         assert one["view_ok"][name], f"{name}: a view over the Ray-built table read other rows"
     # Different specs gave different tables (the hashes are not all of one empty table).
     assert len({one["hashes"][f"ray/{name}"] for name in tables}) == len(tables)
+    # A value only a Ray task meets (a calculated split out of range) fails the build with
+    # the local engine's SpecError, not Ray's wrapping of it; nothing is written.
+    for engine, bad in one["out_of_range"].items():
+        assert not bad["success"] and not bad["written"], (engine, bad)
+        assert bad["class"] == "SpecError", (engine, bad)
+        message = bad["message"]
+        assert message.startswith(
+            "perm_assets.errors.SpecError: asset 'out_of_range': calculated split expression "
+            "'id % 4' gives split index 3 (row "
+        ), (engine, message)
+        assert message.rstrip().endswith(
+            "but only splits 0..2 (['split_0', 'split_1', 'split_2']) are declared; fix the "
+            "expression or declare more splits"
+        ), (engine, message)
     # Then the only worker node is SIGKILLed and a build starts: Ray alone would wait for a
     # CPU forever; the engine fails it after NO_CPU_SECONDS (3 s in the driver), naming why,
     # and commits nothing.
@@ -116,16 +148,15 @@ def test_an_unreachable_ray_address_is_named_and_nothing_is_written(tmp_path: Pa
 def test_kinds_the_ray_engine_does_not_build_fail_with_the_local_engines_kind_of_error(
     tmp_path: Path,
 ) -> None:
-    # Refused before any connection: the address below is never dialled.
+    # What the local engine does not build (the Ray engine builds from its plan): refused
+    # before any connection, so the address below is never dialled.
     db = LanceDBResource(uri=str(tmp_path / "db"), engine="ray", ray_address="127.0.0.1:9")
     base = _base()
     cases = {
-        "stratified": permutation_asset(
-            "stratified", source=base, split=StratifiedSplit(ratios=[0.5, 0.5], label="label")
+        "clumped": permutation_asset(
+            "clumped", source=base, split=RandomSplit(ratios=[0.5, 0.5], seed=1, clump_size=4)
         ),
-        "folds": folds_asset(
-            "folds", source=base, folds=StratifiedKFold(k=3, label="label", seed=1)
-        ),
+        "folds": folds_asset("folds", source=base, folds=TimeSeriesFolds(k=3, column="id")),
     }
     for name, asset in cases.items():
         result = dg.materialize(
@@ -135,9 +166,75 @@ def test_kinds_the_ray_engine_does_not_build_fail_with_the_local_engines_kind_of
         )
         message = _error(result, name)
         assert "engine 'ray' does not build" in message, message
-        assert ("StratifiedSplit" if name == "stratified" else "StratifiedKFold") in message
-        assert "engine='local'" in message
+        kind = "RandomSplit(clump_size=...)" if name == "clumped" else "TimeSeriesFolds"
+        assert kind in message, message
+        assert "engine='lancedb'" in message
         assert not db.table_exists(name)
+
+
+def test_null_labels_groups_and_times_fail_as_on_the_local_engine_before_ray_is_touched(
+    tmp_path: Path,
+) -> None:
+    # Counted on the driver before any connection (the address is never dialled): the local
+    # engine's message, naming the column and the filter that drops them; nothing written.
+    @dg.asset(name="base")
+    def base() -> pa.Table:
+        ids = np.arange(1000, dtype=np.int64)
+        holes = pa.array(ids % 3, mask=ids % 100 == 7)  # 10 nulls
+        return pa.table({"id": ids, "label": holes, "user": holes, "t": holes.cast(pa.float64())})
+
+    cases = {
+        "stratified": lambda: permutation_asset(
+            "stratified",
+            source=base,
+            split=StratifiedSplit(ratios=[0.5, 0.5], label="label", seed=1),
+        ),
+        "skfold": lambda: folds_asset(
+            "skfold", source=base, folds=StratifiedKFold(k=3, label="label", seed=1)
+        ),
+        "group": lambda: permutation_asset(
+            "group", source=base, split=GroupSplit(group="user", ratios=[0.5, 0.5], seed=1)
+        ),
+        "time": lambda: permutation_asset(
+            "time", source=base, split=TimeSplit(column="t", ratios=[0.5, 0.5])
+        ),
+    }
+    column = {"stratified": "label", "skfold": "label", "group": "user", "time": "t"}
+    for engine in ("local", "ray"):
+        db = LanceDBResource(uri=str(tmp_path / engine), engine=engine, ray_address="127.0.0.1:9")
+        for name, make in cases.items():
+            result = dg.materialize(
+                [base, make()],
+                resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+                raise_on_error=False,
+            )
+            message = _error(result, name)
+            assert (
+                f"asset '{name}': column '{column[name]}' of table 'base' has null values "
+                "among the selected rows"
+            ) in message, (engine, message)
+            assert f'Drop them with filter "{column[name]} IS NOT NULL"' in message
+            assert not db.table_exists(name)
+
+
+def test_a_time_column_without_an_order_fails_as_on_the_local_engine(tmp_path: Path) -> None:
+    @dg.asset(name="base")
+    def base() -> pa.Table:
+        return pa.table({"id": np.arange(10), "t": [str(i) for i in range(10)]})
+
+    for engine in ("local", "ray"):
+        db = LanceDBResource(uri=str(tmp_path / engine), engine=engine, ray_address="127.0.0.1:9")
+        perm = permutation_asset(
+            "time", source=base, split=TimeSplit(column="t", ratios=[0.5, 0.5])
+        )
+        result = dg.materialize(
+            [base, perm],
+            resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+            raise_on_error=False,
+        )
+        message = _error(result, "time")
+        assert "column 't' has type string, which has no time order" in message, message
+        assert not db.table_exists("time")
 
 
 def test_credentials_in_storage_options_stay_out_of_what_ray_ships_to_tasks() -> None:

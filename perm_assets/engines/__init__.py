@@ -7,8 +7,8 @@
   through spill files, memory bounded by ``LanceDBResource.local_bucket_rows``. Other rows
   than lancedb's for the same seed; deterministic for (table version, spec, seed).
 - ``"ray"``: the distributed engine (`perm_assets.engines.ray`) on the Ray cluster at
-  ``LanceDBResource.ray_address``: the local engine's rows, computed by Ray Data tasks (needs
-  the ``ray`` extra; imported only when chosen).
+  ``LanceDBResource.ray_address``: the local engine's rows for every kind it builds, computed
+  by Ray Data tasks (needs the ``ray`` extra; imported only when chosen).
 - ``"auto"`` (default): ``"lancedb"`` up to ``LanceDBResource.auto_local_above_rows`` filtered
   rows, ``"local"`` above (falling back to ``"lancedb"``, with a log line, for a kind the local
   engine does not build yet).

@@ -455,6 +455,14 @@ class _Classes:
         self.lookup: pa.Array | None = None
         self.counts = np.zeros(0, dtype=np.int64)
 
+    @classmethod
+    def of(cls, lookup: pa.Array, counts: np.ndarray) -> _Classes:
+        """The classes of an already counted scan (the Ray engine's census): ``lookup`` in
+        order of first appearance, ``counts`` their rows."""
+        classes = cls()
+        classes.lookup, classes.counts = lookup, np.asarray(counts, dtype=np.int64)
+        return classes
+
     def codes(self, labels: pa.Array) -> np.ndarray:
         """Code of each label (its index in order of first appearance), counted."""
         unique = pc.unique(labels)  # pyright: ignore[reportAttributeAccessIssue]
@@ -495,13 +503,19 @@ class _Classes:
 
 
 # ------------------------------------------------- kinds decided per row, group or time
+def null_error(column: str, nulls: str, *, asset: str, table: str) -> SpecError:
+    """The error for null values of a label, group or time column (``nulls``: how many)."""
+    return SpecError(
+        f"asset '{asset}': column '{column}' of table '{table}' has null values among the "
+        f"selected rows ({nulls}); a row with no {column} cannot be placed safely. Drop them "
+        f'with filter "{column} IS NOT NULL" (combined with AND)'
+    )
+
+
 def _no_nulls(values: pa.Array, column: str, *, asset: str, table: str) -> None:
     if values.null_count:
-        raise SpecError(
-            f"asset '{asset}': column '{column}' of table '{table}' has null values among the "
-            f"selected rows ({values.null_count} in one scanned batch); a row with no {column} "
-            f'cannot be placed safely. Drop them with filter "{column} IS NOT NULL" (combined '
-            "with AND)"
+        raise null_error(
+            column, f"{values.null_count} in one scanned batch", asset=asset, table=table
         )
 
 
@@ -555,8 +569,9 @@ class _Calculated(_Assigner):
         self.columns = {"split": cast(str, where(split.expression))}
         self.what = f"calculated split expression {split.expression!r}"
 
-    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
-        values = batch.column("split")
+    def splits(self, values: pa.Array, row_ids: np.ndarray) -> np.ndarray:
+        """Split of each row from the expression's ``values`` (a SpecError for a value that
+        is no declared split's index). Pure: the Ray engine's tasks call it too."""
         if not pa.types.is_integer(values.type) or values.null_count:
             nulls = f" with {values.null_count} null(s)" if values.null_count else ""
             raise SpecError(
@@ -573,7 +588,10 @@ class _Calculated(_Assigner):
                 f"in this batch), but only splits 0..{self.counts.size - 1} ({self.names}) are "
                 "declared; fix the expression or declare more splits"
             )
-        _to_splits(spill, row_ids, split, self.counts)
+        return split
+
+    def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
+        _to_splits(spill, row_ids, self.splits(batch.column("split"), row_ids), self.counts)
 
 
 _HASH_ROWS = 1 << 20  # at most one Lance file's rows: one fragment per batch
@@ -593,30 +611,37 @@ class _Hash(_Assigner):
         super().__init__(split.num_splits, asset=asset, table=table)
         self.split = split
         self.columns = list(split.columns)
-        self.db = lancedb.connect("memory://")
         self.name = f"hash_{os.getpid()}_{id(self)}"
+        self.db = lancedb.connect("memory://")
 
     def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
         data = pa.Table.from_batches([batch]).select(self.columns)
-        split = np.full(data.num_rows, self.counts.size, dtype=np.int64)  # left out unless hit
-        for start in range(0, data.num_rows, _HASH_ROWS):
-            part = data.slice(start, _HASH_ROWS)
-            table = self.db.create_table(self.name, part, mode="overwrite")
-            builder = permutation_builder(table).split_hash(
-                self.split.columns, self.split.weights, discard_weight=self.split.discard_weight
-            )
-            result = read_all(builder.execute())
-            # A row address is fragment << 32 | offset; an overwrite starts a new fragment.
-            at = result.column("row_id").to_numpy()
-            fragment, offset = at >> np.uint64(32), (at & np.uint64(0xFFFFFFFF)).astype(np.int64)
-            if at.size and (fragment.min() != fragment.max() or offset.max() >= part.num_rows):
-                raise RuntimeError("local engine: lancedb's hash split of a batch spans fragments")
-            split[start + offset] = result.column("split_id").to_numpy()
+        split = hash_splits(data, self.split, self.db, self.name)
         _to_splits(spill, row_ids, split, self.counts)
 
     def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
         self.db.drop_table(self.name)
         return self.counts
+
+
+def hash_splits(data: pa.Table, split: HashSplit, db: Any, name: str) -> np.ndarray:
+    """Split of each row of ``data`` (the hash columns) by lancedb's hash split, through the
+    in-memory table ``name`` of ``db`` (see `_Hash`); ``split.num_splits``: left out."""
+    out = np.full(data.num_rows, split.num_splits, dtype=np.int64)  # left out unless hit
+    for start in range(0, data.num_rows, _HASH_ROWS):
+        part = data.slice(start, _HASH_ROWS)
+        table = db.create_table(name, part, mode="overwrite")
+        builder = permutation_builder(table).split_hash(
+            split.columns, split.weights, discard_weight=split.discard_weight
+        )
+        result = read_all(builder.execute())
+        # A row address is fragment << 32 | offset; an overwrite starts a new fragment.
+        at = result.column("row_id").to_numpy()
+        fragment, offset = at >> np.uint64(32), (at & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        if at.size and (fragment.min() != fragment.max() or offset.max() >= part.num_rows):
+            raise RuntimeError("lancedb's hash split of a batch spans fragments")
+        out[start + offset] = result.column("split_id").to_numpy()
+    return out
 
 
 def group_splits(sizes: np.ndarray, ratios: list[float], seed: int) -> np.ndarray:
@@ -714,7 +739,10 @@ class _Group(_Assigner):
         self.pending = self.reduced = merged[0].size
         return merged
 
-    def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
+    def split_of_code(self, pairs: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """Split of each group code of ``self.groups`` from its counts and, stratified, from
+        ``pairs``: ``(group code << 32 | label code of self.classes, rows)``, each pair once.
+        The Ray engine calls it with the classes of its census."""
         remap = self.groups.sorted_order()  # code -> rank in ascending key order
         sizes = np.zeros(remap.size, dtype=np.int64)
         sizes[remap] = self.groups.counts
@@ -722,15 +750,19 @@ class _Group(_Assigner):
             if self.label is None:
                 sorted_splits = self.decide(sizes)
             else:
-                keys, rows = self._reduce()
+                assert pairs is not None
+                keys, rows = pairs
                 num_labels = self.classes.counts.size
                 labels = self.classes.sorted_order()[keys & np.int64(0xFFFFFFFF)]
-                pairs = remap[keys >> _PAIR_SHIFT] * num_labels + labels
-                order = np.argsort(pairs)
-                sorted_splits = self.decide(sizes, pairs[order], rows[order], num_labels)
+                pair_codes = remap[keys >> _PAIR_SHIFT] * num_labels + labels
+                order = np.argsort(pair_codes)
+                sorted_splits = self.decide(sizes, pair_codes[order], rows[order], num_labels)
         except ValueError as exc:
             raise SpecError(f"asset '{self.asset}', table '{self.table}': {exc}") from exc
-        split_of_code = sorted_splits[remap]
+        return sorted_splits[remap]
+
+    def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
+        split_of_code = self.split_of_code(None if self.label is None else self._reduce())
         chunks = zip(
             spill.chunks("g", np.uint64, settings.bucket_rows),
             spill.chunks("gc", np.int64, settings.bucket_rows),
@@ -869,15 +901,12 @@ class _FoldsInOrder(_Assigner):
         spill.append("fc", codes)
         spill.append("fi", earlier[codes] + _rank_in_code(codes, earlier.size))
 
+    def ends(self) -> np.ndarray:
+        """Cumulative rows per (class, fold), classes by first appearance (their codes)."""
+        return in_order_ends(self.classes.counts, self.counts.size)
+
     def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
-        k = self.counts.size
-        # Rows per (class, fold) of the round-robin over the class-sorted rows, classes by
-        # first appearance (their codes); each class's rows then fill its folds in table
-        # order, fold 0 first (as `assign.stratified_kfold` with shuffle=False).
-        end = np.cumsum(self.classes.counts)[:, None]
-        start = end - self.classes.counts[:, None]
-        fold = np.arange(k)[None, :]
-        ends = np.cumsum((end - fold - 1) // k - (start - fold - 1) // k, axis=1)
+        ends = self.ends()
         chunks = zip(
             spill.chunks("fr", np.uint64, settings.bucket_rows),
             spill.chunks("fc", np.int64, settings.bucket_rows),
@@ -889,6 +918,17 @@ class _FoldsInOrder(_Assigner):
         for name in ("fr", "fc", "fi"):
             spill.remove(name)
         return self.counts
+
+
+def in_order_ends(counts: np.ndarray, k: int) -> np.ndarray:
+    """`StratifiedKFold(shuffle=False)`'s cumulative rows per (class, fold) for classes of
+    ``counts`` rows (in order of first appearance): the round-robin over the class-sorted rows,
+    each class's rows filling its folds in table order, fold 0 first (as
+    `assign.stratified_kfold` with shuffle=False)."""
+    end = np.cumsum(counts)[:, None]
+    start = end - counts[:, None]
+    fold = np.arange(k)[None, :]
+    return np.cumsum((end - fold - 1) // k - (start - fold - 1) // k, axis=1)
 
 
 @dataclass(frozen=True)
@@ -1322,6 +1362,32 @@ def build_folds(
     k = folds.k
     n = _filtered_rows(table, spec, asset=asset)
     _check_k(table, k, n, asset=asset)
+    job = _folds_job(table, spec, n, asset=asset)
+    result = _run(table, job, spill, settings, n=n, asset=asset)
+    small: dict[str, int] = {}
+    if isinstance(folds, StratifiedKFold):
+        small = _small_classes(result.classes, folds, table, asset=asset)
+    rows = result.split_rows
+    _check_folds(spec.split_names(), rows, n, k, asset=asset)
+
+    def validation() -> Iterator[pa.RecordBatch]:
+        for fold in range(k):
+            yield from result.batches(fold)
+
+    def train() -> Iterator[pa.RecordBatch]:
+        # The folds table rotated: folds 1..k-1 then 0..k-2 (see perm_assets.folds._rotated).
+        for fold in [*range(1, k), *range(0, k - 1)]:
+            for batch in result.batches(fold):
+                yield batch.set_column(1, "split_id", pa.array(np.zeros(batch.num_rows, np.uint64)))
+
+    return _streamed_folds(table, spec, rows, n, validation, train, small)
+
+
+def _folds_job(table: Table, spec: FoldsSpec, n: int, *, asset: str) -> _Job:
+    """How ``spec``'s folds are assigned (the Ray engine builds from the same job)."""
+    folds = spec.folds
+    assert isinstance(folds, KFold | StratifiedKFold | GroupKFold)
+    k = folds.k
     shuffle_seed = _shuffle_seed(spec.shuffle)
     seed = folds.seed if folds.seed is not None else 0
     where_ = {"asset": asset, "table": table.name}
@@ -1350,33 +1416,28 @@ def build_folds(
         job = _Job(
             spec.filter, None, k, _single(sizes), seed if folds.shuffle else None, shuffle_seed
         )
-    result = _run(table, job, spill, settings, n=n, asset=asset)
-    small: dict[str, int] = {}
-    if isinstance(folds, StratifiedKFold):
-        small = result.classes.fewer_than(k)
-        if small and folds.on_small_class == "error":
-            raise SpecError(
-                f"asset '{asset}', table '{table.name}': labels: {len(small)} class(es) have "
-                f"fewer rows than k={k}, so some folds get none of them: {small}; use a smaller "
-                "k or filter those classes out"
-            )
-    names = spec.split_names()
-    rows = result.split_rows
+    return job
+
+
+def _small_classes(
+    classes: _Classes, folds: StratifiedKFold, table: Table, *, asset: str
+) -> dict[str, int]:
+    """Classes with fewer rows than k; a SpecError for them with ``on_small_class="error"``."""
+    k = folds.k
+    small = classes.fewer_than(k)
+    if small and folds.on_small_class == "error":
+        raise SpecError(
+            f"asset '{asset}', table '{table.name}': labels: {len(small)} class(es) have "
+            f"fewer rows than k={k}, so some folds get none of them: {small}; use a smaller "
+            "k or filter those classes out"
+        )
+    return small
+
+
+def _check_folds(names: list[str], rows: np.ndarray, n: int, k: int, *, asset: str) -> None:
     empty = [name for name, r in zip(names, rows.tolist(), strict=True) if r == 0]
     if empty:
         raise SpecError(
             f"asset '{asset}': fold(s) {empty} would be empty ({n} rows for k={k}); "
             "use fewer folds or loosen the filter"
         )
-
-    def validation() -> Iterator[pa.RecordBatch]:
-        for fold in range(k):
-            yield from result.batches(fold)
-
-    def train() -> Iterator[pa.RecordBatch]:
-        # The folds table rotated: folds 1..k-1 then 0..k-2 (see perm_assets.folds._rotated).
-        for fold in [*range(1, k), *range(0, k - 1)]:
-            for batch in result.batches(fold):
-                yield batch.set_column(1, "split_id", pa.array(np.zeros(batch.num_rows, np.uint64)))
-
-    return _streamed_folds(table, spec, rows, n, validation, train, small)

@@ -1,35 +1,59 @@
 """The distributed "ray" engine: the local engine's permutation, computed on a Ray cluster.
 
 Same rows as `perm_assets.engines.local`, row for row, for one base table version, spec and
-seed, whatever the number of Ray workers: it reuses that engine's pure functions of
-``(seed, row id)`` (`local.order_key`, `local.split_of_rank`'s rank intervals), and only the
-way the sort is distributed differs, which a total order on unique keys makes irrelevant.
-So the data version's algorithm identity is the local engine's (`ALGORITHM`).
+seed, whatever the number of Ray workers: it builds from that engine's own plan (the
+`local._Job` of `local._split_job` / `local._folds_job`: sizes per class, seeds, the kind's
+assigner) and reuses its pure functions (`local.order_key`, `local.split_of_rank`'s rank
+intervals, `local.hash_splits`, `local._Group.split_of_code`, `local.time_key`, ...); only the
+way the work is distributed differs, which a total order on unique keys makes irrelevant. So
+it builds exactly the kinds the local engine builds, and the data version's algorithm identity
+is the local engine's (`ALGORITHM`).
 
 1. **Read**: Ray Data reads the filtered base table at the pinned version through lance-ray's
-   ``read_lance(columns=[], with_metadata=True)``: each task reads only the row addresses
-   (``_rowaddr``, ``fragment id << 32 | offset``) of its fragments, never a data column. These
+   ``read_lance(with_metadata=True)``: each task reads the row addresses (``_rowaddr``,
+   ``fragment id << 32 | offset``) of its fragments and only the columns the kind needs. These
    are exactly the ``row_id`` values lancedb's ``Permutation`` expects of a table without
    stable row ids (what ``with_row_id(True)`` returns and the local engine stores; a view over
    a Ray-built table reads the expected base rows: tests/test_ray_engine.py).
-2. **Assign** (random splits, k-fold): each row gets an assignment key,
-   ``order_key(row_id, split seed)``, or for ``KFold(shuffle=False)`` the row id itself (the
-   local engine ranks those rows by scan position, which is row-id order: Lance lists
-   fragments in id order, also after a compaction); Ray Data sorts the keys (a distributed,
-   range-partitioned sort). With one split keeping every row, nothing is ranked. The split of
-   a row of rank ``r`` is the interval of cumulative split sizes ``r`` falls in, so a split
-   boundary is the key at rank ``ends[s]``: the driver reads those few keys from the sorted
-   blocks' metadata and one block each, and every task places its rows with
-   ``searchsorted`` against them.
+2. **Assign**, by kind:
+
+   - *One class, by rank* (random split, sequential split, k-fold): each row gets an
+     assignment key, ``order_key(row_id, split seed)``, or the row id itself for sequential
+     splits and ``KFold(shuffle=False)`` (the local engine ranks those rows by scan position,
+     which is row-id order: Lance lists fragments in id order, also after a compaction); Ray
+     Data sorts the keys (a distributed, range-partitioned sort). A split boundary is the key
+     at rank ``ends[s]``: the driver reads those few keys from the sorted blocks, and every
+     task places its rows with ``searchsorted``. With one split keeping every row, nothing
+     is ranked.
+   - *Per class, by rank* (`StratifiedSplit`, `StratifiedKFold`): a census (tasks count each
+     label's rows and first row id; the driver merges the counts) gives the classes and, by
+     the local engine's size functions, each class's cumulative sizes per split. Rows are
+     sorted by ``(class code, key)``; one Ray task per sorted block knows the block's global
+     position, so a row's rank in its class is its global rank less its class's first, and
+     its split follows from `local.split_of_rank`. Codes follow ascending label order, or
+     for ``StratifiedKFold(shuffle=False)`` first appearance with the row id as key.
+   - *Per row* (`HashSplit`, `CalculatedSplit`): each task computes its rows' splits with the
+     local engine's per-batch functions (lancedb's hash split on an in-memory table; the
+     calculated expression evaluated by the scan, range-checked).
+   - *Per group* (`GroupSplit`, `GroupKFold`): a census of the groups (and, stratified, of
+     the (group, label) pairs); the driver decides each group's split from the counts with
+     `local._Group.split_of_code`, and each task maps its rows' groups to their splits.
+   - *By time* (`TimeSplit`): rows sorted by `local.time_key`; the first time of each split
+     follows from the key at each target rank and the count of rows below it
+     (`_Build.time_bounds`: the local engine's "a run of equal times goes to the split of
+     its middle row"), then each row's split from its time.
 3. **Order**: rows are sorted by ``(split_id, order_key(row_id, shuffle seed))`` (or by row id
    without a shuffle, as the local engine stores an unshuffled split) and streamed, in order,
    into the permutation table by the IO manager's single commit.
 
-``KFold`` is a random split with counts ``n // k`` (+1 for the first ``n % k`` folds), as in
-the local engine; its training table is the sorted dataset's folds rotated (folds 1..k-1, then
-0..k-2; see `perm_assets.folds`), streamed from the same materialized blocks, which are fetched
-by position so only the blocks of each range are read. Stratified and group k-fold are not
-built here yet (refused, naming the engines that build them).
+Folds are a split with ``k`` folds; their training table is the sorted dataset's folds
+rotated (folds 1..k-1, then 0..k-2; see `perm_assets.folds`), streamed from the same
+materialized blocks, which are fetched by position so only the blocks of each range are read.
+
+Bad input fails with the local engine's error before anything is written: nulls in a label,
+group or time column and a time column without an order are counted on the driver before Ray
+is touched (`_prechecked`); a value only a task meets (a calculated split out of range, a NaN
+time) fails that task with the local engine's SpecError, which reaches the caller as such.
 
 A worker node that dies mid-build loses its running tasks and the blocks in its object store;
 Ray Data retries the tasks and Ray rebuilds lost blocks from their lineage on the surviving
@@ -40,9 +64,10 @@ fails after `NO_CPU_SECONDS`. Whatever fails, nothing is committed before the wh
 permutation has been streamed, so the previous version stays the latest.
 
 Driver memory does not grow with the row count: it holds the row count, the split sizes, one
-key per boundary and one streamed batch at a time (the row ids do pass through the driver,
-batch by batch, to be written; lance-ray's distributed fragment writer is not used because the
-IO manager owns the write and its commit).
+key per boundary, the census (one entry per class, group or (group, label) pair, merged one
+block's counts at a time) and one streamed batch at a time (the row ids do pass through the
+driver, batch by batch, to be written; lance-ray's distributed fragment writer is not used
+because the IO manager owns the write and its commit).
 
 Credentials: workers read the base table with credentials from their own environment
 (``AWS_*`` variables, instance roles). Storage options whose name suggests a secret are left
@@ -65,28 +90,28 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.table import Table
 
-from perm_assets.build import (
-    PermutationData,
-    _check_coverage,
-    _check_key_columns,
-    split_sizes,
-)
+from perm_assets.build import PermutationData, _check_coverage, _check_key_columns
 from perm_assets.engines import local
 from perm_assets.engines.local import _DOMAIN_ORDER, order_key
 from perm_assets.errors import SpecError
 from perm_assets.folds import FoldsData
-from perm_assets.specs import FoldsSpec, KFold, PermutationSpec, RandomSplit
+from perm_assets.specs import (
+    FoldsSpec,
+    GroupKFold,
+    HashSplit,
+    KFold,
+    PermutationSpec,
+    StratifiedKFold,
+)
 from perm_assets.tables import where
 
 ALGORITHM = local.ALGORITHM
 """The local engine's: the same rows for the same (base version, spec, seed)."""
 
-SUPPORTED = (
-    "no split, RandomSplit (ratios, counts or fixed; no clump_size), KFold; Shuffle without "
-    "clump_size"
-)
+SUPPORTED = local.SUPPORTED
 INSTALL = "pip install 'perm-assets[ray]'"
 
 log = logging.getLogger(__name__)
@@ -106,25 +131,15 @@ _POLL_SECONDS = 1.0
 
 
 def unsupported(spec: PermutationSpec | FoldsSpec) -> str | None:
-    """What of ``spec`` this engine cannot build yet (None: all of it)."""
-    shuffle = spec.shuffle
-    if shuffle is not None and shuffle.clump_size not in (None, 1):
-        return "Shuffle(clump_size=...)"
-    if isinstance(spec, FoldsSpec):
-        return None if isinstance(spec.folds, KFold) else type(spec.folds).__name__
-    split = spec.split
-    if split is None:
-        return None
-    if isinstance(split, RandomSplit):
-        return "RandomSplit(clump_size=...)" if split.clump_size not in (None, 1) else None
-    return type(split).__name__
+    """What of ``spec`` this engine cannot build yet (None: all of it): what the local engine
+    cannot, as it builds from the local engine's plan (`local._Job`)."""
+    return local.unsupported(spec)
 
 
 def _refuse(what: str, *, asset: str) -> None:
     raise SpecError(
         f"asset '{asset}': engine 'ray' does not build {what} yet (it builds: {SUPPORTED}); "
-        "use LanceDBResource(engine='local') for the same kind on one machine, or "
-        "engine='lancedb'"
+        "use LanceDBResource(engine='lancedb') for it"
     )
 
 
@@ -185,34 +200,181 @@ def _public_options(options: dict[str, str]) -> dict[str, str] | None:
 # the cluster's nodes.
 
 
+def _rowaddr(batch: pa.Table) -> np.ndarray:
+    return batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
+
+
 def _assignment_keys(batch: pa.Table, *, seed: int | None) -> pa.Table:
     """Each row's assignment key: ``order_key(row_id, seed)``, or without a seed the row id
     itself (rank by row id: unshuffled k-fold, the local engine's scan position)."""
-    row_ids = batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
+    row_ids = _rowaddr(batch)
     keys = row_ids if seed is None else order_key(row_ids, seed)
     return pa.table({"row_id": row_ids, "akey": keys})
+
+
+def _placed(
+    row_ids: np.ndarray, split: np.ndarray, *, splits: int, shuffle_seed: int | None
+) -> pa.Table:
+    """``(row_id, split_id, rkey)`` of the rows with a split below ``splits`` (the others are
+    left out: counts, allow_discard, a discarding hash split), ``rkey`` their read key."""
+    kept = split < splits
+    row_ids, split = row_ids[kept], split[kept].astype(np.uint64)
+    read = row_ids if shuffle_seed is None else order_key(row_ids, shuffle_seed, _DOMAIN_ORDER)
+    return pa.table({"row_id": row_ids, "split_id": split, "rkey": read})
 
 
 def _place(
     batch: pa.Table, *, boundaries: np.ndarray, splits: int, shuffle_seed: int | None
 ) -> pa.Table:
     """Split of each row from its assignment key (rank intervals as key intervals), and its
-    read key; rows past the last split (counts, allow_discard) are dropped."""
+    read key."""
     row_ids = batch.column("row_id").to_numpy().astype(np.uint64, copy=False)
     if "akey" in batch.column_names:
         keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
-        split = np.searchsorted(boundaries, keys, side="right").astype(np.uint64)
-        kept = split < splits
-        row_ids, split = row_ids[kept], split[kept]
+        split = np.searchsorted(boundaries, keys, side="right")
     else:
-        split = np.zeros(row_ids.size, dtype=np.uint64)
-    read = row_ids if shuffle_seed is None else order_key(row_ids, shuffle_seed, _DOMAIN_ORDER)
-    return pa.table({"row_id": row_ids, "split_id": split, "rkey": read})
+        split = np.zeros(row_ids.size, dtype=np.int64)
+    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
 
 
 def _row_ids(batch: pa.Table) -> pa.Table:
-    row_ids = batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
-    return pa.table({"row_id": row_ids})
+    return pa.table({"row_id": _rowaddr(batch)})
+
+
+def _codes(values: pa.Array, lookup: pa.Array) -> np.ndarray:
+    """Index of each value in ``lookup`` (the census's distinct values, so every value is in
+    it), as `local._Classes.codes` gives it."""
+    codes = pc.index_in(values, value_set=lookup)  # pyright: ignore[reportAttributeAccessIssue]
+    return codes.to_numpy().astype(np.int64)
+
+
+def _census_counts(batch: pa.Table, *, columns: list[str]) -> pa.Table:
+    """Rows and first row id of each distinct value (tuple) of ``columns`` in this batch,
+    keyed ``k0, k1, ...``: partial counts, summed across batches by a Ray Data groupby."""
+    keys = {f"k{i}": batch.column(column) for i, column in enumerate(columns)}
+    rows = pa.table({**keys, "row_id": _rowaddr(batch)})
+    counted = rows.group_by(list(keys)).aggregate([("row_id", "count"), ("row_id", "min")])
+    return pa.table(
+        {
+            **{key: counted.column(key) for key in keys},
+            "rows": counted.column("row_id_count").cast(pa.int64()),
+            "first": counted.column("row_id_min").cast(pa.uint64()),
+        }
+    )
+
+
+def _class_keys(
+    batch: pa.Table, *, column: str, lookup: pa.Array, remap: np.ndarray | None, seed: int | None
+) -> pa.Table:
+    """Each row's class code (its label's index in ``lookup``, through ``remap``) and
+    assignment key (`_assignment_keys`), to sort by ``(code, akey)``."""
+    codes = _codes(batch.column(column), lookup)
+    keyed = _assignment_keys(batch, seed=seed)
+    return keyed.append_column("code", pa.array(codes if remap is None else remap[codes]))
+
+
+def _calculated(
+    batch: pa.Table, *, assigner: local._Calculated, splits: int, shuffle_seed: int | None
+) -> pa.Table:
+    """`CalculatedSplit`: the split the expression gives each row (the local engine's check)."""
+    row_ids = _rowaddr(batch)
+    split = assigner.splits(batch.column("split"), row_ids)
+    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
+
+
+def _hashed(batch: pa.Table, *, split: HashSplit, shuffle_seed: int | None) -> pa.Table:
+    """`HashSplit`: lancedb's hash split of the batch's hash columns (`local.hash_splits`)."""
+    import lancedb
+
+    db = lancedb.connect("memory://")
+    name = f"hash_{os.getpid()}_{threading.get_ident()}"
+    try:
+        splits = local.hash_splits(batch.select(list(split.columns)), split, db, name)
+    finally:
+        if name in db.table_names():
+            db.drop_table(name)
+    return _placed(_rowaddr(batch), splits, splits=split.num_splits, shuffle_seed=shuffle_seed)
+
+
+def _grouped(
+    batch: pa.Table,
+    *,
+    column: str,
+    lookup: pa.Array,
+    split_of_code: np.ndarray,
+    splits: int,
+    shuffle_seed: int | None,
+) -> pa.Table:
+    """`GroupSplit` / `GroupKFold`: each row follows its group (the driver decided the
+    group's split from the census)."""
+    split = split_of_code[_codes(batch.column(column), lookup)]
+    return _placed(_rowaddr(batch), split, splits=splits, shuffle_seed=shuffle_seed)
+
+
+def _time_keys(batch: pa.Table, *, column: str, asset: str, table: str) -> pa.Table:
+    """Each row's `local.time_key`; its ValueError (NaN) as the local engine's SpecError."""
+    try:
+        keys = local.time_key(batch.column(column), column)
+    except ValueError as exc:
+        raise SpecError(f"asset '{asset}', table '{table}': {exc}") from exc
+    return pa.table({"row_id": _rowaddr(batch), "tkey": keys})
+
+
+def _timed(
+    batch: pa.Table, *, bounds: np.ndarray, splits: int, shuffle_seed: int | None
+) -> pa.Table:
+    """`TimeSplit`: the split of each row from its time key, ``bounds[s]`` the first time of
+    split ``s + 1`` (see `_time_bounds`)."""
+    keys = batch.column("tkey").to_numpy().astype(np.uint64, copy=False)
+    split = np.searchsorted(bounds, keys, side="right")
+    row_ids = batch.column("row_id").to_numpy().astype(np.uint64, copy=False)
+    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
+
+
+# Ray tasks over the pieces of a materialized dataset (`_pieces`), given its global position.
+
+
+def _arrow(block: Any, first: int, rows: int) -> pa.Table:
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(block).to_arrow().slice(first, rows)
+
+
+def _place_ranked(
+    block: Any,
+    first: int,
+    rows: int,
+    start: int,
+    *,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    splits: int,
+    shuffle_seed: int | None,
+) -> pa.Table:
+    """Rows sorted by ``(code, akey)``, the first at global rank ``start``: a row's rank in
+    its class is its global rank less its class's first (``starts[code]``), and its split the
+    interval of its class's cumulative sizes ``ends[code]`` that rank falls in
+    (`local.split_of_rank`, as the local engine's stratified ranks)."""
+    part = _arrow(block, first, rows)
+    codes = part.column("code").to_numpy().astype(np.int64, copy=False)
+    rank = np.arange(start, start + part.num_rows, dtype=np.int64) - starts[codes]
+    split = local.split_of_rank(rank, ends, codes)
+    row_ids = part.column("row_id").to_numpy().astype(np.uint64, copy=False)
+    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
+
+
+def _split_counts(block: Any, first: int, rows: int, start: int, *, splits: int) -> np.ndarray:
+    ids = _arrow(block, first, rows).column("split_id").to_numpy().astype(np.int64)
+    return np.bincount(ids, minlength=splits)
+
+
+def _key_counts(
+    block: Any, first: int, rows: int, start: int, *, column: str, value: int
+) -> np.ndarray:
+    """Rows of a block sorted by ``column`` below ``value``, and at most ``value``."""
+    keys = _arrow(block, first, rows).column(column).to_numpy().astype(np.uint64)
+    at = np.uint64(value)
+    return np.array([np.searchsorted(keys, at, "left"), np.searchsorted(keys, at, "right")])
 
 
 # ----------------------------------------------------------------------------- the build
@@ -227,6 +389,12 @@ def _on_cluster(ray: Any, *, asset: str) -> Iterator[None]:
     try:
         yield
     except ray.exceptions.RayError as exc:
+        if isinstance(exc, SpecError):
+            # A task's own SpecError (bad input met in a block: a calculated split's value, a
+            # NaN time), kept as such by `raise_original_map_exception`; Ray Data appends its
+            # retry advice after the first line.
+            cause = getattr(exc, "cause", None) or exc
+            raise SpecError(str(cause).splitlines()[0]) from exc
         first = (str(exc).strip().splitlines() or [""])[0]
         raise RuntimeError(
             f"asset '{asset}': engine 'ray': the build failed on the Ray cluster "
@@ -288,35 +456,67 @@ class _Watch:
                 self.check()
 
 
-def _blocks(watch: _Watch, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.Table]]:
-    """``(global row of its first row, rows)`` of each block piece of the materialized ``ds``
-    overlapping rows ``[start, stop)``, in order, trimmed to that range. Block sizes come from
-    the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` / ``slices``; Ray Data has
-    no public "rows at positions"), so only the blocks in range are fetched, one at a time."""
-    at = 0
+def _pieces(ds: Any) -> Iterator[tuple[Any, int, int]]:
+    """``(block ref, first row, rows)`` of each block piece of the materialized ``ds``, in
+    order. Sizes come from the bundles' metadata (Ray Data internals: ``RefBundle.blocks`` /
+    ``slices``; Ray Data has no public "rows at positions" nor a map that knows a block's
+    position), so blocks are fetched only where needed."""
     for bundle in ds.iter_internal_ref_bundles():
         slices = bundle.slices or (None,) * len(bundle.blocks)
         for entry, part in zip(bundle.blocks, slices, strict=True):
             first = 0 if part is None else part.start_offset
             rows = int(entry.metadata.num_rows or 0) if part is None else part.num_rows
-            lo, hi = max(start, at), min(stop, at + rows)
-            if lo < hi:
-                block = watch.get(entry.ref)
-                yield lo, block.slice(first + lo - at, hi - lo)
-            at += rows
-            if at >= stop:
-                return
+            yield entry.ref, first, rows
 
 
-def _keys_at_ranks(watch: _Watch, sorted_ds: Any, ranks: list[int]) -> np.ndarray:
-    """The ``akey`` at each global rank of a materialized dataset sorted by it."""
+def _blocks(watch: _Watch, ds: Any, start: int, stop: int) -> Iterator[tuple[int, pa.Table]]:
+    """``(global row of its first row, rows)`` of each block piece of the materialized ``ds``
+    overlapping rows ``[start, stop)``, in order, trimmed to that range; only the blocks in
+    range are fetched, one at a time."""
+    at = 0
+    for ref, first, rows in _pieces(ds):
+        lo, hi = max(start, at), min(stop, at + rows)
+        if lo < hi:
+            block = watch.get(ref)
+            yield lo, block.slice(first + lo - at, hi - lo)
+        at += rows
+        if at >= stop:
+            return
+
+
+def _by_position(ray: Any, ds: Any, fn: Callable[..., Any], **kwargs: Any) -> list[Any]:
+    """One Ray task ``fn(block, first, rows, start, **kwargs)`` per block piece of the
+    materialized ``ds`` (``start``: the global row of its first row), their result refs in
+    order. Arrays are put in the object store once, not shipped with every task."""
+    kwargs = {
+        k: ray.put(v) if isinstance(v, np.ndarray | pa.Array) else v for k, v in kwargs.items()
+    }
+    remote = ray.remote(fn)
+    refs, at = [], 0
+    for ref, first, rows in _pieces(ds):
+        refs.append(remote.remote(ref, first, rows, at, **kwargs))
+        at += rows
+    return refs
+
+
+def _column_at_ranks(watch: _Watch, ds: Any, ranks: list[int], column: str) -> list[int]:
+    """``column`` at each global rank of a materialized dataset sorted by it."""
     found = []
     for rank in ranks:  # a loop over split boundaries, not rows
-        for _, rows in _blocks(watch, sorted_ds, rank, rank + 1):
-            found.append(rows.column("akey")[0].as_py())
+        for _, rows in _blocks(watch, ds, rank, rank + 1):
+            found.append(int(rows.column(column)[0].as_py()))
     if len(found) != len(ranks):
         raise RuntimeError(f"engine 'ray': ranks {ranks} past the sorted rows")
-    return np.array(found, dtype=np.uint64)
+    return found
+
+
+def _configure(ray: Any) -> None:
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # blocks of a sort, in key order
+    context.enable_progress_bars = False
+    # A task's SpecError reaches the driver as one (Ray Data wraps it in a UserCodeException
+    # that keeps only its text otherwise).
+    context.raise_original_map_exception = True
 
 
 def _batches(
@@ -333,80 +533,333 @@ def _batches(
                 yield batch
 
 
-def _ordered(
-    ray: Any,
-    table: Table,
-    *,
-    filter: str | None,
-    n: int,
-    sizes: np.ndarray,
-    rank_seed: int | None,
-    shuffle_seed: int | None,
-    storage_options: dict[str, str],
-    asset: str,
-) -> Any:
-    """The materialized dataset of ``(row_id, split_id)`` in read order: the ``n`` filtered
-    rows ranked by their assignment key (``order_key(row_id, rank_seed)``, or the row id
-    without a seed), split ``s`` the ranks ``[ends[s-1], ends[s])`` of the cumulative
-    ``sizes`` (ranks past the last end are left out), each split ordered by its read key.
-    The local engine's rank intervals (`local._run`), as a distributed sort."""
-    import lance_ray
+class _Build:
+    """One Ray build of a local engine `local._Job`: the same rows as `local._run` gives it.
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # blocks of a sort, in key order
-    context.enable_progress_bars = False
-    watch = _Watch(ray, asset=asset)
-    with _on_cluster(ray, asset=asset):
-        # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
-        rows: Any = lance_ray.read_lance(
-            cast(Any, table).uri,
-            columns=[],
-            filter=where(filter),
+    `ordered` returns the materialized dataset of ``(row_id, split_id)`` in read order and
+    the rows per split; `classes` is the census of the label (stratified kinds), for the
+    small-class check."""
+
+    def __init__(
+        self,
+        ray: Any,
+        table: Table,
+        job: local._Job,
+        *,
+        n: int,
+        asset: str,
+        storage_options: dict[str, str],
+    ) -> None:
+        self.ray, self.table, self.job, self.n, self.asset = ray, table, job, n, asset
+        self.storage_options = storage_options
+        self.watch = _Watch(ray, asset=asset)
+        self.classes: local._Classes | None = None
+
+    def read(self, columns: list[str] | dict[str, str]) -> Any:
+        """The filtered base table at the pinned version: ``columns`` (a dict: SQL
+        expressions by name) and the row addresses ``_rowaddr``."""
+        import lance_ray
+
+        return lance_ray.read_lance(
+            cast(Any, self.table).uri,
+            columns=cast(Any, columns),
+            filter=where(self.job.filter),
             with_metadata=True,
-            storage_options=_public_options(storage_options),
-            dataset_options={"version": table.version},
+            storage_options=_public_options(self.storage_options),
+            dataset_options={"version": self.table.version},
         )
+
+    def map(self, ds: Any, fn: Callable[..., pa.Table], **kwargs: Any) -> Any:
+        # Ray Data's stubs do not accept keyword-only batch functions: datasets are typed Any.
+        return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+
+    def materialize(self, ds: Any) -> Any:
+        return self.watch.run(ds.materialize)
+
+    def census(self, columns: list[str]) -> pa.Table:
+        """Rows (``rows``) and first row id (``first``) of each distinct value (tuple) of
+        ``columns`` among the filtered rows, keyed ``k0, k1, ...``: one row per class (or
+        (group, label) pair). Tasks count their blocks; the driver merges their counts one
+        block at a time, so it holds the census and one block's counts, not the rows. (Ray
+        Data's groupby starts a hash shuffle with actors: seconds of overhead per build.)"""
+        counted = self.materialize(self.map(self.read(columns), _census_counts, columns=columns))
+        keys = [f"k{i}" for i in range(len(columns))]
+        census: pa.Table | None = None
+        for ref, first, rows in _pieces(counted):
+            part = _arrow(self.watch.get(ref), first, rows)
+            if census is not None:
+                part = pa.concat_tables([census, part])
+            merged = part.group_by(keys).aggregate([("rows", "sum"), ("first", "min")])
+            census = pa.table(
+                {
+                    **{k: merged.column(k) for k in keys},
+                    "rows": merged.column("rows_sum"),
+                    "first": merged.column("first_min"),
+                }
+            )
+        assert census is not None  # n > 0 rows were read
+        read = int(census.column("rows").to_numpy().sum())
+        if read != self.n:
+            self.changed(read)
+        return census
+
+    def classes_of(self, values: pa.Array, rows: np.ndarray, first: np.ndarray) -> local._Classes:
+        """`local._Classes` of a census: distinct values in order of first appearance (the
+        local engine's scan meets rows in row-id order), their rows."""
+        order = np.argsort(first, kind="stable")
+        return local._Classes.of(values.take(pa.array(order)), rows[order])
+
+    def changed(self, read: int) -> None:
+        raise SpecError(
+            f"asset '{self.asset}': table '{self.table.name}' read {read} rows at version "
+            f"{self.table.version}, {self.n} counted; re-run"
+        )
+
+    def finish(self, placed: Any, planned: np.ndarray | None) -> tuple[Any, np.ndarray]:
+        """``placed`` rows sorted into read order (split, then read key), and their rows per
+        split (checked against ``planned`` when the sizes were known in advance)."""
+        splits = self.job.num_splits
+        ordered = self.materialize(
+            placed.sort(["split_id", "rkey"]).select_columns(["row_id", "split_id"])
+        )
+        if planned is not None:  # the row count is in the blocks' metadata: no tasks
+            kept = ordered.count()
+            if kept != int(planned.sum()):
+                raise SpecError(
+                    f"asset '{self.asset}': engine 'ray' placed {kept} rows, planned "
+                    f"{int(planned.sum())} (table '{self.table.name}' changed during the "
+                    "build?); re-run"
+                )
+            return ordered, planned
+        rows = np.zeros(splits, dtype=np.int64)
+        for counts in self.watch.get(_by_position(self.ray, ordered, _split_counts, splits=splits)):
+            rows += counts
+        return ordered, rows
+
+    def ordered(self) -> tuple[Any, np.ndarray]:
+        job, assigner = self.job, self.job.assigner
+        with _on_cluster(self.ray, asset=self.asset):
+            if assigner is None and job.label is None:
+                return self.ranked()
+            if assigner is None or isinstance(assigner, local._FoldsInOrder):
+                return self.stratified()
+            if isinstance(assigner, local._Group):
+                return self.grouped(assigner)
+            if isinstance(assigner, local._Time):
+                return self.timed(assigner)
+            if isinstance(assigner, local._Hash):
+                placed = self.map(
+                    self.read(list(assigner.split.columns)),
+                    _hashed,
+                    split=assigner.split,
+                    shuffle_seed=job.shuffle_seed,
+                )
+                return self.finish(placed, None)
+            assert isinstance(assigner, local._Calculated)
+            placed = self.map(
+                self.read(cast(dict[str, str], assigner.columns)),
+                _calculated,
+                assigner=assigner,
+                splits=job.num_splits,
+                shuffle_seed=job.shuffle_seed,
+            )
+            return self.finish(placed, None)
+
+    def ranked(self) -> tuple[Any, np.ndarray]:
+        """One class: the ``n`` rows ranked by their assignment key (``order_key(row_id,
+        split seed)``, or the row id without a seed: sequential splits, unshuffled k-fold),
+        split ``s`` the ranks ``[ends[s-1], ends[s])`` (ranks past the last end are left out),
+        as a distributed sort and one key per split boundary."""
+        job, n = self.job, self.n
+        sizes = np.asarray(job.sizes(np.array([n], dtype=np.int64))[0], dtype=np.int64)
+        rows = self.read([])
         boundaries = np.zeros(0, dtype=np.uint64)
-        keyed: Any
         if sizes.size == 1 and int(sizes[0]) == n:
             # One split holding every row: every rank is in it, so nothing needs ranking.
-            keyed = rows.map_batches(_row_ids, batch_format="pyarrow")
+            keyed = self.map(rows, _row_ids)
         else:
-            keyed = watch.run(
-                rows.map_batches(
-                    _assignment_keys, batch_format="pyarrow", fn_kwargs={"seed": rank_seed}
-                )
-                .sort("akey")
-                .materialize
+            keyed = self.materialize(
+                self.map(rows, _assignment_keys, seed=job.split_seed).sort("akey")
             )
             if keyed.count() != n:
-                raise SpecError(
-                    f"asset '{asset}': table '{table.name}' read {keyed.count()} rows at version "
-                    f"{table.version}, {n} counted; re-run"
-                )
-            ends = np.cumsum(sizes)
-            boundaries = _keys_at_ranks(watch, keyed, [int(e) for e in ends if e < n])
-        ordered: Any = watch.run(
-            keyed.map_batches(
-                _place,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "boundaries": boundaries,
-                    "splits": int(sizes.size),
-                    "shuffle_seed": shuffle_seed,
-                },
+                self.changed(keyed.count())
+            ends = [int(e) for e in np.cumsum(sizes) if e < n]
+            boundaries = np.array(_column_at_ranks(self.watch, keyed, ends, "akey"), np.uint64)
+        placed = self.map(
+            keyed,
+            _place,
+            boundaries=boundaries,
+            splits=job.num_splits,
+            shuffle_seed=job.shuffle_seed,
+        )
+        return self.finish(placed, sizes)
+
+    def stratified(self) -> tuple[Any, np.ndarray]:
+        """Per-class rank intervals (`StratifiedSplit`, `StratifiedKFold`): the census gives
+        the classes and their sizes per split (the local engine's: classes in ascending label
+        order for a random rank, by first appearance for `StratifiedKFold(shuffle=False)`,
+        which ranks by row id); rows are sorted by ``(class, key)`` and each task places its
+        rows by their global rank (`_place_ranked`)."""
+        job, assigner = self.job, self.job.assigner
+        label = job.label if assigner is None else cast(local._FoldsInOrder, assigner).label
+        assert label is not None
+        census = self.census([label])
+        classes = self.classes_of(
+            census.column("k0").combine_chunks(),
+            census.column("rows").to_numpy(),
+            census.column("first").to_numpy(),
+        )
+        self.classes = classes
+        if assigner is None:
+            remap = classes.sorted_order()  # code -> class in ascending label order
+            counts = np.zeros(classes.counts.size, dtype=np.int64)
+            counts[remap] = classes.counts
+            ends = np.cumsum(np.asarray(job.sizes(counts), dtype=np.int64), axis=1)
+        else:
+            remap, counts = None, classes.counts
+            assigner.classes = classes
+            ends = cast(local._FoldsInOrder, assigner).ends()
+        assert classes.lookup is not None
+        keyed = self.materialize(
+            self.map(
+                self.read([label]),
+                _class_keys,
+                column=label,
+                lookup=classes.lookup,
+                remap=remap,
+                seed=job.split_seed,
+            ).sort(["code", "akey"])
+        )
+        refs = _by_position(
+            self.ray,
+            keyed,
+            _place_ranked,
+            starts=np.cumsum(counts) - counts,
+            ends=ends,
+            splits=job.num_splits,
+            shuffle_seed=job.shuffle_seed,
+        )
+        placed = self.ray.data.from_arrow_refs(refs)
+        return self.finish(placed, np.diff(ends, axis=1, prepend=0).sum(axis=0))
+
+    def grouped(self, assigner: local._Group) -> tuple[Any, np.ndarray]:
+        """`GroupSplit` / `GroupKFold`: the census counts each group (and, stratified, each
+        (group, label) pair); the driver decides each group's split with the local engine's
+        `local._Group.split_of_code`; each task then places its rows by their group."""
+        columns = [assigner.group] if assigner.label is None else [assigner.group, assigner.label]
+        census = self.census(columns)
+        rows = census.column("rows").to_numpy()
+        first = census.column("first").to_numpy()
+        per_group = (
+            pa.table({"k0": census.column("k0"), "rows": rows, "first": first})
+            .group_by("k0")
+            .aggregate([("rows", "sum"), ("first", "min")])
+        )
+        assigner.groups = self.classes_of(
+            per_group.column("k0").combine_chunks(),
+            per_group.column("rows_sum").to_numpy(),
+            per_group.column("first_min").to_numpy(),
+        )
+        group_lookup = assigner.groups.lookup
+        assert group_lookup is not None
+        pairs = None
+        if assigner.label is not None:
+            per_label = (
+                pa.table({"k1": census.column("k1"), "rows": rows, "first": first})
+                .group_by("k1")
+                .aggregate([("rows", "sum"), ("first", "min")])
             )
-            .sort(["split_id", "rkey"])
-            .select_columns(["row_id", "split_id"])
-            .materialize
+            assigner.classes = self.classes_of(
+                per_label.column("k1").combine_chunks(),
+                per_label.column("rows_sum").to_numpy(),
+                per_label.column("first_min").to_numpy(),
+            )
+            assert assigner.classes.lookup is not None
+            group_codes = _codes(census.column("k0").combine_chunks(), group_lookup)
+            label_codes = _codes(census.column("k1").combine_chunks(), assigner.classes.lookup)
+            pairs = ((group_codes << local._PAIR_SHIFT) | label_codes, rows.astype(np.int64))
+        split_of_code = assigner.split_of_code(pairs)
+        placed = self.map(
+            self.read([assigner.group]),
+            _grouped,
+            column=assigner.group,
+            lookup=group_lookup,
+            split_of_code=split_of_code,
+            splits=self.job.num_splits,
+            shuffle_seed=self.job.shuffle_seed,
         )
-        kept = ordered.count()
-    if kept != int(sizes.sum()):
-        raise SpecError(
-            f"asset '{asset}': engine 'ray' placed {kept} rows, planned {int(sizes.sum())} "
-            f"(table '{table.name}' changed during the build?); re-run"
+        return self.finish(placed, None)
+
+    def timed(self, assigner: local._Time) -> tuple[Any, np.ndarray]:
+        """`TimeSplit`: rows sorted by time key; the first time of each split follows from a
+        few keys and counts (`_time_bounds`), then each row's split from its time."""
+        keyed = self.materialize(
+            self.map(
+                self.read([assigner.column]),
+                _time_keys,
+                column=assigner.column,
+                asset=self.asset,
+                table=self.table.name,
+            ).sort("tkey")
         )
-    return ordered
+        if keyed.count() != self.n:
+            self.changed(keyed.count())
+        bounds = self.time_bounds(keyed, [int(t) for t in assigner.targets])
+        placed = self.map(
+            keyed,
+            _timed,
+            bounds=bounds,
+            splits=self.job.num_splits,
+            shuffle_seed=self.job.shuffle_seed,
+        )
+        return self.finish(placed, None)
+
+    def time_bounds(self, keyed: Any, targets: list[int]) -> np.ndarray:
+        """The first time key of each split after the first, from the sorted keys.
+
+        The local engine (`local._Time`) gives a run of equal times the split holding its
+        middle row: the run starting at position ``p`` with ``m`` rows is past target ``t``
+        when ``2p + m >= 2t``. That holds for every run after the one holding position ``t``
+        and for no run before it, so target ``t``'s bound is that run's time when it holds,
+        else the next time (none when the run ends the table: no row is past ``t``)."""
+        bounds = []
+        for target in targets:  # a loop over splits, not rows
+            if target >= self.n:
+                continue
+            (value,) = _column_at_ranks(self.watch, keyed, [target], "tkey")
+            refs = _by_position(self.ray, keyed, _key_counts, column="tkey", value=value)
+            below, upto = np.sum(self.watch.get(refs), axis=0).tolist() if refs else (0, 0)
+            if below + upto >= 2 * target:  # 2p + m with p = below, m = upto - below
+                bounds.append(value)
+            elif upto < self.n:
+                bounds.extend(_column_at_ranks(self.watch, keyed, [upto], "tkey"))
+        return np.array(bounds, dtype=np.uint64)
+
+
+def _prechecked(table: Table, job: local._Job, *, n: int, asset: str) -> None:
+    """The local engine's bad-input errors that its scan would raise (nulls in a label, group
+    or time column; a time column without an order), before Ray is touched: a task's error
+    would name one block, not the table."""
+    assigner = job.assigner
+    columns = [job.label] if job.label is not None else []
+    if isinstance(assigner, local._FoldsInOrder):
+        columns = [assigner.label]
+    elif isinstance(assigner, local._Group):
+        columns = [assigner.group] + ([assigner.label] if assigner.label is not None else [])
+    elif isinstance(assigner, local._Time):
+        columns = [assigner.column]
+        kind = table.schema.field(assigner.column).type
+        try:
+            local.time_key(pa.array([], type=kind), assigner.column)
+        except ValueError as exc:
+            raise SpecError(f"asset '{asset}', table '{table.name}': {exc}") from exc
+    for column in columns:
+        condition = f"`{column.replace('`', '``')}` IS NULL"
+        if job.filter is not None:
+            condition = f"({job.filter}\n) AND {condition}"
+        nulls = table.count_rows(condition)
+        if nulls:
+            raise local.null_error(column, f"{nulls} of the {n}", asset=asset, table=table.name)
 
 
 def build_permutation(
@@ -423,28 +876,21 @@ def build_permutation(
     missing = unsupported(spec)
     if missing is not None:
         _refuse(missing, asset=asset)
-    ray = connect(address)
     n = local._filtered_rows(table, spec, asset=asset)
     _check_key_columns(table, spec, expected=n, asset=asset)
     names = spec.split_names()
-    split = spec.split
-    assert split is None or isinstance(split, RandomSplit)  # unsupported() refused the rest
-    assert split is None or split.seed is not None  # seeds are resolved before building
-    sizes = np.array([n]) if split is None else split_sizes(split, n, asset=asset)
+    job = local._split_job(table, spec, n, local.LocalSettings(), asset=asset)
+    if job.assigner is None and (job.split_seed is None or job.label is None):
+        # Sizes follow from n alone: refuse an empty split before touching the cluster.
+        local._check_sizes(names, job.sizes(np.array([n]))[0], asset=asset)
+    _prechecked(table, job, n=n, asset=asset)
+    ray = connect(address)
+    _configure(ray)
+    build = _Build(ray, table, job, n=n, asset=asset, storage_options=storage_options)
+    ordered, sizes = build.ordered()
     local._check_sizes(names, sizes, asset=asset)
-    _check_coverage(spec, kept=int(sizes.sum()), expected=n, asset=asset)
-    ordered = _ordered(
-        ray,
-        table,
-        filter=spec.filter,
-        n=n,
-        sizes=sizes,
-        rank_seed=None if split is None else split.seed,
-        shuffle_seed=local._shuffle_seed(spec.shuffle),
-        storage_options=storage_options,
-        asset=asset,
-    )
     kept = int(sizes.sum())
+    _check_coverage(spec, kept=kept, expected=n, asset=asset)
     return local._streamed(
         table, spec, names, sizes, n, lambda: _batches(ray, ordered, 0, kept, asset=asset)
     )
@@ -458,33 +904,29 @@ def build_folds(
     address: str | None,
     storage_options: dict[str, str],
 ) -> FoldsData:
-    """`KFold` folds of ``table`` on the Ray cluster at ``address``: the local engine's
-    (`local.build_folds`) row for row. Fold sizes ``n // k`` (+1 for the first ``n % k``)
-    are rank intervals of ``order_key(row_id, seed)``, or of the row id without
-    ``shuffle``, as a random split with counts; both tables are streamed from one sorted
-    dataset (the training table is its folds rotated, see `perm_assets.folds`)."""
+    """`KFold`, `StratifiedKFold` or `GroupKFold` folds of ``table`` on the Ray cluster at
+    ``address``: the local engine's (`local.build_folds`, the same `local._Job`) row for row;
+    both tables are streamed from one sorted dataset (the training table is its folds
+    rotated, see `perm_assets.folds`)."""
     missing = unsupported(spec)
     if missing is not None:
         _refuse(missing, asset=asset)
     folds = spec.folds
-    assert isinstance(folds, KFold)  # unsupported() refused the rest
-    ray = connect(address)
+    assert isinstance(folds, KFold | StratifiedKFold | GroupKFold)  # unsupported() refused the rest
     k = folds.k
     n = local._filtered_rows(table, spec, asset=asset)
     local._check_k(table, k, n, asset=asset)
-    sizes = local._kfold_sizes(n, k)
-    seed = folds.seed if folds.seed is not None else 0  # as local.build_folds
-    ordered = _ordered(
-        ray,
-        table,
-        filter=spec.filter,
-        n=n,
-        sizes=sizes,
-        rank_seed=seed if folds.shuffle else None,
-        shuffle_seed=local._shuffle_seed(spec.shuffle),
-        storage_options=storage_options,
-        asset=asset,
-    )
+    job = local._folds_job(table, spec, n, asset=asset)
+    _prechecked(table, job, n=n, asset=asset)
+    ray = connect(address)
+    _configure(ray)
+    build = _Build(ray, table, job, n=n, asset=asset, storage_options=storage_options)
+    ordered, sizes = build.ordered()
+    small: dict[str, int] = {}
+    if isinstance(folds, StratifiedKFold):
+        assert build.classes is not None
+        small = local._small_classes(build.classes, folds, table, asset=asset)
+    local._check_folds(spec.split_names(), sizes, n, k, asset=asset)
     first, last = int(sizes[0]), int(sizes[-1])
 
     def train() -> Iterator[pa.RecordBatch]:
@@ -493,5 +935,5 @@ def build_folds(
         yield from _batches(ray, ordered, 0, n - last, asset=asset, split_id=0)
 
     return local._streamed_folds(
-        table, spec, sizes, n, lambda: _batches(ray, ordered, 0, n, asset=asset), train, {}
+        table, spec, sizes, n, lambda: _batches(ray, ordered, 0, n, asset=asset), train, small
     )
