@@ -117,7 +117,7 @@ def build() -> dict[str, Any]:
     connect_ray = os.environ.get("RAY_ADDRESS")
     root = sys.argv[2]
     cases = {name: spec for name, spec in _cases().items() if name in sys.argv[3].split(",")}
-    out: dict[str, Any] = {"hashes": {}, "versions": {}, "view_ok": {}}
+    out: dict[str, Any] = {"hashes": {}, "versions": {}, "view_ok": {}, "fragments": {}}
     for engine in ("local", "ray"):
         uri = f"{root}/{engine}"
         db = LanceDBResource(
@@ -143,6 +143,9 @@ def build() -> dict[str, Any]:
             table = read_all(conn.open_table(name))
             row_ids = table.column("row_id").to_numpy()
             out["hashes"][f"{engine}/{name}"] = _digest(table)
+            # Lance fragments of the table: one per block the Ray workers wrote.
+            stats = conn.open_table(name).stats()["fragment_stats"]
+            out["fragments"][f"{engine}/{name}"] = stats["num_fragments"]
             if engine != "ray" or name != case:  # a view of the training table needs a fold
                 continue
             # The base rows each row id addresses: the base is one fragment (0) holding ids
