@@ -215,9 +215,11 @@ def commit_fragments(
     ``storage_options``: the connection's (this process commits; credentials included).
 
     Nothing is visible before the commit: when the write fails part way, or the commit does,
-    the previous version stays the latest. Data files written but never committed belong to no
-    version; Lance's ``cleanup_old_versions`` deletes such unreferenced files once they are
-    older than its age threshold, so a failed write costs disk until then, never rows. A
+    the previous version stays the latest (a table that did not exist still does not open).
+    Data files written but never committed belong to no version and are left to Lance:
+    ``cleanup_old_versions`` deletes a failed transaction's files once they are 7 days old
+    (younger ones may be another writer's, still in progress), so a failed write costs disk
+    until then, never rows; deleting them here could not reach a killed task's files. A
     commit that lost a race to another writer is retried (the files are not written again):
     an overwrite does not depend on the version it replaces.
     """
