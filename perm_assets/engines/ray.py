@@ -420,7 +420,18 @@ def _fragments(
                 for ref in refs:
                     ray.cancel(ref)
                 raise
-        return [fragment for part in written for fragment in part]
+        fragments = [fragment for part in written for fragment in part]
+        # Checked before the commit: rows lost or doubled between the sort and the files
+        # (block metadata that does not match the blocks) must never become a version.
+        wrote = sum(int(fragment.physical_rows) for fragment in fragments)
+        planned = sum(stop - start for start, stop, _ in ranges)
+        if wrote != planned:
+            raise RuntimeError(
+                f"asset '{asset}': engine 'ray': the workers wrote {wrote} rows, {planned} "
+                "planned; no new permutation version was committed, the previous one stays "
+                "the latest; re-run"
+            )
+        return fragments
 
     return FragmentWrite(write)
 
