@@ -41,6 +41,7 @@ from perm_assets.tables import (
     BASE_VERSION_KEY,
     SPEC_KEY,
     SPLIT_NAMES_KEY,
+    FragmentWrite,
     read_all,
     where,
 )
@@ -63,6 +64,10 @@ class PermutationData:
             metadata only (no rows), and the rows are never all in memory.
         algorithm: the engine's assignment algorithm when it is not lancedb's builder (part of
             the data version: other rows for the same spec).
+        fragments: set by an engine that writes the rows itself (the Ray engine, on its
+            workers): the IO manager commits what it writes (`commit_fragments`) instead of
+            writing ``stream``, which stays for whatever reads the rows in this process first
+            (the split report's label counts).
     """
 
     data: pa.Table
@@ -74,6 +79,7 @@ class PermutationData:
     filtered_rows: int | None = None
     stream: Callable[[], Iterator[pa.RecordBatch]] | None = None
     algorithm: str | None = None
+    fragments: FragmentWrite | None = None
 
     @property
     def num_rows(self) -> int:
@@ -87,6 +93,10 @@ class PermutationData:
             return self.data.replace_schema_metadata(schema_metadata)
         schema = self.data.schema.with_metadata(schema_metadata)
         return pa.RecordBatchReader.from_batches(schema, self.stream())
+
+    def schema_with(self, metadata: Mapping[bytes, bytes]) -> pa.Schema:
+        """The table's schema with ``metadata`` added to its own, as `persistable` writes it."""
+        return self.data.schema.with_metadata({**(self.data.schema.metadata or {}), **metadata})
 
     def rows_by_split(self) -> dict[str, int]:
         return dict(zip(self.split_names, self.split_rows, strict=True))

@@ -61,6 +61,7 @@ from perm_assets.tables import (
     TRAIN_RANGES_KEY,
     TRAIN_TABLE_KEY,
     TRAIN_VERSION_KEY,
+    FragmentWrite,
 )
 
 TRAIN_SUFFIX = "__train"
@@ -85,6 +86,8 @@ class FoldsData:
         train_stream: set by out-of-core engines: the training table's rows, batch by batch;
             ``train`` then holds its schema and metadata only (see `PermutationData.stream`).
         train_total: rows of a streamed training table.
+        train_fragments: the training table's rows as an engine writes them itself (see
+            `PermutationData.fragments`; the folds table's are ``validation.fragments``).
     """
 
     validation: PermutationData
@@ -93,6 +96,7 @@ class FoldsData:
     small_classes: dict[str, int]
     train_stream: Callable[[], Iterator[pa.RecordBatch]] | None = None
     train_total: int | None = None
+    train_fragments: FragmentWrite | None = None
 
     @property
     def train_num_rows(self) -> int:
@@ -105,6 +109,10 @@ class FoldsData:
             return self.train.replace_schema_metadata(schema_metadata)
         schema = self.train.schema.with_metadata(schema_metadata)
         return pa.RecordBatchReader.from_batches(schema, self.train_stream())
+
+    def train_schema(self, metadata: Mapping[bytes, bytes]) -> pa.Schema:
+        """The training table's schema with ``metadata`` added, as `train_persistable`'s."""
+        return self.train.schema.with_metadata({**(self.train.schema.metadata or {}), **metadata})
 
     @property
     def k(self) -> int:

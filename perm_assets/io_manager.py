@@ -5,7 +5,9 @@ Outputs (by value type):
   version of the table named after the asset key (overwrite, or ``metadata={"write_mode":
   "append"}`` on the asset).
 - `PermutationData` (from `permutation_asset`) or lancedb's in-memory builder result: one new
-  version of the permutation table, its ``split_names``/``base_version`` metadata kept.
+  version of the permutation table, its ``split_names``/``base_version`` metadata kept; rows
+  an engine writes itself (``PermutationData.fragments``: the Ray engine's workers) are
+  committed as that version (`commit_fragments`), never passing through this process.
 
 Inputs (by the downstream parameter's annotation), always at the Lance version that the
 upstream's latest materialization recorded:
@@ -53,6 +55,7 @@ from perm_assets.tables import (
     PIN_KEY,
     SOURCE_TABLE_KEY,
     WriteMode,
+    commit_fragments,
     is_permutation_schema,
     read_all,
     table_name,
@@ -165,10 +168,18 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         # The training table names the pin too, so its own views verify the base table's.
         # One split (id 0) of train_num_rows rows: readers size it without counting.
         ranges = json.dumps([[0, folds.train_num_rows]]).encode()
-        train_data = folds.train_persistable(
-            {PIN_KEY.encode(): pin_name.encode(), SPLIT_RANGES_KEY.encode(): ranges}
-        )
-        train = write_table(connection, name + TRAIN_SUFFIX, train_data, WriteMode.OVERWRITE)
+        train_meta = {PIN_KEY.encode(): pin_name.encode(), SPLIT_RANGES_KEY.encode(): ranges}
+        if folds.train_fragments is not None:  # written by the engine's workers: commit them
+            train = commit_fragments(
+                connection,
+                name + TRAIN_SUFFIX,
+                folds.train_fragments,
+                folds.train_schema(train_meta),
+                storage_options=self.db.resolved_storage_options(),
+            )
+        else:
+            train_data = folds.train_persistable(train_meta)
+            train = write_table(connection, name + TRAIN_SUFFIX, train_data, WriteMode.OVERWRITE)
         data = folds.with_train_table(train.name, train.version)
         self._write_permutation(
             context,
@@ -251,8 +262,17 @@ class LanceDBIOManager(StrictFields, dg.ConfigurableIOManager):
         ranges = _split_ranges(perm)
         if ranges is not None:  # readers take a split's row ids by table offset
             metadata_added[SPLIT_RANGES_KEY.encode()] = json.dumps(ranges).encode()
-        data = perm.persistable(metadata_added)
-        table = write_table(connection, name, data, WriteMode.OVERWRITE)
+        if perm.fragments is not None:  # written by the engine's workers: commit them
+            table = commit_fragments(
+                connection,
+                name,
+                perm.fragments,
+                perm.schema_with(metadata_added),
+                storage_options=self.db.resolved_storage_options(),
+            )
+        else:
+            data = perm.persistable(metadata_added)
+            table = write_table(connection, name, data, WriteMode.OVERWRITE)
         for written in [table, *(also_pin or [])]:
             pin(written, pin_name, written.version)
         metadata: dict[str, Any] = {

@@ -12,7 +12,10 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any, cast
 
 import dagster as dg
 import pandas as pd
@@ -20,6 +23,9 @@ import pyarrow as pa
 from lancedb.db import DBConnection
 from lancedb.query import LanceQueryBuilder
 from lancedb.table import Table
+
+if TYPE_CHECKING:  # pylance comes with the ray extra: imported only when fragments are committed
+    from lance.fragment import FragmentMetadata
 
 SPLIT_NAMES_KEY = "split_names"
 BASE_VERSION_KEY = "base_version"
@@ -175,6 +181,100 @@ def write_table(db: DBConnection, name: str, data: TableData, mode: WriteMode) -
             )
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+@dataclass(frozen=True)
+class FragmentWrite:
+    """Rows an engine writes itself, as Lance data files (e.g. on its Ray workers, never through
+    this process), for `commit_fragments` to make visible as one new table version.
+
+    Attributes:
+        write: writes the rows into the table at the location it is given (a Lance dataset
+            URI, which may not exist yet) and returns their fragments in table order. What it
+            writes is invisible until committed.
+    """
+
+    write: Callable[[str], list[FragmentMetadata]]
+
+
+def commit_fragments(
+    db: DBConnection,
+    name: str,
+    fragments: FragmentWrite,
+    schema: pa.Schema,
+    *,
+    storage_options: Mapping[str, str] | None = None,
+) -> Table:
+    """`write_table`'s overwrite for rows an engine writes itself: ``fragments`` are written
+    into table ``name`` (created by this commit when it does not exist), then committed in one
+    Lance commit with ``schema`` (its metadata included), and the table is returned checked out
+    at the version this commit made.
+
+    lancedb has no API to commit data files written elsewhere, so this goes through pylance
+    (``LanceDataset.commit`` of an ``Overwrite``, as lance-ray's own datasink commits).
+    ``storage_options``: the connection's (this process commits; credentials included).
+
+    Nothing is visible before the commit: when the write fails part way, or the commit does,
+    the previous version stays the latest (a table that did not exist still does not open).
+    Data files written but never committed belong to no version and are left to Lance:
+    ``cleanup_old_versions`` deletes a failed transaction's files once they are 7 days old
+    (younger ones may be another writer's, still in progress), so a failed write costs disk
+    until then, never rows; deleting them here could not reach a killed task's files. A
+    commit that lost a race to another writer is retried (the files are not written again):
+    an overwrite does not depend on the version it replaces.
+    """
+    import lance
+
+    log = logging.getLogger(__name__)
+    options = dict(storage_options) if storage_options else None
+    uri: str | None = None
+    written: list[FragmentMetadata] | None = None
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        try:
+            # A fresh handle each attempt: the latest version, also one committed meanwhile.
+            current: Table | None = db.open_table(name)
+        except ValueError:  # no table yet: this commit creates it
+            current = None
+        read_version = None if current is None else current.version
+        if uri is None:
+            uri = _location(db, name, current)
+        if written is None:
+            written = fragments.write(uri)
+        try:
+            committed = lance.LanceDataset.commit(
+                uri,
+                lance.LanceOperation.Overwrite(schema, written),
+                read_version=read_version,
+                storage_options=options,
+            )
+        except (RuntimeError, OSError, ValueError) as exc:
+            if attempt == _MAX_ATTEMPTS or not (_is_conflict(exc) or _exists(exc)):
+                raise
+            log.warning(
+                "table %s: commit conflict on attempt %d of %d, retrying: %s",
+                name,
+                attempt,
+                _MAX_ATTEMPTS,
+                str(exc).splitlines()[0],
+            )
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+            continue
+        table = db.open_table(name)
+        table.checkout(committed.version)
+        return table
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _location(db: DBConnection, name: str, table: Table | None) -> str:
+    """Where table ``name`` is (or will be) stored: lancedb's ``<database>/<name>.lance``."""
+    if table is not None:
+        return str(cast(Any, table).uri)
+    return f"{str(cast(Any, db).uri).rstrip('/')}/{name}.lance"
+
+
+def _exists(exc: BaseException) -> bool:
+    """Another writer created the table between our look and our commit."""
+    return "already exists" in str(exc).lower()
 
 
 class ConcurrentWriteError(RuntimeError):

@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 
 def trivial() -> dict[str, Any]:
@@ -157,7 +157,7 @@ def build() -> dict[str, Any]:
     connect_ray = os.environ.get("RAY_ADDRESS")
     root = sys.argv[2]
     cases = {name: spec for name, spec in _cases().items() if name in sys.argv[3].split(",")}
-    out: dict[str, Any] = {"hashes": {}, "versions": {}, "view_ok": {}}
+    out: dict[str, Any] = {"hashes": {}, "versions": {}, "view_ok": {}, "fragments": {}}
     for engine in ("local", "ray"):
         uri = f"{root}/{engine}"
         db = LanceDBResource(
@@ -183,6 +183,9 @@ def build() -> dict[str, Any]:
             table = read_all(conn.open_table(name))
             row_ids = table.column("row_id").to_numpy()
             out["hashes"][f"{engine}/{name}"] = _digest(table)
+            # Lance fragments of the table: one per block the Ray workers wrote.
+            fragments = cast(Any, conn.open_table(name)).to_lance().get_fragments()
+            out["fragments"][f"{engine}/{name}"] = len(fragments)
             if engine != "ray" or name != case:  # a view of the training table needs a fold
                 continue
             # The base rows each row id addresses: the base is one fragment (0) holding ids

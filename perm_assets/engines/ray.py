@@ -43,12 +43,15 @@ is the local engine's (`ALGORITHM`).
      (`_Build.time_bounds`: the local engine's "a run of equal times goes to the split of
      its middle row"), then each row's split from its time.
 3. **Order**: rows are sorted by ``(split_id, order_key(row_id, shuffle seed))`` (or by row id
-   without a shuffle, as the local engine stores an unshuffled split) and streamed, in order,
-   into the permutation table by the IO manager's single commit.
+   without a shuffle, as the local engine stores an unshuffled split).
+4. **Write**: one Ray task per block of the sorted dataset writes its rows, from the object
+   store, as Lance fragments of the permutation table (lance-ray's fragment writer,
+   `_write_piece`); the driver collects the fragments' metadata, in order, and the IO manager
+   commits them as one new version (`perm_assets.tables.commit_fragments`).
 
 Folds are a split with ``k`` folds; their training table is the sorted dataset's folds
-rotated (folds 1..k-1, then 0..k-2; see `perm_assets.folds`), streamed from the same
-materialized blocks, which are fetched by position so only the blocks of each range are read.
+rotated (folds 1..k-1, then 0..k-2; see `perm_assets.folds`), written from the same
+materialized blocks, addressed by position so each task gets only its block of a range.
 
 Bad input fails with the local engine's error before anything is written: nulls in a label,
 group or time column and a time column without an order are counted on the driver before Ray
@@ -60,19 +63,19 @@ Ray Data retries the tasks and Ray rebuilds lost blocks from their lineage on th
 nodes, so the build usually finishes with the same rows; when it fails instead, nothing is
 committed (tests/test_ray_engine_s3.py kills a node with SIGKILL and accepts either outcome,
 each checked strictly). With no CPU left in the whole cluster Ray would wait forever, so the build
-fails after `NO_CPU_SECONDS`. Whatever fails, nothing is committed before the whole
-permutation has been streamed, so the previous version stays the latest.
+fails after `NO_CPU_SECONDS`. Whatever fails, nothing is committed before every fragment has
+been written, so the previous version stays the latest.
 
 Driver memory does not grow with the row count: it holds the row count, the split sizes, one
 key per boundary, the census (one entry per class, group or (group, label) pair, merged one
-block's counts at a time) and one streamed batch at a time (the row ids do pass through the
-driver, batch by batch, to be written; lance-ray's distributed fragment writer is not used
-because the IO manager owns the write and its commit).
+block's counts at a time) and one fragment's metadata per block. The row ids never pass
+through the driver to be written; they do only for a split report with a label
+(`PermutationData.stream`, read batch by batch before the write).
 
-Credentials: workers read the base table with credentials from their own environment
-(``AWS_*`` variables, instance roles). Storage options whose name suggests a secret are left
-out of what Ray ships to tasks (lance-ray puts the storage options in every read task's
-arguments, visible in Ray's dashboard and logs).
+Credentials: workers read the base table and write the fragments with credentials from their
+own environment (``AWS_*`` variables, instance roles); the driver commits with the resource's.
+Storage options whose name suggests a secret are left out of what Ray ships to tasks (lance-ray
+puts the storage options in every read task's arguments, visible in Ray's dashboard and logs).
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -106,7 +110,10 @@ from perm_assets.specs import (
     PermutationSpec,
     StratifiedKFold,
 )
-from perm_assets.tables import where
+from perm_assets.tables import FragmentWrite, where
+
+if TYPE_CHECKING:
+    from lance.fragment import FragmentMetadata
 
 ALGORITHM = local.ALGORITHM
 """The local engine's: the same rows for the same (base version, spec, seed)."""
@@ -377,6 +384,29 @@ def _key_counts(
     return np.array([np.searchsorted(keys, at, "left"), np.searchsorted(keys, at, "right")])
 
 
+def _write_piece(
+    block: pa.Table,
+    first: int,
+    rows: int,
+    *,
+    uri: str,
+    split_id: int | None,
+    storage_options: dict[str, str] | None,
+) -> list[FragmentMetadata]:
+    """A Ray task: rows ``[first, first + rows)`` of one block of the sorted dataset, written
+    by lance-ray's fragment writer as data files of the table at ``uri`` (uncommitted: invisible
+    until the driver commits them); ``split_id`` set: every row gets that split. Ray hands the
+    block over from its object store, so the rows never pass through the driver."""
+    from lance_ray.fragment import write_fragment
+
+    piece = block.slice(first, rows).select(["row_id", "split_id"]).cast(_SCHEMA)
+    if split_id is not None:
+        ids = pa.array(np.full(piece.num_rows, split_id, dtype=np.uint64))
+        piece = piece.set_column(1, _SCHEMA.field("split_id"), ids)
+    written = write_fragment([piece], uri, schema=_SCHEMA, storage_options=storage_options)
+    return [fragment for fragment, _ in written]
+
+
 # ----------------------------------------------------------------------------- the build
 _SCHEMA = local._SCHEMA
 
@@ -531,6 +561,75 @@ def _batches(
                     ids = pa.array(np.full(batch.num_rows, split_id, dtype=np.uint64))
                     batch = batch.set_column(1, _SCHEMA.field("split_id"), ids)
                 yield batch
+
+
+def _pieces_in(ds: Any, start: int, stop: int) -> Iterator[tuple[Any, int, int]]:
+    """``(block ref, first row in the block, rows)`` of each block piece of the materialized
+    ``ds`` overlapping rows ``[start, stop)``, in order, trimmed to that range: `_blocks`
+    without fetching any block (the ref goes to a task instead)."""
+    at = 0
+    for ref, first, rows in _pieces(ds):
+        lo, hi = max(start, at), min(stop, at + rows)
+        if lo < hi:
+            yield ref, first + lo - at, hi - lo
+        at += rows
+        if at >= stop:
+            return
+
+
+def _fragments(
+    ray: Any,
+    ordered: Any,
+    ranges: list[tuple[int, int, int | None]],
+    *,
+    storage_options: dict[str, str],
+    asset: str,
+) -> FragmentWrite:
+    """Rows ``[start, stop)`` of the materialized ``ordered`` dataset for each ``(start, stop,
+    split_id)`` of ``ranges``, one after another (``split_id`` set: every row of that range gets
+    it), written by the cluster's workers for the IO manager's one commit: a Ray task per block
+    piece writes it as Lance fragments (`_write_piece`), and the driver only collects the
+    fragments' metadata, in table order. Workers take credentials from their own environment,
+    as for the read (`_public_options`).
+
+    Not lance-ray's ``LanceDatasink`` / ``Dataset.write_datasink``: it commits by itself
+    (``on_write_complete``), and the permutation's commit is the IO manager's, after the pins
+    and with the schema metadata it adds. Not ``map_batches(LanceFragmentWriter(...))`` either:
+    Ray Data has no "rows at positions", and the training table is two ranges of the folds."""
+    options = _public_options(storage_options)
+
+    def write(uri: str) -> list[FragmentMetadata]:
+        # As Ray Data retries its own tasks: a task lost with its node runs again elsewhere
+        # (its lost input block is rebuilt from lineage); `_Watch` bounds the wait for a CPU.
+        task = ray.remote(_write_piece).options(num_cpus=1, max_retries=-1)
+        with _on_cluster(ray, asset=asset):
+            refs = [
+                task.remote(block, first, rows, uri=uri, split_id=split, storage_options=options)
+                for start, stop, split in ranges
+                for block, first, rows in _pieces_in(ordered, start, stop)
+            ]
+            try:
+                written = _Watch(ray, asset=asset).get(refs)
+            except BaseException:
+                # Nothing is committed: the others' files would be left unreferenced anyway
+                # (see tables.commit_fragments), so stop them writing more.
+                for ref in refs:
+                    ray.cancel(ref)
+                raise
+        fragments = [fragment for part in written for fragment in part]
+        # Checked before the commit: rows lost or doubled between the sort and the files
+        # (block metadata that does not match the blocks) must never become a version.
+        wrote = sum(int(fragment.physical_rows) for fragment in fragments)
+        planned = sum(stop - start for start, stop, _ in ranges)
+        if wrote != planned:
+            raise RuntimeError(
+                f"asset '{asset}': engine 'ray': the workers wrote {wrote} rows, {planned} "
+                "planned; no new permutation version was committed, the previous one stays "
+                "the latest; re-run"
+            )
+        return fragments
+
+    return FragmentWrite(write)
 
 
 class _Build:
@@ -891,8 +990,16 @@ def build_permutation(
     local._check_sizes(names, sizes, asset=asset)
     kept = int(sizes.sum())
     _check_coverage(spec, kept=kept, expected=n, asset=asset)
-    return local._streamed(
-        table, spec, names, sizes, n, lambda: _batches(ray, ordered, 0, kept, asset=asset)
+    written = _fragments(
+        ray, ordered, [(0, kept, None)], storage_options=storage_options, asset=asset
+    )
+    # The stream stays for readers in the driver (a label's split report); the write is the
+    # workers' (written).
+    return replace(
+        local._streamed(
+            table, spec, names, sizes, n, lambda: _batches(ray, ordered, 0, kept, asset=asset)
+        ),
+        fragments=written,
     )
 
 
@@ -934,6 +1041,15 @@ def build_folds(
         yield from _batches(ray, ordered, first, n, asset=asset, split_id=0)
         yield from _batches(ray, ordered, 0, n - last, asset=asset, split_id=0)
 
-    return local._streamed_folds(
+    folds_data = local._streamed_folds(
         table, spec, sizes, n, lambda: _batches(ray, ordered, 0, n, asset=asset), train, small
+    )
+    # Both tables written by the workers; the streams stay for readers in the driver.
+    common = {"storage_options": storage_options, "asset": asset}
+    return replace(
+        folds_data,
+        validation=replace(
+            folds_data.validation, fragments=_fragments(ray, ordered, [(0, n, None)], **common)
+        ),
+        train_fragments=_fragments(ray, ordered, [(first, n, 0), (0, n - last, 0)], **common),
     )
