@@ -15,8 +15,9 @@ helper (`views._serve_forked_reads`).
 
 Protocol (pickles over stdin/stdout, one request at a time): first a `ReadPlan`, then
 ``("count",)``, ``("take", offsets, selection)``, ``("schema", selection)``,
-``("read", batch_size, selection)`` and ``("next",)``; each reply is ``("ok", value)`` or
-``("error", exception)``. ``selection`` None is the plan's.
+``("read", batch_size, selection)`` (replies a pass id) and ``("next", pass id)`` (None at
+the end of the pass); each reply is ``("ok", value)`` or ``("error", exception)``.
+``selection`` None is the plan's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import itertools
 import pickle
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,7 @@ class ReadPlan:
     offset: int | None
     limit: int | None
     selection: dict[str, str]
-    storage_options: dict[str, str]
+    storage_options: dict[str, str] = field(repr=False)  # credentials: never in a repr
 
     @property
     def what(self) -> str:
@@ -123,7 +124,8 @@ def serve() -> None:
         opened = _Opened(plan)
     except Exception as exc:  # answered to every request: the worker raises it where it reads
         opened = exc
-    stream: Iterator[pa.RecordBatch] = iter(())
+    # Passes by id: the worker may have several open at once (two iterators of one view).
+    streams: dict[int, Iterator[pa.RecordBatch]] = {}
     while True:
         try:
             kind, *args = pickle.load(requests)
@@ -133,17 +135,19 @@ def serve() -> None:
             if isinstance(opened, Exception):
                 raise opened
             reply: Any = None
-            selection = plan.selection if not args or args[-1] is None else args[-1]
             if kind == "count":
                 reply = opened.count()
             elif kind == "next":
-                reply = next(stream, None)
+                reply = next(streams[args[0]], None)
+                if reply is None:
+                    del streams[args[0]]
             elif kind == "take":
-                reply = opened.take(args[0], selection)
+                reply = opened.take(args[0], args[1] or plan.selection)
             elif kind == "schema":
-                reply = opened.schema(selection)
+                reply = opened.schema(args[0] or plan.selection)
             elif kind == "read":
-                stream = opened.read(args[0], selection)
+                reply = max(streams, default=0) + 1  # an id not in use
+                streams[reply] = opened.read(args[0], args[1] or plan.selection)
             else:
                 raise ValueError(f"unknown request {kind!r}")
             message: tuple[str, Any] = ("ok", reply)

@@ -101,7 +101,7 @@ def retain(
             keep,
         )
     connection = db.connect()
-    tables = {name: connection.open_table(name) for name in _table_names(connection)}
+    tables = _openable(connection)
     live = _live_pins(tables, keep)
     served: dict[str, set[int]] = {}
     if instance is not None:
@@ -223,6 +223,19 @@ def _remove_partial_files(uri: str, name: str) -> None:
 def _table_names(connection: Any) -> list[str]:
     listed = connection.list_tables()
     return list(getattr(listed, "tables", listed))
+
+
+def _openable(connection: Any) -> dict[str, Table]:
+    """Every listed table that opens. lancedb lists any ``<name>.lance`` folder, also one
+    holding only the data files of a first write that was never committed (a failed Ray
+    build's fragments, `perm_assets.tables.commit_fragments`): no version, nothing to retain."""
+    tables: dict[str, Table] = {}
+    for name in _table_names(connection):
+        try:
+            tables[name] = connection.open_table(name)
+        except ValueError:
+            logging.getLogger(__name__).info("retain: %s has no committed version; skipped", name)
+    return tables
 
 
 def _live_pins(tables: dict[str, Table], keep: int) -> set[str]:

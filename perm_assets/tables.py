@@ -24,6 +24,8 @@ from lancedb.db import DBConnection
 from lancedb.query import LanceQueryBuilder
 from lancedb.table import Table
 
+from perm_assets.errors import SpecError
+
 if TYPE_CHECKING:  # pylance comes with the ray extra: imported only when fragments are committed
     from lance.fragment import FragmentMetadata
 
@@ -225,6 +227,15 @@ def commit_fragments(
     """
     import lance
 
+    if str(cast(Any, db).uri).startswith("s3+ddb://"):
+        # Before any file is written: pylance's commit would bypass lancedb's DynamoDB commit
+        # store, so concurrent writers through lancedb could both commit a version.
+        raise SpecError(
+            f"table '{name}': an engine that writes fragments on its workers (engine='ray') "
+            f"commits them through pylance, which does not use the DynamoDB commit store of "
+            f"the s3+ddb:// database {cast(Any, db).uri!r}; use engine='local' (or 'lancedb') "
+            "there, or an s3:// database"
+        )
     log = logging.getLogger(__name__)
     options = dict(storage_options) if storage_options else None
     uri: str | None = None

@@ -259,7 +259,8 @@ class PermutationView(Permutation):
             [
                 pa.field(name, pa.uint64()) if src == "_rowid" else base.field(src).with_name(name)
                 for name, src in self.selection.items()
-            ]
+            ],
+            metadata=base.metadata,
         )
 
     def forked(self) -> bool:
@@ -707,8 +708,8 @@ def _location(table: Table) -> str | None:
         return None
     if getattr(table, "_location", None) is not None or getattr(table, "_namespace_path", None):
         return None  # a namespace decides where the table is, and its credentials
-    if urlsplit(str(getattr(table._conn, "uri", ""))).scheme in ("db", "namespace"):
-        return None
+    if urlsplit(str(getattr(table._conn, "uri", ""))).scheme in ("db", "namespace", "s3+ddb"):
+        return None  # s3+ddb: commits go through a DynamoDB store pylance would not see
     return table._dataset_path
 
 
@@ -776,21 +777,22 @@ class _ForkedReader:
         return self._call("count")
 
     async def read(self, selection: dict[str, str], *, batch_size: int) -> _ForkedBatches:
-        self._call("read", batch_size, selection)
-        return _ForkedBatches(self)
+        return _ForkedBatches(self, self._call("read", batch_size, selection))
 
 
 class _ForkedBatches:
-    """The batches of one `_ForkedReader.read`, pulled one request at a time."""
+    """The batches of one `_ForkedReader.read`, pulled one request at a time by the pass id
+    the helper gave it: several passes over one view may be open at once."""
 
-    def __init__(self, reader: _ForkedReader) -> None:
+    def __init__(self, reader: _ForkedReader, stream: int) -> None:
         self._reader = reader
+        self._stream = stream
 
     def __aiter__(self) -> _ForkedBatches:
         return self
 
     async def __anext__(self) -> pa.RecordBatch:
-        batch = self._reader._call("next")
+        batch = self._reader._call("next", self._stream)
         if batch is None:
             raise StopAsyncIteration
         return batch
@@ -802,7 +804,8 @@ def _serve_forked_reads() -> None:
     sys.stdout = sys.stderr  # a library's print must not corrupt the reply stream
     view = object.__new__(PermutationView)
     view.__setstate__(pickle.load(requests))  # reopens the pinned tables, here
-    stream: Iterator[Any] = iter(())
+    # Passes by id: the worker may have several open at once (two iterators of one view).
+    streams: dict[int, Iterator[Any]] = {}
     while True:
         try:
             kind, *args = pickle.load(requests)
@@ -812,7 +815,9 @@ def _serve_forked_reads() -> None:
             if kind == "count":
                 reply = view.num_rows
             elif kind == "next":
-                reply = next(stream, None)
+                reply = next(streams[args[0]], None)
+                if reply is None:
+                    del streams[args[0]]
             else:
                 selected = view._with_selection(
                     args[-1] if args[-1] is not None else view.selection
@@ -821,8 +826,9 @@ def _serve_forked_reads() -> None:
                     reply = selected.take_offsets(args[0])
                 elif kind == "schema":
                     reply = selected.schema
-                else:  # "read"
-                    stream, reply = selected.iter(args[0], skip_last_batch=False), None
+                else:  # "read": a new pass, under an id not in use
+                    reply = max(streams, default=0) + 1
+                    streams[reply] = selected.iter(args[0], skip_last_batch=False)
             message: tuple[str, Any] = ("ok", reply)
         except Exception as exc:
             message = ("error", exc)

@@ -14,6 +14,8 @@ import pyarrow as pa
 import pytest
 from lance.fragment import FragmentMetadata, write_fragments
 
+from perm_assets import LanceDBResource
+from perm_assets.pins import retain
 from perm_assets.tables import FragmentWrite, WriteMode, commit_fragments, read_all, write_table
 
 SCHEMA = pa.schema([pa.field("row_id", pa.uint64()), pa.field("split_id", pa.uint64())])
@@ -93,6 +95,10 @@ def test_a_write_that_fails_part_way_commits_nothing(tmp_path: Path) -> None:
         commit_fragments(db, "perm", fragments, SCHEMA.with_metadata(METADATA))
     with pytest.raises(ValueError, match="was not found"):
         db.open_table("perm")
+    # retain() goes over every listed table: the folder without a version is skipped.
+    write_table(db, "other", _rows(0, 2), WriteMode.OVERWRITE)
+    report = retain(LanceDBResource(uri=str(tmp_path / "db")), keep=1)
+    assert "perm" not in report.versions_removed
     # An existing table: the previous version stays the latest and reads its rows.
     write_table(db, "perm", _rows(0, 4), WriteMode.OVERWRITE)
     with pytest.raises(RuntimeError, match="a worker's task failed"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import multiprocessing
 import pickle
 import re
 import subprocess
@@ -42,6 +43,7 @@ from torch.utils.data import (
 from perm_assets import LanceDBResource, PermutationView, RandomSplit, Shuffle, permutation_asset
 from perm_assets.batches import reslice
 from perm_assets.errors import LineageError
+from perm_assets.forked import ReadPlan
 from perm_assets.training import (
     BatchLoader,
     feistel_permute,
@@ -208,6 +210,57 @@ def test_forked_workers_read_through_a_lean_interpreter_without_lancedb(
     )
     got = pa.concat_tables([pa.Table.from_batches([b]) for b in rows])
     assert got.column("id").to_pylist() == split_ids(db)
+
+
+def _interleaved_passes(view: PermutationView, out: Any) -> None:
+    """In a forked child: two passes over ``view`` open at once, read in turn."""
+    first, second = iter_arrow(view, 100), iter_arrow(view, 100)
+    got: list[list[int]] = [[], []]
+    for a, b in itertools.zip_longest(first, second):
+        got[0] += a.column("id").to_pylist() if a is not None else []
+        got[1] += b.column("id").to_pylist() if b is not None else []
+    out.put(got)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(FORK_WARNING)
+@pytest.mark.parametrize("helper", ["lean", "full"])
+def test_two_passes_open_at_once_in_a_forked_child_each_read_every_row(
+    run: Runner, db: LanceDBResource, helper: str
+) -> None:
+    """The helper keeps each pass apart (one shared pass used to hand rows to either)."""
+    view = materialize_view(run, {"columns": COLUMNS, "format": "arrow"})
+    if helper == "full":  # a factory view is reopened by the full helper
+        view = view.with_connection_factory(functools.partial(open_local_table, db.uri))
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_interleaved_passes, args=(view, out))
+    child.start()
+    got = out.get(timeout=120)
+    child.join(timeout=60)
+
+    assert child.exitcode == 0
+    assert got == [split_ids(db), split_ids(db)]
+
+
+def test_a_read_plans_repr_shows_no_storage_option_value() -> None:
+    plan = ReadPlan(
+        asset="a",
+        base_path="/p/rows.lance",
+        base_name="rows",
+        base_version=1,
+        stored_path=None,
+        stored_name="rows",
+        stored_version=1,
+        split=0,
+        pin=None,
+        stamp=None,
+        offset=None,
+        limit=None,
+        selection={"id": "id"},
+        storage_options={"aws_secret_access_key": "S3CR3T-value"},
+    )
+    assert "S3CR3T-value" not in repr(plan) and "rows.lance" in repr(plan)
 
 
 @pytest.mark.slow
