@@ -21,7 +21,8 @@ engine twice must agree).
 
 ``--build-only`` measures the engine's build and the write of the permutation table(s), without
 Dagster, the blocking checks or the materialization report (for sizes where those do not fit).
-A child whose RSS passes ``--max-rss-gib`` is killed and reported as such (the machine is shared).
+A child whose RSS passes ``--max-rss-gib``, or that runs past ``--max-minutes``, is killed and
+reported as such (the machine is shared; lancedb's builder at 1B rows is reported this way).
 """
 
 from __future__ import annotations
@@ -255,19 +256,36 @@ def _rss_gib(pid: int) -> float:
     return 0.0
 
 
-def _watch(process: subprocess.Popen, limit_gib: float, killed: list[float]) -> None:
-    """Kill ``process`` when its RSS passes ``limit_gib`` (others share the machine)."""
+def _watch(
+    process: subprocess.Popen, limit_gib: float, max_seconds: float | None, killed: list[str]
+) -> None:
+    """Kill ``process`` when its RSS passes ``limit_gib`` (others share the machine) or it
+    runs past ``max_seconds``; ``killed`` gets the reason, printed as the build's outcome."""
+    started = time.monotonic()
     while process.poll() is None:
         rss = _rss_gib(process.pid)
         if rss > limit_gib:
-            killed.append(rss)
+            killed.append(f"killed at {rss:.1f} GiB RSS (limit {limit_gib:g} GiB)")
+            process.kill()
+            return
+        if max_seconds is not None and time.monotonic() - started > max_seconds:
+            killed.append(
+                f"did not finish within {max_seconds / 60:g} min (killed; RSS then {rss:.1f} GiB)"
+            )
             process.kill()
             return
         time.sleep(0.5)
 
 
 def measure(
-    uri: str, engine: str, kind: str, spill: str, *, build_only: bool, max_rss_gib: float
+    uri: str,
+    engine: str,
+    kind: str,
+    spill: str,
+    *,
+    build_only: bool,
+    max_rss_gib: float,
+    max_minutes: float | None = None,
 ) -> dict[str, object]:
     """Run `child` in a subprocess; its figures plus its peak RSS (ru_maxrss of that process)."""
     if engine in ("ray1", "ray2"):
@@ -275,10 +293,11 @@ def measure(
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     flag = "--child-build-only" if build_only else "--child"
     command = [sys.executable, __file__, flag, uri, engine, kind, spill]
-    killed: list[float] = []
+    killed: list[str] = []
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        watcher = threading.Thread(target=_watch, args=(process, max_rss_gib, killed))
+        limit_s = None if max_minutes is None else max_minutes * 60
+        watcher = threading.Thread(target=_watch, args=(process, max_rss_gib, limit_s, killed))
         watcher.start()
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -293,7 +312,7 @@ def measure(
         else {"success": False, "error": f"exit {process.returncode}: {text[-300:]}"}
     )
     if killed:
-        figures = {"success": False, "error": f"killed at {killed[0]:.1f} GiB RSS (limit)"}
+        figures = {"success": False, "error": killed[0]}
     figures["peak_gib"] = usage.ru_maxrss / 2**20  # KiB on Linux
     # CPU seconds of the measured section (all threads), from the child; on a shared machine
     # the wall time moves with the load, this much less. A child that died: its whole life.
@@ -315,6 +334,12 @@ def main() -> None:
         "--build-only", action="store_true", help="engine build + write only (no checks)"
     )
     parser.add_argument("--max-rss-gib", type=float, default=8.0, help="kill a child above it")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="kill a build running longer (e.g. lancedb's builder at 1B: printed as its outcome)",
+    )
     parser.add_argument("--child", nargs=4, metavar=("URI", "ENGINE", "KIND", "SPILL"))
     parser.add_argument("--child-build-only", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -349,6 +374,7 @@ def main() -> None:
                         str(folder / "spill"),
                         build_only=args.build_only,
                         max_rss_gib=args.max_rss_gib,
+                        max_minutes=args.max_minutes,
                     )
                     took = float(figures.get("seconds", float("nan")))  # type: ignore[arg-type]
                     if engine == "lancedb" and figures.get("success"):
