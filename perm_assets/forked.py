@@ -25,9 +25,9 @@ from __future__ import annotations
 import itertools
 import pickle
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,7 @@ import pyarrow as pa
 from perm_assets.identity import VersionIdentity, verify_identity, verify_pin
 from perm_assets.reader import LanceStore, SplitRows, take_rows
 
-__all__ = ["ReadPlan", "serve"]
+__all__ = ["ReadPlan", "answer_requests", "helper_pipes", "serve"]
 
 
 @dataclass(frozen=True)
@@ -114,42 +114,42 @@ class _Opened:
             yield take_rows(self.base, ids, selection, what=self.plan.what)
 
 
-def serve() -> None:
-    """Main loop: a `ReadPlan`, then requests, on stdin; replies on stdout (module doc)."""
+def helper_pipes() -> tuple[IO[bytes], IO[bytes]]:
+    """A helper's request and reply streams (stdin, stdout); a library's print goes to stderr
+    from now on, so it cannot corrupt the replies."""
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a library's print must not corrupt the reply stream
-    plan: ReadPlan = pickle.load(requests)
-    opened: _Opened | Exception
-    try:
-        opened = _Opened(plan)
-    except Exception as exc:  # answered to every request: the worker raises it where it reads
-        opened = exc
-    # Passes by id: the worker may have several open at once (two iterators of one view).
-    streams: dict[int, Iterator[pa.RecordBatch]] = {}
+    sys.stdout = sys.stderr
+    return requests, replies
+
+
+def answer_requests(
+    requests: IO[bytes],
+    replies: IO[bytes],
+    answer: Callable[[str, list[Any]], Any],
+    start_pass: Callable[[int, Any], Iterator[Any]],
+) -> None:
+    """Both helpers' loop (this one's and `views._serve_forked_reads`): ``("read", batch_size,
+    selection)`` opens a pass with ``start_pass`` and replies its id, ``("next", id)`` pulls
+    its next batch (None at its end), every other request is ``answer(kind, args)``. Passes are
+    kept apart by id: a worker may have several open at once (two iterators of one view).
+    Returns when the worker closes the pipe or exits."""
+    passes: dict[int, Iterator[Any]] = {}
     while True:
         try:
             kind, *args = pickle.load(requests)
         except EOFError:  # the forked worker closed the pipe or exited
             return
         try:
-            if isinstance(opened, Exception):
-                raise opened
-            reply: Any = None
-            if kind == "count":
-                reply = opened.count()
-            elif kind == "next":
-                reply = next(streams[args[0]], None)
+            reply: Any
+            if kind == "next":
+                reply = next(passes[args[0]], None)
                 if reply is None:
-                    del streams[args[0]]
-            elif kind == "take":
-                reply = opened.take(args[0], args[1] or plan.selection)
-            elif kind == "schema":
-                reply = opened.schema(args[0] or plan.selection)
+                    del passes[args[0]]
             elif kind == "read":
-                reply = max(streams, default=0) + 1  # an id not in use
-                streams[reply] = opened.read(args[0], args[1] or plan.selection)
+                reply = max(passes, default=0) + 1  # an id not in use
+                passes[reply] = start_pass(args[0], args[1])
             else:
-                raise ValueError(f"unknown request {kind!r}")
+                reply = answer(kind, args)
             message: tuple[str, Any] = ("ok", reply)
         except Exception as exc:
             message = ("error", exc)
@@ -162,3 +162,33 @@ def serve() -> None:
             replies.flush()
         except BrokenPipeError:  # the forked worker exited while this reply was on its way
             return
+
+
+def serve() -> None:
+    """Main loop: a `ReadPlan`, then requests, on stdin; replies on stdout (module doc)."""
+    requests, replies = helper_pipes()
+    plan: ReadPlan = pickle.load(requests)
+    try:
+        opened = _Opened(plan)
+    except Exception as exc:  # answered to every request: the worker raises it where it reads
+        failed = exc
+
+        def refuse(*_: Any) -> Any:
+            raise failed
+
+        answer_requests(requests, replies, refuse, refuse)
+        return
+
+    def answer(kind: str, args: list[Any]) -> Any:
+        if kind == "count":
+            return opened.count()
+        if kind == "take":
+            return opened.take(args[0], args[1] or plan.selection)
+        if kind == "schema":
+            return opened.schema(args[0] or plan.selection)
+        raise ValueError(f"unknown request {kind!r}")
+
+    def start_pass(batch_size: int, selection: Mapping[str, str] | None) -> Iterator[Any]:
+        return opened.read(batch_size, selection or plan.selection)
+
+    answer_requests(requests, replies, answer, start_pass)

@@ -33,7 +33,7 @@ from perm_assets.batches import OWN_TRANSFORMS, VIEW_FORMATS, ViewFormat, reslic
 from perm_assets.cache import CacheEntry, ColumnCache
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, fold_index
-from perm_assets.forked import ReadPlan
+from perm_assets.forked import ReadPlan, answer_requests, helper_pipes
 from perm_assets.identity import VersionIdentity, verify_identity, verify_pin, version_stamp
 from perm_assets.reader import LanceDBStore, SplitRows, take_rows
 from perm_assets.resources import LanceDBResource
@@ -398,7 +398,7 @@ class PermutationView(Permutation):
             base_path=base_path,
             base_name=lineage.base_table,
             base_version=lineage.base_version,
-            stored_path=stored_path if stored is not None else None,
+            stored_path=stored_path,
             stored_name=lineage.table,
             stored_version=lineage.table_version,
             split=int(self.split or 0),
@@ -799,48 +799,30 @@ class _ForkedBatches:
 
 
 def _serve_forked_reads() -> None:
-    """Main loop of a `_ForkedReader` helper: a view's pickled state, then requests, on stdin."""
-    requests, replies = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a library's print must not corrupt the reply stream
+    """Main loop of a full `_ForkedReader` helper: a view's pickled state, then requests, on
+    stdin (the lean helper's protocol, `perm_assets.forked.answer_requests`)."""
+    requests, replies = helper_pipes()
     view = object.__new__(PermutationView)
     view.__setstate__(pickle.load(requests))  # reopens the pinned tables, here
-    # Passes by id: the worker may have several open at once (two iterators of one view).
-    streams: dict[int, Iterator[Any]] = {}
-    while True:
-        try:
-            kind, *args = pickle.load(requests)
-        except EOFError:  # the forked worker closed the pipe or exited
-            return
-        try:
-            if kind == "count":
-                reply = view.num_rows
-            elif kind == "next":
-                reply = next(streams[args[0]], None)
-                if reply is None:
-                    del streams[args[0]]
-            else:
-                selected = view._with_selection(
-                    args[-1] if args[-1] is not None else view.selection
-                )
-                if kind == "take":
-                    reply = selected.take_offsets(args[0])
-                elif kind == "schema":
-                    reply = selected.schema
-                else:  # "read": a new pass, under an id not in use
-                    reply = max(streams, default=0) + 1
-                    streams[reply] = selected.iter(args[0], skip_last_batch=False)
-            message: tuple[str, Any] = ("ok", reply)
-        except Exception as exc:
-            message = ("error", exc)
-        try:
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # an exception that does not pickle travels as its text
-            data = pickle.dumps(("error", RuntimeError(repr(message[1]))))
-        try:
-            replies.write(data)
-            replies.flush()
-        except BrokenPipeError:  # the forked worker exited while this reply was on its way
-            return
+
+    def selected(selection: dict[str, str] | None) -> PermutationView:
+        return _as_view(view._with_selection(selection or view.selection))
+
+    def answer(kind: str, args: list[Any]) -> Any:
+        if kind == "count":
+            return view.num_rows
+        if kind == "take":
+            return selected(args[1]).take_offsets(args[0])
+        if kind == "schema":
+            return selected(args[0]).schema
+        raise ValueError(f"unknown request {kind!r}")
+
+    answer_requests(
+        requests,
+        replies,
+        answer,
+        lambda size, selection: selected(selection).iter(size, skip_last_batch=False),
+    )
 
 
 def _reopen_with_factory(factory: Callable[[str], Table], lineage: ViewLineage) -> PermutationView:

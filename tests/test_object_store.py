@@ -319,11 +319,9 @@ def test_table_asset_lives_in_the_bucket_at_its_recorded_versions(
     assert len(listing.get("Contents", [])) == second["lance/version"]
 
 
-def test_a_cached_view_reads_the_base_table_once_then_makes_no_data_requests(
-    run: Runner, db: LanceDBResource, s3: S3Server, s3_uri: str, tmp_path: Path
-) -> None:
-    """Without the cache every shuffled pass GETs the base table's data files again; with it,
-    one sequential fetch, then passes read only the permutation table's row ids."""
+def _materialize_splits(run: Runner) -> None:
+    """Table asset ``rows`` (3,000 rows) and permutation ``splits`` (80/20 train/test,
+    shuffled), materialized in the bucket."""
     source = table_asset("rows", 3_000)
     splits = permutation_asset(
         "splits",
@@ -332,6 +330,14 @@ def test_a_cached_view_reads_the_base_table_once_then_makes_no_data_requests(
         shuffle=Shuffle(seed=0),
     )
     run([source, splits])
+
+
+def test_a_cached_view_reads_the_base_table_once_then_makes_no_data_requests(
+    run: Runner, db: LanceDBResource, s3: S3Server, s3_uri: str, tmp_path: Path
+) -> None:
+    """Without the cache every shuffled pass GETs the base table's data files again; with it,
+    one sequential fetch, then passes read only the permutation table's row ids."""
+    _materialize_splits(run)
     cached_db = db.model_copy(update={"cache_dir": str(tmp_path / "cache")})
     data = s3_uri.removeprefix(f"s3://{s3.bucket}/") + "/rows.lance/data/"
 
@@ -372,14 +378,7 @@ def test_forked_workers_read_the_bucket_through_the_lean_helper(
 ) -> None:
     """A forked DataLoader worker's helper opens the tables in the bucket with pylance (the
     parent's storage options) and reads the parent's rows, by position and in passes."""
-    source = table_asset("rows", 3_000)
-    splits = permutation_asset(
-        "splits",
-        source=source,
-        split=RandomSplit(ratios=[0.8, 0.2], seed=0, split_names=["train", "test"]),
-        shuffle=Shuffle(seed=0),
-    )
-    run([source, splits])
+    _materialize_splits(run)
     view = open_view(
         db,
         asset="splits",
