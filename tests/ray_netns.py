@@ -48,7 +48,17 @@ EXIT_SETUP_FAILED = 97
 EXIT_SCRIPT_TIMEOUT = 98
 # Per-node object store: small, five people share this machine's memory.
 _OBJECT_STORE_BYTES = 150 * 1024 * 1024
-_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    # Keep idle worker processes. Ray keeps one idle worker per CPU and kills the others after
+    # 1 s idle; on these 1-CPU nodes, Ray Data's next stage usually found its worker killed or
+    # not yet returned and started a new process, which imports perm_assets (dagster, lancedb:
+    # ~4 s on 2 loaded cores) again. That was ~95% of a small Ray build: 300 s for the nine
+    # builds of the one-worker test, 20 s with these (a multi-CPU node keeps that many anyway).
+    "RAY_num_workers_soft_limit": "4",
+    "RAY_idle_worker_killing_time_threshold_ms": "120000",
+}
 FAST_NODE_DEATH = {
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_timeout_ms": "2000",
