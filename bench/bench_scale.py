@@ -9,7 +9,8 @@ its own process (so peak RSS is that build's alone, read from the child's ``ru_m
 
 with ``engine="lancedb"`` and ``engine="local"`` (defaults otherwise; ``--engines ... ray1 ray2``
 adds ``engine="ray"`` on a fresh Ray cluster of 1 or 2 worker nodes, started by
-tests/ray_netns.py in a loopback-only network namespace, its peak the driver's alone; ``builder``
+tests/ray_netns.py in a loopback-only network namespace: its peak is the driver's, and the
+cluster's peak (sum of PSS of every process in the namespace) follows the hash; ``builder``
 is lancedb's builder + ``create_table`` alone, the reference of issue 10's lean-build bound),
 through ``dg.materialize`` with the blocking checks, and prints time, peak RSS, rows/s, the ratio to
 lancedb's time and a short hash of the written table (engines differ by design; the same
@@ -185,6 +186,9 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
             StratifiedKFold(k=5, label="label", seed=1) if kind == "skfold" else KFold(k=5, seed=1)
         )
         asset = folds_asset("perm", source="base", folds=folds)
+    cluster: list[float] = []
+    if engine == "ray":  # in run_on_ray's PID namespace: /proc lists the cluster's processes
+        threading.Thread(target=_sample_cluster, args=(cluster,), daemon=True).start()
     started, cpu = time.perf_counter(), time.process_time()
     result = dg.materialize(
         [asset, dg.AssetSpec("base")],
@@ -205,7 +209,35 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
         error = failure.step_failure_data.error if failure is not None else None  # type: ignore[union-attr]
         figures["error"] = (error.message.strip().splitlines()[-1] if error else "failed")[:300]
     figures["self_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if cluster:
+        figures["cluster_peak_gib"] = max(cluster)
     print("RESULT " + json.dumps(figures), flush=True)
+
+
+def _pss_gib() -> float:
+    """Sum of the proportional set size of every process this /proc lists (shared pages, such
+    as Ray's object store, counted once across the processes that map them)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/smaps_rollup") as rollup:
+                for line in rollup:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:  # gone, or not ours to read
+            continue
+    return total / 2**20
+
+
+def _sample_cluster(peaks: list[float]) -> None:
+    """Append the cluster's memory (`_pss_gib`: head, worker nodes, their workers, this driver)
+    every half second; the build's cluster peak is the largest."""
+    while True:
+        peaks.append(_pss_gib())
+        time.sleep(0.5)
 
 
 def builder_child(uri: str) -> None:
@@ -320,6 +352,14 @@ def measure(
     return figures
 
 
+def _drop_outputs(folder: Path) -> None:
+    """Remove what builds wrote under ``folder``: spill files and output tables (the base
+    table stays)."""
+    shutil.rmtree(folder / "spill", ignore_errors=True)
+    for name in ("perm", "perm__train", "perm_builder"):
+        shutil.rmtree(folder / "lancedb" / f"{name}.lance", ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000])
@@ -376,12 +416,17 @@ def main() -> None:
                         max_rss_gib=args.max_rss_gib,
                         max_minutes=args.max_minutes,
                     )
+                    # Each build's outputs go before the next: at 1B rows a folds build writes
+                    # ~25 GB, and an overwrite keeps the old version's files.
+                    _drop_outputs(folder)
                     took = float(figures.get("seconds", float("nan")))  # type: ignore[arg-type]
                     if engine == "lancedb" and figures.get("success"):
                         reference = took
                     ratio = f"{took / reference:.2f}x" if reference else "-"
                     passed = figures.get("checks_passed")
                     checked = "skipped" if passed is None else "ok" if passed else "FAILED"
+                    if "cluster_peak_gib" in figures:  # the driver's is in the peak column
+                        checked += f", cluster peak {figures['cluster_peak_gib']:.2f} GiB"
                     tail = (
                         f"{figures.get('hash')} checks={checked}"
                         if figures.get("success")
@@ -396,9 +441,7 @@ def main() -> None:
                     )
         finally:
             if args.keep:  # the table stays for the next run; spill and outputs do not
-                shutil.rmtree(folder / "spill", ignore_errors=True)
-                for name in ("perm", "perm__train"):
-                    shutil.rmtree(Path(uri) / f"{name}.lance", ignore_errors=True)
+                _drop_outputs(folder)
             else:
                 shutil.rmtree(folder, ignore_errors=True)
 
