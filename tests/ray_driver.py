@@ -207,11 +207,43 @@ def build() -> dict[str, Any]:
                 got = read_arrow(view).column("id").to_numpy()
                 ok = ok and np.array_equal(got, expected[split_ids == index])
             out["view_ok"][name] = ok
+    sorting = {name: cases[name] for name in ("random_counts", "stratified_kfold") if name in cases}
+    if sorting:
+        out["sorted"] = _sort_path(root, connect_ray, sorting)
     if "calculated" in cases:
         out["out_of_range"] = _out_of_range(root, connect_ray)
     if sys.argv[4:] == ["then-kill-the-worker"]:
         out["no_worker"] = _no_worker_left(root, connect_ray)
     return out
+
+
+def _sort_path(root: str, address: str | None, cases: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Hashes of the ``cases`` built by Ray with `_Build.bounds` refusing every histogram
+    (``_FETCH_KEYS = 0``, as for very many classes), so their seeded ranks come from Ray Data's
+    sort instead."""
+    import dagster as dg
+    import lancedb
+
+    from perm_assets import LanceDBIOManager, LanceDBResource
+    from perm_assets.engines import ray as ray_engine
+    from perm_assets.tables import read_all
+
+    uri = f"{root}/ray_sorted"
+    db = LanceDBResource(uri=uri, engine="ray", ray_address=address)
+
+    @dg.asset(name="base")
+    def base() -> Any:
+        return _rows(N)
+
+    fetch_keys, ray_engine._FETCH_KEYS = ray_engine._FETCH_KEYS, 0
+    try:
+        perms = [_asset(name, base, spec) for name, spec in cases.items()]
+        resources = {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
+        assert dg.materialize([base, *perms], resources=resources).success
+    finally:
+        ray_engine._FETCH_KEYS = fetch_keys
+    conn = lancedb.connect(uri)
+    return {name: _digest(read_all(conn.open_table(name))) for _, name in _tables(cases)}
 
 
 def _out_of_range(root: str, address: str | None) -> dict[str, Any]:

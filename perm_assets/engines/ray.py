@@ -20,18 +20,23 @@ is the local engine's (`ALGORITHM`).
    - *One class, by rank* (random split, sequential split, k-fold): each row gets an
      assignment key, ``order_key(row_id, split seed)``, or the row id itself for sequential
      splits and ``KFold(shuffle=False)`` (the local engine ranks those rows by scan position,
-     which is row-id order: Lance lists fragments in id order, also after a compaction); Ray
-     Data sorts the keys (a distributed, range-partitioned sort). A split boundary is the key
-     at rank ``ends[s]``: the driver reads those few keys from the sorted blocks, and every
-     task places its rows with ``searchsorted``. With one split keeping every row, nothing
-     is ranked.
+     which is row-id order: Lance lists fragments in id order, also after a compaction). A
+     split boundary is the key at rank ``ends[s]``, and every task places its rows by
+     comparing their keys with those few keys. Seeded keys are uniform over 64 bits, so the
+     boundary keys come without a sort (`_Build.bounds`): tasks count rows per cell (top bits
+     of the key), which names the cell holding each boundary rank, and a second pass sends
+     the driver only those cells' keys. Row-id keys are sorted by Ray Data (a distributed,
+     range-partitioned sort) and the driver reads the keys at those ranks from the sorted
+     blocks. With one split keeping every row, nothing is ranked.
    - *Per class, by rank* (`StratifiedSplit`, `StratifiedKFold`): a census (tasks count each
      label's rows and first row id; the driver merges the counts) gives the classes and, by
-     the local engine's size functions, each class's cumulative sizes per split. Rows are
-     sorted by ``(class code, key)``; one Ray task per sorted block knows the block's global
-     position, so a row's rank in its class is its global rank less its class's first, and
-     its split follows from `local.split_of_rank`. Codes follow ascending label order, or
-     for ``StratifiedKFold(shuffle=False)`` first appearance with the row id as key.
+     the local engine's size functions, each class's cumulative sizes per split. Seeded: each
+     class's boundary keys as above, with cells per (class, top bits of the key). By row id
+     (``StratifiedKFold(shuffle=False)``): rows are sorted by ``(class code, row id)``; one
+     Ray task per sorted block knows the block's global position, so a row's rank in its
+     class is its global rank less its class's first, and its split follows from
+     `local.split_of_rank`. Codes follow ascending label order, or for
+     ``StratifiedKFold(shuffle=False)`` first appearance.
    - *Per row* (`HashSplit`, `CalculatedSplit`): each task computes its rows' splits with the
      local engine's per-batch functions (lancedb's hash split on an in-memory table; the
      calculated expression evaluated by the scan, range-checked).
@@ -135,6 +140,12 @@ _STREAM_BATCH_ROWS = 1 << 20
 # CPU for this long (long enough for an autoscaler to start a node).
 NO_CPU_SECONDS = 600.0
 _POLL_SECONDS = 1.0
+# Seeded ranks come from a histogram of the keys' top bits instead of a distributed sort
+# (`_Build.bounds`): at most this many cells (classes x 2**bits) per task result and on the
+# driver, and at most this many keys fetched to the driver from the cells holding a split end;
+# past that (very many classes), the sort.
+_HISTOGRAM_CELLS = 1 << 18
+_FETCH_KEYS = 1 << 23
 
 
 def unsupported(spec: PermutationSpec | FoldsSpec) -> str | None:
@@ -241,6 +252,54 @@ def _place(
         split = np.searchsorted(boundaries, keys, side="right")
     else:
         split = np.zeros(row_ids.size, dtype=np.int64)
+    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
+
+
+def _cells(batch: pa.Table, bits: int) -> np.ndarray:
+    """Each row's histogram cell: its class code (0 without one) then the top ``bits`` bits
+    of its assignment key."""
+    keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
+    cells = (keys >> np.uint64(64 - bits)).astype(np.int64)
+    if "code" in batch.column_names:
+        cells |= batch.column("code").to_numpy().astype(np.int64) << bits
+    return cells
+
+
+def _cell_counts(batch: pa.Table, *, bits: int) -> pa.Table:
+    """Rows per non-empty cell of the batch (`_cells`): at most ``classes << bits`` rows."""
+    cells, rows = np.unique(_cells(batch, bits), return_counts=True)
+    return pa.table({"cell": cells, "rows": rows.astype(np.int64)})
+
+
+def _keys_in(batch: pa.Table, *, bits: int, wanted: np.ndarray) -> pa.Table:
+    """``(cell, akey)`` of the batch's rows in the ``wanted`` (sorted) cells."""
+    cells = _cells(batch, bits)
+    hit = np.isin(cells, wanted)
+    return pa.table({"cell": cells[hit], "akey": batch.column("akey").filter(pa.array(hit))})
+
+
+def _place_keyed(
+    batch: pa.Table,
+    *,
+    bounds: np.ndarray,
+    valid: np.ndarray,
+    splits: int,
+    shuffle_seed: int | None,
+) -> pa.Table:
+    """Split of each row from its assignment key: ``bounds[c, s]`` is the key at rank
+    ``ends[c, s]`` of class ``c`` (where ``valid``), so a row's rank in its class is past that
+    end exactly when its key is at least that key (keys are unique: `order_key` is a
+    bijection); `local.split_of_rank`'s count of ends passed, without ranking any row."""
+    keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
+    codes = (
+        batch.column("code").to_numpy().astype(np.int64, copy=False)
+        if "code" in batch.column_names
+        else np.zeros(keys.size, dtype=np.int64)
+    )
+    split = np.zeros(keys.size, dtype=np.int64)
+    for s in range(bounds.shape[1]):  # a loop over splits only
+        split += (keys >= bounds[codes, s]) & valid[codes, s]
+    row_ids = batch.column("row_id").to_numpy().astype(np.uint64, copy=False)
     return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
 
 
@@ -702,6 +761,73 @@ class _Build:
             self.changed(read)
         return census
 
+    def batches(self, ds: Any, collect: Callable[[pa.Table], None]) -> None:
+        """``collect`` each block of ``ds`` on the driver as it is computed (streamed: the
+        blocks are not kept in the object store), the wait bounded as `materialize`'s."""
+
+        def run() -> None:
+            for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                collect(part)
+
+        self.watch.run(run)
+
+    def bounds(
+        self, keyed: Any, ends: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(bounds, valid)``: ``bounds[c, s]`` the assignment key at rank ``ends[c, s]`` of
+        class ``c`` (its rows ranked by key), for each end below the class's ``counts[c]`` rows
+        (``valid``), as a sort would give it, from two streamed passes over ``keyed``
+        (``row_id``, ``akey``, ``code`` when several classes) instead of a distributed sort:
+
+        1. rows per cell (class, top bits of the key; `_cell_counts`): the cell holding each
+           end's rank and that rank within the cell;
+        2. the keys of those cells only (`_keys_in`, a few thousand rows each), sorted on the
+           driver: the key at that rank.
+
+        Keys are uniform over 64 bits (`order_key`), so cells hold about equal rows. None when
+        the cells holding an end have more than `_FETCH_KEYS` keys (very many classes): the
+        caller sorts."""
+        classes = counts.size
+        bits = max(1, (_HISTOGRAM_CELLS // classes).bit_length() - 1)
+        rows = np.zeros(classes << bits, dtype=np.int64)
+
+        def count(part: pa.Table) -> None:
+            np.add.at(rows, part.column("cell").to_numpy(), part.column("rows").to_numpy())
+
+        self.batches(self.map(keyed, _cell_counts, bits=bits), count)
+        per_class = rows.reshape(classes, 1 << bits).sum(axis=1)
+        if not np.array_equal(per_class, counts):
+            self.changed(int(per_class.sum()))
+        valid = ends < counts[:, None]
+        cls, split = np.nonzero(valid)
+        # Cells are ordered by class, then key bits: an end's rank among all cells is its
+        # class's first row plus the end.
+        target = (np.cumsum(counts) - counts)[cls] + ends[cls, split]
+        upto = np.cumsum(rows)
+        cell = np.searchsorted(upto, target, side="right")
+        within = target - (upto[cell] - rows[cell])
+        wanted = np.unique(cell)
+        bounds = np.zeros(valid.shape, dtype=np.uint64)
+        if wanted.size == 0:  # every split end at or past its class's rows
+            return bounds, valid
+        if int(rows[wanted].sum()) > _FETCH_KEYS:
+            return None
+        parts: list[pa.Table] = []
+        self.batches(self.map(keyed, _keys_in, bits=bits, wanted=wanted), parts.append)
+        if not parts:
+            self.changed(0)
+        fetched = pa.concat_tables(parts)
+        cells = fetched.column("cell").to_numpy().astype(np.int64)
+        keys = fetched.column("akey").to_numpy().astype(np.uint64)
+        order = np.lexsort((keys, cells))
+        cells, keys = cells[order], keys[order]
+        first = np.searchsorted(cells, wanted, side="left")
+        got = np.searchsorted(cells, wanted, side="right") - first
+        if not np.array_equal(got, rows[wanted]):
+            self.changed(int(cells.size))
+        bounds[cls, split] = keys[first[np.searchsorted(wanted, cell)] + within]
+        return bounds, valid
+
     def classes_of(self, values: pa.Array, rows: np.ndarray, first: np.ndarray) -> local._Classes:
         """`local._Classes` of a census: distinct values in order of first appearance (the
         local engine's scan meets rows in row-id order), their rows."""
@@ -767,8 +893,9 @@ class _Build:
     def ranked(self) -> tuple[Any, np.ndarray]:
         """One class: the ``n`` rows ranked by their assignment key (``order_key(row_id,
         split seed)``, or the row id without a seed: sequential splits, unshuffled k-fold),
-        split ``s`` the ranks ``[ends[s-1], ends[s])`` (ranks past the last end are left out),
-        as a distributed sort and one key per split boundary."""
+        split ``s`` the ranks ``[ends[s-1], ends[s])`` (ranks past the last end are left out):
+        one key per split boundary, from a histogram of seeded keys (`bounds`) or a
+        distributed sort of row ids."""
         job, n = self.job, self.n
         sizes = np.asarray(job.sizes(np.array([n], dtype=np.int64))[0], dtype=np.int64)
         rows = self.read([])
@@ -777,6 +904,21 @@ class _Build:
             # One split holding every row: every rank is in it, so nothing needs ranking.
             keyed = self.map(rows, _row_ids)
         else:
+            if job.split_seed is not None:  # keys are `order_key`s: uniform, see `bounds`
+                keyed = self.map(rows, _assignment_keys, seed=job.split_seed)
+                ranks = np.cumsum(sizes)[None, :]  # one class
+                found = self.bounds(keyed, ranks, np.array([n], dtype=np.int64))
+                if found is not None:
+                    placed = self.map(
+                        keyed,
+                        _place_keyed,
+                        bounds=found[0],
+                        valid=found[1],
+                        splits=job.num_splits,
+                        shuffle_seed=job.shuffle_seed,
+                    )
+                    return self.finish(placed, sizes)
+            # Ranked by row id (sequential, unshuffled k-fold): a sort.
             keyed = self.materialize(
                 self.map(rows, _assignment_keys, seed=job.split_seed).sort("akey")
             )
@@ -797,8 +939,9 @@ class _Build:
         """Per-class rank intervals (`StratifiedSplit`, `StratifiedKFold`): the census gives
         the classes and their sizes per split (the local engine's: classes in ascending label
         order for a random rank, by first appearance for `StratifiedKFold(shuffle=False)`,
-        which ranks by row id); rows are sorted by ``(class, key)`` and each task places its
-        rows by their global rank (`_place_ranked`)."""
+        which ranks by row id); seeded, each class's boundary keys come from `bounds`,
+        otherwise rows are sorted by ``(class, key)`` and each task places its rows by their
+        global rank (`_place_ranked`)."""
         job, assigner = self.job, self.job.assigner
         label = job.label if assigner is None else cast(local._FoldsInOrder, assigner).label
         assert label is not None
@@ -819,16 +962,28 @@ class _Build:
             assigner.classes = classes
             ends = cast(local._FoldsInOrder, assigner).ends()
         assert classes.lookup is not None
-        keyed = self.materialize(
-            self.map(
-                self.read([label]),
-                _class_keys,
-                column=label,
-                lookup=classes.lookup,
-                remap=remap,
-                seed=job.split_seed,
-            ).sort(["code", "akey"])
+        keyed = self.map(
+            self.read([label]),
+            _class_keys,
+            column=label,
+            lookup=classes.lookup,
+            remap=remap,
+            seed=job.split_seed,
         )
+        planned = np.diff(ends, axis=1, prepend=0).sum(axis=0)
+        if job.split_seed is not None:  # keys are `order_key`s: uniform, see `bounds`
+            found = self.bounds(keyed, ends, counts)
+            if found is not None:
+                placed = self.map(
+                    keyed,
+                    _place_keyed,
+                    bounds=found[0],
+                    valid=found[1],
+                    splits=job.num_splits,
+                    shuffle_seed=job.shuffle_seed,
+                )
+                return self.finish(placed, planned)
+        keyed = self.materialize(keyed.sort(["code", "akey"]))
         refs = _by_position(
             self.ray,
             keyed,
@@ -839,7 +994,7 @@ class _Build:
             shuffle_seed=job.shuffle_seed,
         )
         placed = self.ray.data.from_arrow_refs(refs)
-        return self.finish(placed, np.diff(ends, axis=1, prepend=0).sum(axis=0))
+        return self.finish(placed, planned)
 
     def grouped(self, assigner: local._Group) -> tuple[Any, np.ndarray]:
         """`GroupSplit` / `GroupKFold`: the census counts each group (and, stratified, each
