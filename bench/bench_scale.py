@@ -114,12 +114,15 @@ def _spec(kind: str):
 def _digest(db, name: str) -> str:
     from perm_assets.tables import READ_BATCH_ROWS
 
-    digest = hashlib.sha256()
+    # One digest per column, so the hash does not depend on where batches (fragments) end:
+    # the Ray engine writes the same rows as other fragments than the local engine.
+    columns = {"row_id": hashlib.sha256(), "split_id": hashlib.sha256()}
     table = db.open_table(name)
-    for batch in table.search().select(["row_id", "split_id"]).to_batches(READ_BATCH_ROWS):
-        for column in batch.columns:
-            digest.update(column.to_numpy().tobytes())
-    return digest.hexdigest()[:12]
+    for batch in table.search().select(list(columns)).to_batches(READ_BATCH_ROWS):
+        for column, digest in columns.items():
+            digest.update(batch.column(column).to_numpy().tobytes())
+    both = hashlib.sha256(b"".join(digest.digest() for digest in columns.values()))
+    return both.hexdigest()[:12]
 
 
 def child_build_only(uri: str, engine: str, kind: str, spill: str) -> None:
