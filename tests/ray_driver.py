@@ -112,6 +112,39 @@ def _cases() -> dict[str, dict[str, Any]]:
     }
 
 
+FRAGMENT_ROWS = 10_000
+
+
+def _fragmented_base(uri: str) -> None:
+    """Table ``base`` of `_rows` written in three fragments of `FRAGMENT_ROWS` (fragment
+    ``f`` holds ids ``f * FRAGMENT_ROWS + offset``), so Ray reads and sorts several blocks and
+    the workers write several fragments; the permutation assets take it as an external
+    source (``source="base"``)."""
+    import lancedb
+
+    rows = _rows(N)
+    table = lancedb.connect(uri).create_table("base", rows.slice(0, FRAGMENT_ROWS))
+    for start in range(FRAGMENT_ROWS, N, FRAGMENT_ROWS):
+        table.add(rows.slice(start, FRAGMENT_ROWS))
+
+
+def _materialize_cases(uri: str, db: Any, cases: dict[str, dict[str, Any]], instance: Any) -> None:
+    """The ``cases`` as assets over `_fragmented_base`, materialized in one run."""
+    import dagster as dg
+
+    from perm_assets import LanceDBIOManager
+
+    _fragmented_base(uri)
+    perms = [_asset(name, "base", spec) for name, spec in cases.items()]
+    result = dg.materialize(
+        [dg.AssetSpec("base"), *perms],
+        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        selection=perms,
+        instance=instance,
+    )
+    assert result.success
+
+
 def _asset(name: str, base: Any, spec: dict[str, Any]) -> Any:
     from perm_assets import folds_asset, permutation_asset
 
@@ -150,7 +183,7 @@ def build() -> dict[str, Any]:
     import lancedb
     import numpy as np
 
-    from perm_assets import LanceDBIOManager, LanceDBResource
+    from perm_assets import LanceDBResource
     from perm_assets.tables import read_all
     from perm_assets.views import ViewRequest, open_view, read_arrow
 
@@ -163,16 +196,8 @@ def build() -> dict[str, Any]:
         db = LanceDBResource(
             uri=uri, engine=engine, ray_address=connect_ray, spill_dir=f"{root}/spill"
         )
-        resources = {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
-
-        @dg.asset(name="base")
-        def base() -> Any:
-            return _rows(N)
-
-        perms = [_asset(name, base, spec) for name, spec in cases.items()]
         with dg.DagsterInstance.ephemeral() as instance:
-            result = dg.materialize([base, *perms], resources=resources, instance=instance)
-            assert result.success
+            _materialize_cases(uri, db, cases, instance)
             for name in cases:
                 event = instance.get_latest_materialization_event(dg.AssetKey(name))
                 assert event is not None and event.asset_materialization is not None
@@ -188,14 +213,14 @@ def build() -> dict[str, Any]:
             out["fragments"][f"{engine}/{name}"] = len(fragments)
             if engine != "ray" or name != case:  # a view of the training table needs a fold
                 continue
-            # The base rows each row id addresses: the base is one fragment (0) holding ids
-            # 0..N-1 at offsets 0..N-1. The filters make the selected rows sparse, so row ids
-            # that were positions among the selected rows would read other rows.
+            # The base rows each row id addresses (`_fragmented_base`: fragment f holds ids
+            # f * FRAGMENT_ROWS + offset). The filters make the selected rows sparse, so row
+            # ids that were positions among the selected rows would read other rows.
             fragment, offset = row_ids >> np.uint64(32), row_ids & np.uint64(0xFFFFFFFF)
-            expected = offset.astype(np.int64)
+            expected = (fragment * np.uint64(FRAGMENT_ROWS) + offset).astype(np.int64)
             split_ids = table.column("split_id").to_numpy()
             names = json.loads(table.schema.metadata[b"split_names"])
-            ok = bool((fragment == 0).all())
+            ok = bool((offset < FRAGMENT_ROWS).all())
             for index, split in enumerate(names):
                 view = open_view(
                     db,
@@ -224,22 +249,16 @@ def _sort_path(root: str, address: str | None, cases: dict[str, dict[str, Any]])
     import dagster as dg
     import lancedb
 
-    from perm_assets import LanceDBIOManager, LanceDBResource
+    from perm_assets import LanceDBResource
     from perm_assets.engines import ray as ray_engine
     from perm_assets.tables import read_all
 
     uri = f"{root}/ray_sorted"
     db = LanceDBResource(uri=uri, engine="ray", ray_address=address)
-
-    @dg.asset(name="base")
-    def base() -> Any:
-        return _rows(N)
-
     fetch_keys, ray_engine._FETCH_KEYS = ray_engine._FETCH_KEYS, 0
     try:
-        perms = [_asset(name, base, spec) for name, spec in cases.items()]
-        resources = {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
-        assert dg.materialize([base, *perms], resources=resources).success
+        with dg.DagsterInstance.ephemeral() as instance:
+            _materialize_cases(uri, db, cases, instance)
     finally:
         ray_engine._FETCH_KEYS = fetch_keys
     conn = lancedb.connect(uri)

@@ -86,11 +86,11 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         assert one["view_ok"][name], f"{name}: a view over the Ray-built table read other rows"
     # Written by the workers, a fragment per block piece, not streamed through the driver into
     # one write (which makes one fragment of these 30k rows: the local engine's tables). The
-    # sort of a one-fragment base gives one block, so a permutation table is one piece and a
-    # KFold training table two (the folds rotated: two ranges of that block).
+    # base is three fragments, so the sort gives several blocks: the hashes above also check
+    # the order of the fragments and the pieces of a range across blocks (the training table).
     for name in tables:
         assert one["fragments"][f"local/{name}"] == 1, name
-        assert one["fragments"][f"ray/{name}"] == (2 if name.endswith("__train") else 1), name
+        assert one["fragments"][f"ray/{name}"] > 1, (name, one["fragments"])
     # Different specs gave different tables (the hashes are not all of one empty table).
     assert len({one["hashes"][f"ray/{name}"] for name in tables}) == len(tables)
     # A value only a Ray task meets (a calculated split out of range) fails the build with

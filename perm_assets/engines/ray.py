@@ -265,17 +265,20 @@ def _cells(batch: pa.Table, bits: int) -> np.ndarray:
     return cells
 
 
-def _cell_counts(batch: pa.Table, *, bits: int) -> pa.Table:
-    """Rows per non-empty cell of the batch (`_cells`): at most ``classes << bits`` rows."""
-    cells, rows = np.unique(_cells(batch, bits), return_counts=True)
-    return pa.table({"cell": cells, "rows": rows.astype(np.int64)})
+def _cell_counts(batch: pa.Table, *, bits: int, cells: int) -> pa.Table:
+    """Rows per non-empty cell of the batch (`_cells`, ``cells`` of them in all)."""
+    rows = np.bincount(_cells(batch, bits), minlength=cells)  # linear: no sort
+    present = np.flatnonzero(rows)
+    return pa.table({"cell": present, "rows": rows[present].astype(np.int64)})
 
 
-def _keys_in(batch: pa.Table, *, bits: int, wanted: np.ndarray) -> pa.Table:
-    """``(cell, akey)`` of the batch's rows in the ``wanted`` (sorted) cells."""
-    cells = _cells(batch, bits)
-    hit = np.isin(cells, wanted)
-    return pa.table({"cell": cells[hit], "akey": batch.column("akey").filter(pa.array(hit))})
+def _keys_in(batch: pa.Table, *, bits: int, cells: int, wanted: np.ndarray) -> pa.Table:
+    """``(cell, akey)`` of the batch's rows in the ``wanted`` cells (of ``cells``)."""
+    of = _cells(batch, bits)
+    lookup = np.zeros(cells, dtype=bool)
+    lookup[wanted] = True
+    hit = lookup[of]  # one pass, however many cells are wanted
+    return pa.table({"cell": of[hit], "akey": batch.column("akey").filter(pa.array(hit))})
 
 
 def _place_keyed(
@@ -794,7 +797,7 @@ class _Build:
         def count(part: pa.Table) -> None:
             np.add.at(rows, part.column("cell").to_numpy(), part.column("rows").to_numpy())
 
-        self.batches(self.map(keyed, _cell_counts, bits=bits), count)
+        self.batches(self.map(keyed, _cell_counts, bits=bits, cells=rows.size), count)
         per_class = rows.reshape(classes, 1 << bits).sum(axis=1)
         if not np.array_equal(per_class, counts):
             self.changed(int(per_class.sum()))
@@ -813,7 +816,8 @@ class _Build:
         if int(rows[wanted].sum()) > _FETCH_KEYS:
             return None
         parts: list[pa.Table] = []
-        self.batches(self.map(keyed, _keys_in, bits=bits, wanted=wanted), parts.append)
+        fetch = self.map(keyed, _keys_in, bits=bits, cells=rows.size, wanted=wanted)
+        self.batches(fetch, parts.append)
         if not parts:
             self.changed(0)
         fetched = pa.concat_tables(parts)
