@@ -190,7 +190,13 @@ def build() -> dict[str, Any]:
     connect_ray = os.environ.get("RAY_ADDRESS")
     root = sys.argv[2]
     cases = {name: spec for name, spec in _cases().items() if name in sys.argv[3].split(",")}
-    out: dict[str, Any] = {"hashes": {}, "versions": {}, "view_ok": {}, "fragments": {}}
+    out: dict[str, Any] = {
+        "hashes": {},
+        "versions": {},
+        "view_ok": {},
+        "fragments": {},
+        "split_rows": {},
+    }
     for engine in ("local", "ray"):
         uri = f"{root}/{engine}"
         db = LanceDBResource(
@@ -210,7 +216,9 @@ def build() -> dict[str, Any]:
             out["hashes"][f"{engine}/{name}"] = _digest(table)
             # Lance fragments of the table: one per block the Ray workers wrote.
             fragments = cast(Any, conn.open_table(name)).to_lance().get_fragments()
-            out["fragments"][f"{engine}/{name}"] = len(fragments)
+            out["fragments"][f"{engine}/{name}"] = [f.count_rows() for f in fragments]
+            split_ids = table.column("split_id").to_numpy()
+            out["split_rows"][f"{engine}/{name}"] = np.bincount(split_ids.astype(np.int64)).tolist()
             if engine != "ray" or name != case:  # a view of the training table needs a fold
                 continue
             # The base rows each row id addresses (`_fragmented_base`: fragment f holds ids
@@ -218,7 +226,6 @@ def build() -> dict[str, Any]:
             # ids that were positions among the selected rows would read other rows.
             fragment, offset = row_ids >> np.uint64(32), row_ids & np.uint64(0xFFFFFFFF)
             expected = (fragment * np.uint64(FRAGMENT_ROWS) + offset).astype(np.int64)
-            split_ids = table.column("split_id").to_numpy()
             names = json.loads(table.schema.metadata[b"split_names"])
             ok = bool((offset < FRAGMENT_ROWS).all())
             for index, split in enumerate(names):
@@ -242,10 +249,10 @@ def build() -> dict[str, Any]:
     return out
 
 
-def _sort_path(root: str, address: str | None, cases: dict[str, dict[str, Any]]) -> dict[str, str]:
+def _sort_path(root: str, address: str | None, cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Hashes of the ``cases`` built by Ray with `_Build.bounds` refusing every histogram
     (``_FETCH_KEYS = 0``, as for very many classes), so their seeded ranks come from Ray Data's
-    sort instead."""
+    sort instead, and whether each call of `_Build.bounds` refused."""
     import dagster as dg
     import lancedb
 
@@ -255,14 +262,24 @@ def _sort_path(root: str, address: str | None, cases: dict[str, dict[str, Any]])
 
     uri = f"{root}/ray_sorted"
     db = LanceDBResource(uri=uri, engine="ray", ray_address=address)
+    bounds, refused = ray_engine._Build.bounds, []
+
+    def refusing(self: Any, *args: Any) -> Any:
+        found = bounds(self, *args)
+        refused.append(found is None)
+        return found
+
     fetch_keys, ray_engine._FETCH_KEYS = ray_engine._FETCH_KEYS, 0
+    build = cast(Any, ray_engine._Build)  # a class attribute, patched for these builds only
+    build.bounds = refusing
     try:
         with dg.DagsterInstance.ephemeral() as instance:
             _materialize_cases(uri, db, cases, instance)
     finally:
-        ray_engine._FETCH_KEYS = fetch_keys
+        ray_engine._FETCH_KEYS, build.bounds = fetch_keys, bounds
     conn = lancedb.connect(uri)
-    return {name: _digest(read_all(conn.open_table(name))) for _, name in _tables(cases)}
+    hashes = {name: _digest(read_all(conn.open_table(name))) for _, name in _tables(cases)}
+    return {"hashes": hashes, "refused": refused}
 
 
 def _out_of_range(root: str, address: str | None) -> dict[str, Any]:

@@ -54,8 +54,8 @@ _RAY_ENV = {
     # Keep idle worker processes. Ray keeps one idle worker per CPU and kills the others after
     # 1 s idle; on these 1-CPU nodes, Ray Data's next stage usually found its worker killed or
     # not yet returned and started a new process, which imports perm_assets (dagster, lancedb:
-    # ~4 s on 2 loaded cores) again. That was ~95% of a small Ray build: 300 s for the nine
-    # builds of the one-worker test, 20 s with these (a multi-CPU node keeps that many anyway).
+    # ~4 s on 2 loaded cores) again: most of a small Ray build. The one-worker test took 300 s
+    # for its nine builds, 60 s with these (a multi-CPU node keeps that many anyway).
     "RAY_num_workers_soft_limit": "4",
     "RAY_idle_worker_killing_time_threshold_ms": "120000",
 }

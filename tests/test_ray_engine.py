@@ -77,8 +77,14 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         assert one["hashes"][f"ray/{name}"] == one["hashes"][f"local/{name}"], name
     # Seeded ranks come from a histogram of the keys (no sort); with the histogram refused
     # (very many classes), Ray Data's sort gives the same tables.
-    assert set(one["sorted"]) == {"random_counts", "stratified_kfold", "stratified_kfold__train"}
-    for name, digest in one["sorted"].items():
+    sorted_ = one["sorted"]
+    assert sorted_["refused"] == [True, True]  # both builds took the sort
+    assert set(sorted_["hashes"]) == {
+        "random_counts",
+        "stratified_kfold",
+        "stratified_kfold__train",
+    }
+    for name, digest in sorted_["hashes"].items():
         assert digest == one["hashes"][f"local/{name}"], name
     for name in every:
         # The same rows: the same data version (downstream of a switch of engine stays fresh).
@@ -86,11 +92,19 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         assert one["view_ok"][name], f"{name}: a view over the Ray-built table read other rows"
     # Written by the workers, a fragment per block piece, not streamed through the driver into
     # one write (which makes one fragment of these 30k rows: the local engine's tables). The
-    # base is three fragments, so the sort gives several blocks: the hashes above also check
-    # the order of the fragments and the pieces of a range across blocks (the training table).
+    # base is three fragments, so the sort gives several blocks, written in order (the hashes
+    # above). A KFold training table is the folds rotated, rows [first, n) then [0, n - last)
+    # of the same blocks: exactly the folds table's fragments cut at those two ranges.
     for name in tables:
-        assert one["fragments"][f"local/{name}"] == 1, name
-        assert one["fragments"][f"ray/{name}"] > 1, (name, one["fragments"])
+        assert len(one["fragments"][f"local/{name}"]) == 1, name
+    for name in every:
+        blocks = one["fragments"][f"ray/{name}"]
+        assert len(blocks) > 1, (name, blocks)
+        if "kfold" in name:
+            folds = one["split_rows"][f"ray/{name}"]
+            n, first, last = sum(folds), folds[0], folds[-1]
+            expected = _pieces(blocks, first, n) + _pieces(blocks, 0, n - last)
+            assert one["fragments"][f"ray/{name}__train"] == expected, name
     # Different specs gave different tables (the hashes are not all of one empty table).
     assert len({one["hashes"][f"ray/{name}"] for name in tables}) == len(tables)
     # A value only a Ray task meets (a calculated split out of range) fails the build with
@@ -118,6 +132,18 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
     assert "the previous one stays the latest" in alone["error"]
     assert alone["versions_unchanged"]
     assert alone["seconds"] < 60, alone
+
+
+def _pieces(blocks: list[int], start: int, stop: int) -> list[int]:
+    """Rows of each piece of rows ``[start, stop)`` over consecutive blocks of ``blocks``
+    rows."""
+    pieces, at = [], 0
+    for rows in blocks:
+        piece = min(stop, at + rows) - max(start, at)
+        if piece > 0:
+            pieces.append(piece)
+        at += rows
+    return pieces
 
 
 def _error(result: dg.ExecuteInProcessResult, node: str) -> str:

@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import re
 import socket
@@ -95,7 +96,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import numpy as np
 import pyarrow as pa
@@ -141,9 +142,11 @@ _STREAM_BATCH_ROWS = 1 << 20
 NO_CPU_SECONDS = 600.0
 _POLL_SECONDS = 1.0
 # Seeded ranks come from a histogram of the keys' top bits instead of a distributed sort
-# (`_Build.bounds`): at most this many cells (classes x 2**bits) per task result and on the
-# driver, and at most this many keys fetched to the driver from the cells holding a split end;
-# past that (very many classes), the sort.
+# (`_Build.bounds`): cells of about `_CELL_ROWS` rows, at most `_HISTOGRAM_CELLS` of them
+# (classes x 2**bits) per task result and on the driver, and at most `_FETCH_KEYS` keys
+# fetched to the driver from the cells holding a split end; past that (very many classes),
+# the sort.
+_CELL_ROWS = 1 << 12
 _HISTOGRAM_CELLS = 1 << 18
 _FETCH_KEYS = 1 << 23
 
@@ -279,6 +282,63 @@ def _keys_in(batch: pa.Table, *, bits: int, cells: int, wanted: np.ndarray) -> p
     lookup[wanted] = True
     hit = lookup[of]  # one pass, however many cells are wanted
     return pa.table({"cell": of[hit], "akey": batch.column("akey").filter(pa.array(hit))})
+
+
+def _histogram_bits(counts: np.ndarray, ends: np.ndarray) -> int | None:
+    """Key bits per class for `_Build.bounds`' cells: enough that a cell holds about
+    `_CELL_ROWS` rows of the largest class, at most `_HISTOGRAM_CELLS` cells in all. None
+    when no histogram fits: fewer than 2 cells per class, or an expected fetch (the rows of
+    one cell per split end) above half of `_FETCH_KEYS` (decided before any pass)."""
+    classes = counts.size
+    per_class = _HISTOGRAM_CELLS // max(1, classes)
+    if per_class < 2:
+        return None
+    largest = int(counts.max()) if classes else 0
+    wanted = math.ceil(math.log2(max(1.0, largest / _CELL_ROWS)))
+    bits = max(1, min(per_class.bit_length() - 1, wanted))
+    valid = ends < counts[:, None]
+    expected = np.ceil(np.broadcast_to(counts[:, None], ends.shape)[valid] / (1 << bits)).sum()
+    return None if expected > _FETCH_KEYS // 2 else bits
+
+
+def _end_cells(
+    rows: np.ndarray, counts: np.ndarray, ends: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(class, split, cell, within)`` of each valid split end: the cell holding the row at
+    rank ``ends[class, split]`` of its class, and that row's rank within the cell, from
+    ``rows`` per cell (`_cells` order: by class, then key bits)."""
+    cls, split = np.nonzero(valid)
+    # An end's rank among all the cells' rows: its class's first row plus the end.
+    target = (np.cumsum(counts) - counts)[cls] + ends[cls, split]
+    upto = np.cumsum(rows)
+    cell = np.searchsorted(upto, target, side="right")
+    return cls, split, cell, target - (upto[cell] - rows[cell])
+
+
+def _end_keys(
+    parts: list[pa.Table],
+    rows: np.ndarray,
+    ranks: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    shape: tuple[int, ...],
+) -> np.ndarray | None:
+    """``bounds[class, split]``: the key of each `_end_cells` end, from the fetched
+    ``(cell, akey)`` rows of the wanted cells (`_keys_in`); None when a cell's fetched keys
+    are not the rows counted for it (the table changed between the passes)."""
+    cls, split, cell, within = ranks
+    wanted = np.unique(cell)
+    fetched = pa.concat_tables(parts) if parts else None
+    if fetched is None:
+        return None
+    cells = fetched.column("cell").to_numpy().astype(np.int64)
+    keys = fetched.column("akey").to_numpy().astype(np.uint64)
+    order = np.lexsort((keys, cells))
+    cells, keys = cells[order], keys[order]
+    first = np.searchsorted(cells, wanted, side="left")
+    if not np.array_equal(np.searchsorted(cells, wanted, side="right") - first, rows[wanted]):
+        return None
+    bounds = np.zeros(shape, dtype=np.uint64)
+    bounds[cls, split] = keys[first[np.searchsorted(wanted, cell)] + within]
+    return bounds
 
 
 def _place_keyed(
@@ -783,53 +843,38 @@ class _Build:
         (``row_id``, ``akey``, ``code`` when several classes) instead of a distributed sort:
 
         1. rows per cell (class, top bits of the key; `_cell_counts`): the cell holding each
-           end's rank and that rank within the cell;
+           end's rank and that rank within the cell (`_end_cells`);
         2. the keys of those cells only (`_keys_in`, a few thousand rows each), sorted on the
-           driver: the key at that rank.
+           driver: the key at that rank (`_end_keys`).
 
-        Keys are uniform over 64 bits (`order_key`), so cells hold about equal rows. None when
-        the cells holding an end have more than `_FETCH_KEYS` keys (very many classes): the
-        caller sorts."""
-        classes = counts.size
-        bits = max(1, (_HISTOGRAM_CELLS // classes).bit_length() - 1)
-        rows = np.zeros(classes << bits, dtype=np.int64)
+        Keys are uniform over 64 bits (`order_key`), so cells hold about equal rows. None
+        (the caller sorts) when `_histogram_bits` finds no histogram that fits (very many
+        classes), or when the cells holding an end have more than `_FETCH_KEYS` keys."""
+        bits = _histogram_bits(counts, ends)
+        if bits is None:
+            return None
+        rows = np.zeros(counts.size << bits, dtype=np.int64)
 
         def count(part: pa.Table) -> None:
             np.add.at(rows, part.column("cell").to_numpy(), part.column("rows").to_numpy())
 
         self.batches(self.map(keyed, _cell_counts, bits=bits, cells=rows.size), count)
-        per_class = rows.reshape(classes, 1 << bits).sum(axis=1)
+        per_class = rows.reshape(counts.size, 1 << bits).sum(axis=1)
         if not np.array_equal(per_class, counts):
             self.changed(int(per_class.sum()))
         valid = ends < counts[:, None]
-        cls, split = np.nonzero(valid)
-        # Cells are ordered by class, then key bits: an end's rank among all cells is its
-        # class's first row plus the end.
-        target = (np.cumsum(counts) - counts)[cls] + ends[cls, split]
-        upto = np.cumsum(rows)
-        cell = np.searchsorted(upto, target, side="right")
-        within = target - (upto[cell] - rows[cell])
-        wanted = np.unique(cell)
-        bounds = np.zeros(valid.shape, dtype=np.uint64)
+        ranks = _end_cells(rows, counts, ends, valid)
+        wanted = np.unique(ranks[2])
         if wanted.size == 0:  # every split end at or past its class's rows
-            return bounds, valid
-        if int(rows[wanted].sum()) > _FETCH_KEYS:
+            return np.zeros(valid.shape, dtype=np.uint64), valid
+        if int(rows[wanted].sum()) > _FETCH_KEYS:  # skewed past `_histogram_bits`' estimate
             return None
         parts: list[pa.Table] = []
         fetch = self.map(keyed, _keys_in, bits=bits, cells=rows.size, wanted=wanted)
         self.batches(fetch, parts.append)
-        if not parts:
-            self.changed(0)
-        fetched = pa.concat_tables(parts)
-        cells = fetched.column("cell").to_numpy().astype(np.int64)
-        keys = fetched.column("akey").to_numpy().astype(np.uint64)
-        order = np.lexsort((keys, cells))
-        cells, keys = cells[order], keys[order]
-        first = np.searchsorted(cells, wanted, side="left")
-        got = np.searchsorted(cells, wanted, side="right") - first
-        if not np.array_equal(got, rows[wanted]):
-            self.changed(int(cells.size))
-        bounds[cls, split] = keys[first[np.searchsorted(wanted, cell)] + within]
+        bounds = _end_keys(parts, rows, ranks, valid.shape)
+        if bounds is None:
+            self.changed(sum(part.num_rows for part in parts))
         return bounds, valid
 
     def classes_of(self, values: pa.Array, rows: np.ndarray, first: np.ndarray) -> local._Classes:
@@ -838,7 +883,7 @@ class _Build:
         order = np.argsort(first, kind="stable")
         return local._Classes.of(values.take(pa.array(order)), rows[order])
 
-    def changed(self, read: int) -> None:
+    def changed(self, read: int) -> NoReturn:
         raise SpecError(
             f"asset '{self.asset}': table '{self.table.name}' read {read} rows at version "
             f"{self.table.version}, {self.n} counted; re-run"

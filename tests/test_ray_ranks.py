@@ -1,0 +1,144 @@
+"""The Ray engine's seeded ranks without a sort (`perm_assets.engines.ray._Build.bounds`): its
+task functions and driver arithmetic, run here on Arrow blocks in this process (no cluster;
+tests/test_ray_engine.py runs them on one), must place every row where ranking the rows of
+each class by key (`local.split_of_rank`, the local engine's rule) places it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from perm_assets.engines import local
+from perm_assets.engines import ray as ray_engine
+
+
+def _placed_by_histogram(blocks: list[pa.Table], ends: np.ndarray, counts: np.ndarray) -> dict:
+    """``row_id -> split`` as `_Build.bounds` and `_place_keyed` give it, each task function
+    applied to each block (as Ray Data's map does) and the driver steps in between."""
+    bits = ray_engine._histogram_bits(counts, ends)
+    assert bits is not None
+    rows = np.zeros(counts.size << bits, dtype=np.int64)
+    for block in blocks:
+        part = ray_engine._cell_counts(block, bits=bits, cells=rows.size)
+        np.add.at(rows, part.column("cell").to_numpy(), part.column("rows").to_numpy())
+    valid = ends < counts[:, None]
+    ranks = ray_engine._end_cells(rows, counts, ends, valid)
+    wanted = np.unique(ranks[2])
+    bounds = np.zeros(valid.shape, dtype=np.uint64)
+    if wanted.size:
+        parts = [
+            ray_engine._keys_in(block, bits=bits, cells=rows.size, wanted=wanted)
+            for block in blocks
+        ]
+        found = ray_engine._end_keys(parts, rows, ranks, valid.shape)
+        assert found is not None
+        bounds = found
+    placed = pa.concat_tables(
+        [
+            ray_engine._place_keyed(
+                block, bounds=bounds, valid=valid, splits=ends.shape[1], shuffle_seed=None
+            )
+            for block in blocks
+        ]
+    )
+    ids, splits = placed.column("row_id").to_numpy(), placed.column("split_id").to_numpy()
+    return dict(zip(ids.tolist(), splits.tolist(), strict=True))
+
+
+def _placed_by_rank(
+    row_ids: np.ndarray, keys: np.ndarray, codes: np.ndarray, ends: np.ndarray
+) -> dict:
+    """``row_id -> split`` by the local engine's rule: rank within class by key."""
+    order = np.lexsort((keys, codes))
+    per_class = np.bincount(codes, minlength=ends.shape[0])
+    first = np.cumsum(per_class) - per_class
+    rank = np.empty(row_ids.size, dtype=np.int64)
+    rank[order] = np.arange(row_ids.size) - first[codes[order]]
+    split = local.split_of_rank(rank, ends, codes)
+    kept = split < ends.shape[1]  # past the last end: left out
+    return dict(zip(row_ids[kept].tolist(), split[kept].tolist(), strict=True))
+
+
+def _case(rng: np.random.Generator, n: int, classes: int, splits: int, *, coded: bool):
+    """Rows of ``classes`` classes with random per-class split sizes: zero sizes, sizes
+    summing below the class (rows left out) and ends equal to the class count included."""
+    fragment = np.uint64(int(rng.integers(0, 3))) << np.uint64(32)
+    row_ids = rng.choice(10**6, n, replace=False).astype(np.uint64) | fragment
+    codes = rng.integers(0, classes, n).astype(np.int64)
+    counts = np.bincount(codes, minlength=classes).astype(np.int64)
+    sizes = np.zeros((classes, splits), dtype=np.int64)
+    for c in range(classes):  # per class, not per row
+        cut = np.sort(rng.integers(0, counts[c] + 1, splits))
+        if rng.random() < 0.5:
+            cut[-1] = counts[c]
+        sizes[c] = np.diff(cut, prepend=0)
+    keys = local.order_key(row_ids, int(rng.integers(0, 2**62)))
+    blocks = []
+    for part in np.array_split(np.arange(n), int(rng.integers(1, 5))):
+        block = pa.table({"row_id": row_ids[part], "akey": keys[part]})
+        if coded:
+            block = block.append_column("code", pa.array(codes[part]))
+        blocks.append(block)
+    return row_ids, keys, codes, counts, np.cumsum(sizes, axis=1), blocks
+
+
+@pytest.mark.parametrize("cells", [2, 8, 64, 1 << 18])
+def test_histogram_ranks_place_every_row_as_ranking_by_key_does(
+    cells: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Few cells make cells of many rows (an end deep inside its cell); `_CELL_ROWS = 4` makes
+    # many cells of few rows even for these small tables.
+    monkeypatch.setattr(ray_engine, "_HISTOGRAM_CELLS", cells)
+    monkeypatch.setattr(ray_engine, "_CELL_ROWS", 4)
+    rng = np.random.default_rng(cells)
+    fitting = [c for c in (1, 1, 2, 3, 7, 30) if 2 * c <= cells]  # 2 cells a class at least
+    for _ in range(60):
+        classes = int(rng.choice(fitting))
+        coded = classes > 1 or rng.random() < 0.5
+        n = int(rng.integers(1, 3000))
+        row_ids, keys, codes, counts, ends, blocks = _case(
+            rng, n, classes, int(rng.integers(1, 6)), coded=coded
+        )
+        expected = _placed_by_rank(row_ids, keys, codes, ends)
+        assert _placed_by_histogram(blocks, ends, counts) == expected
+
+
+def test_histogram_bits_follow_the_rows_and_refuse_what_does_not_fit() -> None:
+    one = np.array([1_000_000_000], dtype=np.int64)
+    # A billion rows, one class, 3 splits: cells of ~4k rows (2**18 cells).
+    assert ray_engine._histogram_bits(one, np.array([[800_000_000, 900_000_000, 10**9]])) == 18
+    # 100 classes of 10M rows: 2**11 cells each (2**18 cells in all).
+    hundred = np.full(100, 10_000_000, dtype=np.int64)
+    ends = np.cumsum(np.full((100, 5), 2_000_000), axis=1)
+    assert ray_engine._histogram_bits(hundred, ends) == 11
+    # Small tables: one bit.
+    assert ray_engine._histogram_bits(np.array([30_000]), np.array([[24_000, 30_000]])) == 3
+    assert ray_engine._histogram_bits(np.array([100]), np.array([[50, 100]])) == 1
+    # More classes than half the cells: no histogram (the sort), before any pass.
+    many = np.full(200_000, 50, dtype=np.int64)
+    assert ray_engine._histogram_bits(many, np.full((200_000, 1), 25)) is None
+    # Cells that cannot be small enough: the fetch would pass `_FETCH_KEYS`.
+    huge = np.full(100_000, 100_000_000, dtype=np.int64)
+    assert ray_engine._histogram_bits(huge, np.full((100_000, 2), 50_000_000)) is None
+
+
+def test_changed_rows_between_the_passes_are_refused() -> None:
+    rng = np.random.default_rng(3)
+    *_, counts, _, blocks = _case(rng, 500, 1, 2, coded=False)
+    ends = np.array([[250, 500]])
+    bits = ray_engine._histogram_bits(counts, ends)
+    assert bits is not None
+    rows = np.zeros(1 << bits, dtype=np.int64)
+    for block in blocks:
+        part = ray_engine._cell_counts(block, bits=bits, cells=rows.size)
+        np.add.at(rows, part.column("cell").to_numpy(), part.column("rows").to_numpy())
+    valid = ends < counts[:, None]
+    ranks = ray_engine._end_cells(rows, counts, ends, valid)
+    wanted = np.unique(ranks[2])
+    parts = [ray_engine._keys_in(b, bits=bits, cells=rows.size, wanted=wanted) for b in blocks]
+    assert ray_engine._end_keys(parts, rows, ranks, valid.shape) is not None
+    # A row of a wanted cell missing at the second pass: no key is guessed.
+    fewer = [pa.concat_tables(parts).slice(1)]
+    assert ray_engine._end_keys(fewer, rows, ranks, valid.shape) is None
+    assert ray_engine._end_keys([], rows, ranks, valid.shape) is None
