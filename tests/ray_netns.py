@@ -53,9 +53,10 @@ _RAY_ENV = {
     "RAY_DEDUP_LOGS": "0",
     # Keep idle worker processes. Ray keeps one idle worker per CPU and kills the others after
     # 1 s idle; on these 1-CPU nodes, Ray Data's next stage usually found its worker killed or
-    # not yet returned and started a new process, which imports perm_assets (dagster, lancedb:
-    # ~4 s on 2 loaded cores) again: most of a small Ray build. The one-worker test took 300 s
-    # for its nine builds, 60 s with these (a multi-CPU node keeps that many anyway).
+    # not yet returned and started a new process, which imported perm_assets again (then with
+    # dagster and lancedb: ~4 s on 2 loaded cores): most of a small Ray build. The one-worker
+    # test took 300 s for its nine builds, 60 s with these (a multi-CPU node keeps that many
+    # workers anyway).
     "RAY_num_workers_soft_limit": "4",
     "RAY_idle_worker_killing_time_threshold_ms": "120000",
 }

@@ -576,9 +576,11 @@ from perm_assets.engines.local import Spill
 with Spill(sys.argv[1]):
     child = os.fork()  # a DataLoader worker, say, forked mid-build
     if child == 0:
+        # Announced by the child itself: its at-fork hook has run (the parent's print came
+        # before the child was scheduled under load, and the test raced the hook).
+        print(os.getpid(), flush=True)
         time.sleep(120)
         os._exit(0)
-    print(child, flush=True)
     time.sleep(120)
 """
 

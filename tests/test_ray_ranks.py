@@ -5,6 +5,9 @@ each class by key (`local.split_of_rank`, the local engine's rule) places it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -142,3 +145,17 @@ def test_changed_rows_between_the_passes_are_refused() -> None:
     fewer = [pa.concat_tables(parts).slice(1)]
     assert ray_engine._end_keys(fewer, rows, ranks, valid.shape) is None
     assert ray_engine._end_keys([], rows, ranks, valid.shape) is None
+
+
+def test_the_module_ray_workers_import_imports_neither_dagster_nor_lancedb() -> None:
+    # Every Ray worker process imports it (tasks are pickled by reference); dagster and
+    # lancedb would cost each new worker process seconds and ~150 MB.
+    code = (
+        "import sys; import perm_assets.engines.ray_tasks; "
+        "print(sorted(m for m in ('dagster', 'lancedb', 'perm_assets.engines.local') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -22,16 +22,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-from lancedb.table import Table
-
-from perm_assets import build, folds
-from perm_assets.engines import local
 from perm_assets.errors import SpecError
-from perm_assets.resources import LanceDBResource
-from perm_assets.specs import FoldsSpec, PermutationSpec
-from perm_assets.tables import where
+
+if TYPE_CHECKING:
+    from lancedb.table import Table
+
+    from perm_assets import build, folds
+    from perm_assets.engines import local
+    from perm_assets.resources import LanceDBResource
+    from perm_assets.specs import FoldsSpec, PermutationSpec
+
+# The builders import lancedb, dagster and the engines when called, not here: Ray workers import
+# this package to run `perm_assets.engines.ray_tasks` and should not pay for them.
 
 Engine = Literal["auto", "lancedb", "local", "ray"]
 ENGINES: tuple[str, ...] = get_args(Engine)
@@ -52,6 +56,9 @@ def _resolve(
         raise SpecError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
+    from perm_assets.engines import local
+    from perm_assets.tables import where
+
     try:
         rows = table.count_rows(where(spec.filter))
     except (ValueError, RuntimeError):
@@ -74,6 +81,8 @@ def _resolve(
 
 
 def _settings(db: LanceDBResource) -> local.LocalSettings:
+    from perm_assets.engines import local
+
     return local.LocalSettings(
         spill_dir=db.spill_dir,
         bucket_rows=db.local_bucket_rows,
@@ -95,6 +104,9 @@ def build_permutation(
     Use the result inside the block: a local build streams it from spill files that are
     removed when the block exits (normally, on an error, or when its generator is closed).
     """
+    from perm_assets import build
+    from perm_assets.engines import local
+
     engine = _resolve(db, table, spec, asset=asset, log=log)
     if engine == "ray":
         from perm_assets.engines import ray  # Ray is an optional extra: imported when chosen
@@ -129,6 +141,9 @@ def build_folds(
 ) -> Iterator[folds.FoldsData]:
     """The folds of ``spec`` (seeds resolved) over ``table`` by the configured engine; as
     `build_permutation`, use the result inside the block."""
+    from perm_assets import folds
+    from perm_assets.engines import local
+
     engine = _resolve(db, table, spec, asset=asset, log=log)
     if engine == "ray":
         from perm_assets.engines import ray  # Ray is an optional extra: imported when chosen

@@ -75,6 +75,14 @@ from perm_assets.build import (
     split_sizes,
     with_permutation_metadata,
 )
+from perm_assets.engines.keys import (
+    _DOMAIN_ORDER,
+    PERMUTATION_SCHEMA,
+    order_key,
+    rows_of_keys,
+    split_of_rank,
+    time_key,
+)
 from perm_assets.errors import SpecError
 from perm_assets.folds import FOLDS_KIND, TRAIN_KIND, TRAIN_SPLIT, FoldsData, _of_kind
 from perm_assets.node import boot_id
@@ -107,9 +115,6 @@ _ORPHAN_SECONDS = 3600.0
 _OUT_BATCH_ROWS = 1 << 20
 # Up to this many classes in a bucket, each class's keys are sorted on their own.
 _SEGMENT_SORT_CLASSES = 4096
-# Domains keep the assignment and read-order keys of one seed unrelated.
-_DOMAIN_SPLIT = 0x5EED_0001
-_DOMAIN_ORDER = 0x5EED_0002
 
 log = logging.getLogger(__name__)
 
@@ -136,111 +141,6 @@ class LocalSettings:
 
 
 # ------------------------------------------------------------------------- pure functions
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_M1_INV = np.uint64(pow(0xBF58476D1CE4E5B9, -1, 1 << 64))
-_M2_INV = np.uint64(pow(0x94D049BB133111EB, -1, 1 << 64))
-_MASK = (1 << 64) - 1
-
-
-# Keys are computed in cache-sized slices, in place with one scratch buffer: whole-array numpy
-# expressions allocate a temporary per operation and run at memory speed (2-3x slower).
-_SLICE = 1 << 16
-_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
-_S54, _S60, _S62 = np.uint64(54), np.uint64(60), np.uint64(62)
-
-
-def _xorshift(z: np.ndarray, shift: np.uint64, scratch: np.ndarray) -> None:
-    """``z ^= z >> shift`` in place."""
-    np.right_shift(z, shift, out=scratch)
-    z ^= scratch
-
-
-def _mix_slice(z: np.ndarray, scratch: np.ndarray) -> None:
-    """splitmix64's finalizer, a bijection of uint64, in place."""
-    _xorshift(z, _S30, scratch)
-    z *= _M1
-    _xorshift(z, _S27, scratch)
-    z *= _M2
-    _xorshift(z, _S31, scratch)
-
-
-def _unmix_slice(z: np.ndarray, scratch: np.ndarray) -> None:
-    """Inverse of `_mix_slice`, in place: ``x ^ x >> s`` is undone by ``^= >> s`` then
-    ``^= >> 2s`` (for 2s < 64), and multiplications by the constants' inverses mod 2**64."""
-    _xorshift(z, _S31, scratch)
-    _xorshift(z, _S62, scratch)
-    z *= _M2_INV
-    _xorshift(z, _S27, scratch)
-    _xorshift(z, _S54, scratch)
-    z *= _M1_INV
-    _xorshift(z, _S30, scratch)
-    _xorshift(z, _S60, scratch)
-
-
-def _sliced(values: np.ndarray, step: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
-    """A uint64 copy of ``values`` with ``step`` applied slice by slice."""
-    out = values.astype(np.uint64, copy=True)
-    scratch = np.empty(min(out.size, _SLICE), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for start in range(0, out.size, _SLICE):
-            part = out[start : start + _SLICE]
-            step(part, scratch[: part.size])
-    return out
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    return _sliced(x, _mix_slice)
-
-
-def _unmix(z: np.ndarray) -> np.ndarray:
-    return _sliced(z, _unmix_slice)
-
-
-def _salts(seed: int, domain: int) -> tuple[np.uint64, np.uint64]:
-    """Two 64-bit salts derived from ``(seed, domain)``."""
-    first = int(_mix(np.array([(seed * 0x9E3779B97F4A7C15 + domain) & _MASK], np.uint64))[0])
-    second = int(_mix(np.array([first ^ 0xD1B54A32D192ED03], np.uint64))[0])
-    return np.uint64(first), np.uint64(second)
-
-
-def order_key(row_ids: np.ndarray, seed: int, domain: int = _DOMAIN_SPLIT) -> np.ndarray:
-    """The sort key of each row for ``seed``: a bijection of uint64 (no two rows tie), so
-    sorting by it is a seeded random order that depends on nothing but ``(seed, row id)``."""
-    a, b = _salts(seed, domain)
-
-    def step(z: np.ndarray, scratch: np.ndarray) -> None:
-        z ^= a
-        _mix_slice(z, scratch)
-        z += b  # wraps mod 2**64: still a bijection
-        _mix_slice(z, scratch)
-
-    return _sliced(row_ids, step)
-
-
-def rows_of_keys(keys: np.ndarray, seed: int, domain: int = _DOMAIN_SPLIT) -> np.ndarray:
-    """Inverse of `order_key`: the row ids of sorted keys, without carrying them along."""
-    a, b = _salts(seed, domain)
-
-    def step(z: np.ndarray, scratch: np.ndarray) -> None:
-        _unmix_slice(z, scratch)
-        z -= b
-        _unmix_slice(z, scratch)
-        z ^= a
-
-    return _sliced(keys, step)
-
-
-def split_of_rank(rank: np.ndarray, ends: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
-    """Split of each row from its rank within its class: ``ends[c, s]`` is the cumulative size
-    of splits ``0..s`` of class ``c``, ``codes`` each row's class (None: one class). A rank past
-    the last end gets ``S``: left out (counts, allow_discard)."""
-    split = np.zeros(rank.size, dtype=np.int64)
-    for s in range(ends.shape[1]):  # a loop over splits only
-        split += rank >= (ends[0, s] if codes is None else ends[codes, s])
-    return split
-
-
 def _key_bucket(keys: np.ndarray, bits: int) -> np.ndarray:
     if bits == 0:
         return np.zeros(keys.size, dtype=np.int64)
@@ -775,38 +675,6 @@ class _Group(_Assigner):
         return self.counts
 
 
-_SIGN = np.uint64(1 << 63)
-
-
-def time_key(values: pa.Array, column: str) -> np.ndarray:
-    """An order-preserving uint64 of each value of an orderable column (numbers, dates,
-    timestamps; ValueError for other types and NaN): equal values give equal keys, so ties
-    stay ties (-0.0 and 0.0 included)."""
-    kind = values.type
-    if pa.types.is_temporal(kind):
-        raw = np.asarray(values.to_numpy(zero_copy_only=False)).astype(np.int64)
-        return raw.view(np.uint64) ^ _SIGN
-    if pa.types.is_unsigned_integer(kind):
-        return values.to_numpy().astype(np.uint64)
-    if pa.types.is_integer(kind):
-        return values.to_numpy().astype(np.int64).view(np.uint64) ^ _SIGN
-    if pa.types.is_floating(kind):
-        floats = values.to_numpy().astype(np.float64) + 0.0  # -0.0 + 0.0 is 0.0: one tie
-        if nans := int(np.count_nonzero(np.isnan(floats))):
-            raise ValueError(
-                f"column '{column}' has {nans} NaN value(s), which have no time order; filter "
-                f'them out first, e.g. filter="NOT isnan({column})" (IS NOT NULL keeps NaN, '
-                "which SQL does not count as null)"
-            )
-        bits = floats.view(np.uint64)
-        # IEEE order: negatives by inverted bits, positives above them with the sign bit set.
-        return np.where(bits & _SIGN, ~bits, bits | _SIGN)
-    raise ValueError(
-        f"column '{column}' has type {kind}, which has no time order; use a number, date or "
-        "timestamp column"
-    )
-
-
 class _Time(_Assigner):
     """`TimeSplit`: the bucketed external sort on the time key. Bucket boundaries are time
     values (from a sample), so equal times share a bucket and buckets in order are times in
@@ -972,9 +840,7 @@ class _Result:
                 )
 
 
-_SCHEMA = pa.schema(
-    [pa.field("row_id", pa.uint64()), pa.field("split_id", pa.uint64(), nullable=False)]
-)
+_SCHEMA = PERMUTATION_SCHEMA
 
 
 def _scanned(

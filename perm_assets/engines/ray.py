@@ -100,18 +100,36 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from lancedb.table import Table
 
 from perm_assets.build import PermutationData, _check_coverage, _check_key_columns
 from perm_assets.engines import local
-from perm_assets.engines.local import _DOMAIN_ORDER, order_key
+from perm_assets.engines.ray_tasks import (
+    _arrow,
+    _assignment_keys,
+    _calculated,
+    _cell_counts,
+    _census_counts,
+    _class_keys,
+    _codes,
+    _grouped,
+    _hashed,
+    _key_counts,
+    _keys_in,
+    _place,
+    _place_keyed,
+    _place_ranked,
+    _row_ids,
+    _split_counts,
+    _time_keys,
+    _timed,
+    _write_piece,
+)
 from perm_assets.errors import SpecError
 from perm_assets.folds import FoldsData
 from perm_assets.specs import (
     FoldsSpec,
     GroupKFold,
-    HashSplit,
     KFold,
     PermutationSpec,
     StratifiedKFold,
@@ -216,74 +234,6 @@ def _public_options(options: dict[str, str]) -> dict[str, str] | None:
     return kept or None
 
 
-# ------------------------------------------------------------------- Ray Data batch functions
-# Module-level (picklable by reference): workers import perm_assets, so it must be installed on
-# the cluster's nodes.
-
-
-def _rowaddr(batch: pa.Table) -> np.ndarray:
-    return batch.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
-
-
-def _assignment_keys(batch: pa.Table, *, seed: int | None) -> pa.Table:
-    """Each row's assignment key: ``order_key(row_id, seed)``, or without a seed the row id
-    itself (rank by row id: unshuffled k-fold, the local engine's scan position)."""
-    row_ids = _rowaddr(batch)
-    keys = row_ids if seed is None else order_key(row_ids, seed)
-    return pa.table({"row_id": row_ids, "akey": keys})
-
-
-def _placed(
-    row_ids: np.ndarray, split: np.ndarray, *, splits: int, shuffle_seed: int | None
-) -> pa.Table:
-    """``(row_id, split_id, rkey)`` of the rows with a split below ``splits`` (the others are
-    left out: counts, allow_discard, a discarding hash split), ``rkey`` their read key."""
-    kept = split < splits
-    row_ids, split = row_ids[kept], split[kept].astype(np.uint64)
-    read = row_ids if shuffle_seed is None else order_key(row_ids, shuffle_seed, _DOMAIN_ORDER)
-    return pa.table({"row_id": row_ids, "split_id": split, "rkey": read})
-
-
-def _place(
-    batch: pa.Table, *, boundaries: np.ndarray, splits: int, shuffle_seed: int | None
-) -> pa.Table:
-    """Split of each row from its assignment key (rank intervals as key intervals), and its
-    read key."""
-    row_ids = batch.column("row_id").to_numpy().astype(np.uint64, copy=False)
-    if "akey" in batch.column_names:
-        keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
-        split = np.searchsorted(boundaries, keys, side="right")
-    else:
-        split = np.zeros(row_ids.size, dtype=np.int64)
-    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
-
-
-def _cells(batch: pa.Table, bits: int) -> np.ndarray:
-    """Each row's histogram cell: its class code (0 without one) then the top ``bits`` bits
-    of its assignment key."""
-    keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
-    cells = (keys >> np.uint64(64 - bits)).astype(np.int64)
-    if "code" in batch.column_names:
-        cells |= batch.column("code").to_numpy().astype(np.int64) << bits
-    return cells
-
-
-def _cell_counts(batch: pa.Table, *, bits: int, cells: int) -> pa.Table:
-    """Rows per non-empty cell of the batch (`_cells`, ``cells`` of them in all)."""
-    rows = np.bincount(_cells(batch, bits), minlength=cells)  # linear: no sort
-    present = np.flatnonzero(rows)
-    return pa.table({"cell": present, "rows": rows[present].astype(np.int64)})
-
-
-def _keys_in(batch: pa.Table, *, bits: int, cells: int, wanted: np.ndarray) -> pa.Table:
-    """``(cell, akey)`` of the batch's rows in the ``wanted`` cells (of ``cells``)."""
-    of = _cells(batch, bits)
-    lookup = np.zeros(cells, dtype=bool)
-    lookup[wanted] = True
-    hit = lookup[of]  # one pass, however many cells are wanted
-    return pa.table({"cell": of[hit], "akey": batch.column("akey").filter(pa.array(hit))})
-
-
 def _histogram_bits(counts: np.ndarray, ends: np.ndarray) -> int | None:
     """Key bits per class for `_Build.bounds`' cells: enough that a cell holds about
     `_CELL_ROWS` rows of the largest class, at most `_HISTOGRAM_CELLS` cells in all. None
@@ -339,194 +289,6 @@ def _end_keys(
     bounds = np.zeros(shape, dtype=np.uint64)
     bounds[cls, split] = keys[first[np.searchsorted(wanted, cell)] + within]
     return bounds
-
-
-def _place_keyed(
-    batch: pa.Table,
-    *,
-    bounds: np.ndarray,
-    valid: np.ndarray,
-    splits: int,
-    shuffle_seed: int | None,
-) -> pa.Table:
-    """Split of each row from its assignment key: ``bounds[c, s]`` is the key at rank
-    ``ends[c, s]`` of class ``c`` (where ``valid``), so a row's rank in its class is past that
-    end exactly when its key is at least that key (keys are unique: `order_key` is a
-    bijection); `local.split_of_rank`'s count of ends passed, without ranking any row."""
-    keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
-    codes = (
-        batch.column("code").to_numpy().astype(np.int64, copy=False)
-        if "code" in batch.column_names
-        else np.zeros(keys.size, dtype=np.int64)
-    )
-    split = np.zeros(keys.size, dtype=np.int64)
-    for s in range(bounds.shape[1]):  # a loop over splits only
-        split += (keys >= bounds[codes, s]) & valid[codes, s]
-    row_ids = batch.column("row_id").to_numpy().astype(np.uint64, copy=False)
-    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
-
-
-def _row_ids(batch: pa.Table) -> pa.Table:
-    return pa.table({"row_id": _rowaddr(batch)})
-
-
-def _codes(values: pa.Array, lookup: pa.Array) -> np.ndarray:
-    """Index of each value in ``lookup`` (the census's distinct values, so every value is in
-    it), as `local._Classes.codes` gives it."""
-    codes = pc.index_in(values, value_set=lookup)  # pyright: ignore[reportAttributeAccessIssue]
-    return codes.to_numpy().astype(np.int64)
-
-
-def _census_counts(batch: pa.Table, *, columns: list[str]) -> pa.Table:
-    """Rows and first row id of each distinct value (tuple) of ``columns`` in this batch,
-    keyed ``k0, k1, ...``: partial counts, summed across batches by a Ray Data groupby."""
-    keys = {f"k{i}": batch.column(column) for i, column in enumerate(columns)}
-    rows = pa.table({**keys, "row_id": _rowaddr(batch)})
-    counted = rows.group_by(list(keys)).aggregate([("row_id", "count"), ("row_id", "min")])
-    return pa.table(
-        {
-            **{key: counted.column(key) for key in keys},
-            "rows": counted.column("row_id_count").cast(pa.int64()),
-            "first": counted.column("row_id_min").cast(pa.uint64()),
-        }
-    )
-
-
-def _class_keys(
-    batch: pa.Table, *, column: str, lookup: pa.Array, remap: np.ndarray | None, seed: int | None
-) -> pa.Table:
-    """Each row's class code (its label's index in ``lookup``, through ``remap``) and
-    assignment key (`_assignment_keys`), to sort by ``(code, akey)``."""
-    codes = _codes(batch.column(column), lookup)
-    keyed = _assignment_keys(batch, seed=seed)
-    return keyed.append_column("code", pa.array(codes if remap is None else remap[codes]))
-
-
-def _calculated(
-    batch: pa.Table, *, assigner: local._Calculated, splits: int, shuffle_seed: int | None
-) -> pa.Table:
-    """`CalculatedSplit`: the split the expression gives each row (the local engine's check)."""
-    row_ids = _rowaddr(batch)
-    split = assigner.splits(batch.column("split"), row_ids)
-    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
-
-
-def _hashed(batch: pa.Table, *, split: HashSplit, shuffle_seed: int | None) -> pa.Table:
-    """`HashSplit`: lancedb's hash split of the batch's hash columns (`local.hash_splits`)."""
-    import lancedb
-
-    db = lancedb.connect("memory://")
-    name = f"hash_{os.getpid()}_{threading.get_ident()}"
-    try:
-        splits = local.hash_splits(batch.select(list(split.columns)), split, db, name)
-    finally:
-        if name in db.table_names():
-            db.drop_table(name)
-    return _placed(_rowaddr(batch), splits, splits=split.num_splits, shuffle_seed=shuffle_seed)
-
-
-def _grouped(
-    batch: pa.Table,
-    *,
-    column: str,
-    lookup: pa.Array,
-    split_of_code: np.ndarray,
-    splits: int,
-    shuffle_seed: int | None,
-) -> pa.Table:
-    """`GroupSplit` / `GroupKFold`: each row follows its group (the driver decided the
-    group's split from the census)."""
-    split = split_of_code[_codes(batch.column(column), lookup)]
-    return _placed(_rowaddr(batch), split, splits=splits, shuffle_seed=shuffle_seed)
-
-
-def _time_keys(batch: pa.Table, *, column: str, asset: str, table: str) -> pa.Table:
-    """Each row's `local.time_key`; its ValueError (NaN) as the local engine's SpecError."""
-    try:
-        keys = local.time_key(batch.column(column), column)
-    except ValueError as exc:
-        raise SpecError(f"asset '{asset}', table '{table}': {exc}") from exc
-    return pa.table({"row_id": _rowaddr(batch), "tkey": keys})
-
-
-def _timed(
-    batch: pa.Table, *, bounds: np.ndarray, splits: int, shuffle_seed: int | None
-) -> pa.Table:
-    """`TimeSplit`: the split of each row from its time key, ``bounds[s]`` the first time of
-    split ``s + 1`` (see `_time_bounds`)."""
-    keys = batch.column("tkey").to_numpy().astype(np.uint64, copy=False)
-    split = np.searchsorted(bounds, keys, side="right")
-    row_ids = batch.column("row_id").to_numpy().astype(np.uint64, copy=False)
-    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
-
-
-# Ray tasks over the pieces of a materialized dataset (`_pieces`), given its global position.
-
-
-def _arrow(block: Any, first: int, rows: int) -> pa.Table:
-    from ray.data.block import BlockAccessor
-
-    return BlockAccessor.for_block(block).to_arrow().slice(first, rows)
-
-
-def _place_ranked(
-    block: Any,
-    first: int,
-    rows: int,
-    start: int,
-    *,
-    starts: np.ndarray,
-    ends: np.ndarray,
-    splits: int,
-    shuffle_seed: int | None,
-) -> pa.Table:
-    """Rows sorted by ``(code, akey)``, the first at global rank ``start``: a row's rank in
-    its class is its global rank less its class's first (``starts[code]``), and its split the
-    interval of its class's cumulative sizes ``ends[code]`` that rank falls in
-    (`local.split_of_rank`, as the local engine's stratified ranks)."""
-    part = _arrow(block, first, rows)
-    codes = part.column("code").to_numpy().astype(np.int64, copy=False)
-    rank = np.arange(start, start + part.num_rows, dtype=np.int64) - starts[codes]
-    split = local.split_of_rank(rank, ends, codes)
-    row_ids = part.column("row_id").to_numpy().astype(np.uint64, copy=False)
-    return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
-
-
-def _split_counts(block: Any, first: int, rows: int, start: int, *, splits: int) -> np.ndarray:
-    ids = _arrow(block, first, rows).column("split_id").to_numpy().astype(np.int64)
-    return np.bincount(ids, minlength=splits)
-
-
-def _key_counts(
-    block: Any, first: int, rows: int, start: int, *, column: str, value: int
-) -> np.ndarray:
-    """Rows of a block sorted by ``column`` below ``value``, and at most ``value``."""
-    keys = _arrow(block, first, rows).column(column).to_numpy().astype(np.uint64)
-    at = np.uint64(value)
-    return np.array([np.searchsorted(keys, at, "left"), np.searchsorted(keys, at, "right")])
-
-
-def _write_piece(
-    block: pa.Table,
-    first: int,
-    rows: int,
-    *,
-    uri: str,
-    split_id: int | None,
-    storage_options: dict[str, str] | None,
-) -> list[FragmentMetadata]:
-    """A Ray task: rows ``[first, first + rows)`` of one block of the sorted dataset, written
-    by lance-ray's fragment writer as data files of the table at ``uri`` (uncommitted: invisible
-    until the driver commits them); ``split_id`` set: every row gets that split. Ray hands the
-    block over from its object store, so the rows never pass through the driver."""
-    from lance_ray.fragment import write_fragment
-
-    piece = block.slice(first, rows).select(["row_id", "split_id"]).cast(_SCHEMA)
-    if split_id is not None:
-        ids = pa.array(np.full(piece.num_rows, split_id, dtype=np.uint64))
-        piece = piece.set_column(1, _SCHEMA.field("split_id"), ids)
-    written = write_fragment([piece], uri, schema=_SCHEMA, storage_options=storage_options)
-    return [fragment for fragment, _ in written]
 
 
 # ----------------------------------------------------------------------------- the build
