@@ -5,8 +5,11 @@ each class by key (`local.split_of_rank`, the local engine's rule) places it."""
 
 from __future__ import annotations
 
+import json
+import pickle
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +17,7 @@ import pytest
 
 from perm_assets.engines import local
 from perm_assets.engines import ray as ray_engine
+from tests.processes import REPO, child_env
 
 
 def _placed_by_histogram(blocks: list[pa.Table], ends: np.ndarray, counts: np.ndarray) -> dict:
@@ -147,15 +151,61 @@ def test_changed_rows_between_the_passes_are_refused() -> None:
     assert ray_engine._end_keys([], rows, ranks, valid.shape) is None
 
 
-def test_the_module_ray_workers_import_imports_neither_dagster_nor_lancedb() -> None:
-    # Every Ray worker process imports it (tasks are pickled by reference); dagster and
-    # lancedb would cost each new worker process seconds and ~150 MB.
+def _shipped() -> list[tuple[Any, dict[str, Any]]]:
+    """A ``(function, kwargs)`` of every kind the Ray engine ships to its workers, with
+    arguments of the types `perm_assets.engines.ray` gives them."""
+    from perm_assets import CalculatedSplit, HashSplit
+    from perm_assets.engines import ray_tasks as tasks
+
+    ids = np.arange(4, dtype=np.uint64)
+    lookup = pa.array(["a", "b"])
+    calculated = local._Calculated(
+        CalculatedSplit(expression="id % 2", splits=2), ["x", "y"], asset="a", table="t"
+    )
+    return [
+        (tasks._assignment_keys, {"seed": 3}),
+        (tasks._place, {"boundaries": ids, "splits": 2, "shuffle_seed": 1}),
+        (tasks._cell_counts, {"bits": 3, "cells": 8}),
+        (tasks._keys_in, {"bits": 3, "cells": 8, "wanted": ids}),
+        (tasks._place_keyed, {"bounds": ids, "valid": ids > 0, "splits": 2, "shuffle_seed": 1}),
+        (tasks._row_ids, {}),
+        (tasks._census_counts, {"columns": ["label"]}),
+        (tasks._class_keys, {"column": "l", "lookup": lookup, "remap": ids, "seed": 1}),
+        (tasks._calculated, {"check": calculated.check(), "splits": 2, "shuffle_seed": None}),
+        (tasks._grouped, {"column": "g", "lookup": lookup, "split_of_code": ids, "splits": 2}),
+        (tasks._time_keys, {"column": "t", "asset": "a", "table": "t"}),
+        (tasks._timed, {"bounds": ids, "splits": 2, "shuffle_seed": None}),
+        (tasks._place_ranked, {"starts": ids, "ends": ids, "splits": 2, "shuffle_seed": 1}),
+        (tasks._split_counts, {"splits": 2}),
+        (tasks._key_counts, {"column": "tkey", "value": 1}),
+        (tasks._write_piece, {"uri": "/x", "split_id": None, "storage_options": None}),
+        # Unpickled without lancedb too; running it imports lancedb (its hash), not dagster.
+        (tasks._hashed, {"split": HashSplit(columns=["id"], weights=[1, 1]), "shuffle_seed": 1}),
+    ]
+
+
+def _unpickled_imports(payload: Any) -> list[str]:
+    """Which of dagster, lancedb and the local engine a fresh process has imported after
+    unpickling ``payload``, as a Ray worker unpickles a task and its arguments."""
     code = (
-        "import sys; import perm_assets.engines.ray_tasks; "
-        "print(sorted(m for m in ('dagster', 'lancedb', 'perm_assets.engines.local') "
-        "if m in sys.modules))"
+        "import json, pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+        "print(json.dumps(sorted(m for m in ('dagster', 'lancedb', 'perm_assets.engines.local') "
+        "if m in sys.modules)))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", code],
+        input=pickle.dumps(payload),
+        capture_output=True,
+        env=child_env(),
+        cwd=REPO,
+        check=True,
+        timeout=60,
     )
-    assert out.stdout.strip() == "[]", out.stdout
+    return json.loads(out.stdout)
+
+
+def test_what_ray_workers_unpickle_imports_neither_dagster_nor_lancedb() -> None:
+    # Ray pickles a task's function by reference (its module) and its arguments by value:
+    # each worker process imports what unpickling them needs. dagster and lancedb would cost
+    # each new worker process seconds and ~150 MB.
+    assert _unpickled_imports(_shipped()) == []

@@ -7,14 +7,22 @@ a second (tests/test_ray_ranks.py).
   on nothing but ``(seed, row id)``; `rows_of_keys` inverts it.
 - `split_of_rank`: a row's split from its rank in its class and the cumulative split sizes.
 - `time_key`: an order-preserving uint64 of a number, date or timestamp.
+- `calculated_splits`, `hash_splits`: a calculated split's range check, lancedb's hash split of
+  a batch (lancedb imported when called).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+
+from perm_assets.errors import SpecError
+
+if TYPE_CHECKING:
+    from perm_assets.specs import HashSplit
 
 PERMUTATION_SCHEMA = pa.schema(
     [pa.field("row_id", pa.uint64()), pa.field("split_id", pa.uint64(), nullable=False)]
@@ -160,3 +168,53 @@ def time_key(values: pa.Array, column: str) -> np.ndarray:
         f"column '{column}' has type {kind}, which has no time order; use a number, date or "
         "timestamp column"
     )
+
+
+def calculated_splits(
+    values: pa.Array, row_ids: np.ndarray, *, names: list[str], what: str, asset: str, table: str
+) -> np.ndarray:
+    """Split of each row from a calculated split expression's ``values``: a SpecError for a
+    value that is not a whole number or no declared split's index (``names``)."""
+    if not pa.types.is_integer(values.type) or values.null_count:
+        nulls = f" with {values.null_count} null(s)" if values.null_count else ""
+        raise SpecError(
+            f"asset '{asset}': {what} gives {values.type}{nulls}; it must give a "
+            "whole number, the split index 0, 1, ..., for every row (e.g. 'id % 3', or "
+            "CAST(... AS BIGINT); add 'IS NOT NULL' conditions to the filter for nulls)"
+        )
+    split = values.to_numpy().astype(np.int64)
+    bad = np.flatnonzero((split < 0) | (split >= len(names)))
+    if bad.size:
+        raise SpecError(
+            f"asset '{asset}': {what} gives split index {int(split[bad[0]])} "
+            f"(row {int(row_ids[bad[0]])} of table '{table}', {bad.size} such row(s) "
+            f"in this batch), but only splits 0..{len(names) - 1} ({names}) are "
+            "declared; fix the expression or declare more splits"
+        )
+    return split
+
+
+_HASH_ROWS = 1 << 20  # at most one Lance file's rows: one fragment per batch
+
+
+def hash_splits(data: pa.Table, split: HashSplit, db: Any, name: str) -> np.ndarray:
+    """Split of each row of ``data`` (the hash columns) by lancedb's hash split, through the
+    in-memory table ``name`` of ``db`` (see `local._Hash`); ``split.num_splits``: left out.
+    Imports lancedb when called: only hash splits need it."""
+    from lancedb.permutation import permutation_builder
+
+    out = np.full(data.num_rows, split.num_splits, dtype=np.int64)  # left out unless hit
+    for start in range(0, data.num_rows, _HASH_ROWS):
+        part = data.slice(start, _HASH_ROWS)
+        table = db.create_table(name, part, mode="overwrite")
+        builder = permutation_builder(table).split_hash(
+            split.columns, split.weights, discard_weight=split.discard_weight
+        )
+        result = builder.execute().to_arrow()
+        # A row address is fragment << 32 | offset; an overwrite starts a new fragment.
+        at = result.column("row_id").to_numpy()
+        fragment, offset = at >> np.uint64(32), (at & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        if at.size and (fragment.min() != fragment.max() or offset.max() >= part.num_rows):
+            raise RuntimeError("lancedb's hash split of a batch spans fragments")
+        out[start + offset] = result.column("split_id").to_numpy()
+    return out

@@ -61,7 +61,6 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lancedb.permutation import permutation_builder
 from lancedb.query import LanceQueryBuilder
 from lancedb.table import Table
 
@@ -78,6 +77,8 @@ from perm_assets.build import (
 from perm_assets.engines.keys import (
     _DOMAIN_ORDER,
     PERMUTATION_SCHEMA,
+    calculated_splits,
+    hash_splits,
     order_key,
     rows_of_keys,
     split_of_rank,
@@ -101,7 +102,7 @@ from perm_assets.specs import (
     StratifiedSplit,
     TimeSplit,
 )
-from perm_assets.tables import BASE_VERSION_KEY, read_all, where
+from perm_assets.tables import BASE_VERSION_KEY, where
 
 ALGORITHM = "local-v1"
 """Identity of this engine's assignment: part of the data version, so a change of algorithm
@@ -470,31 +471,15 @@ class _Calculated(_Assigner):
         self.what = f"calculated split expression {split.expression!r}"
 
     def splits(self, values: pa.Array, row_ids: np.ndarray) -> np.ndarray:
-        """Split of each row from the expression's ``values`` (a SpecError for a value that
-        is no declared split's index). Pure: the Ray engine's tasks call it too."""
-        if not pa.types.is_integer(values.type) or values.null_count:
-            nulls = f" with {values.null_count} null(s)" if values.null_count else ""
-            raise SpecError(
-                f"asset '{self.asset}': {self.what} gives {values.type}{nulls}; it must give a "
-                "whole number, the split index 0, 1, ..., for every row (e.g. 'id % 3', or "
-                "CAST(... AS BIGINT); add 'IS NOT NULL' conditions to the filter for nulls)"
-            )
-        split = values.to_numpy().astype(np.int64)
-        bad = np.flatnonzero((split < 0) | (split >= self.counts.size))
-        if bad.size:
-            raise SpecError(
-                f"asset '{self.asset}': {self.what} gives split index {int(split[bad[0]])} "
-                f"(row {int(row_ids[bad[0]])} of table '{self.table}', {bad.size} such row(s) "
-                f"in this batch), but only splits 0..{self.counts.size - 1} ({self.names}) are "
-                "declared; fix the expression or declare more splits"
-            )
-        return split
+        """Split of each row from the expression's ``values`` (`calculated_splits`)."""
+        return calculated_splits(values, row_ids, **self.check())
+
+    def check(self) -> dict[str, Any]:
+        """`calculated_splits`' arguments besides the rows: plain values, for Ray's tasks."""
+        return {"names": self.names, "what": self.what, "asset": self.asset, "table": self.table}
 
     def scan(self, batch: pa.RecordBatch, row_ids: np.ndarray, spill: Spill) -> None:
         _to_splits(spill, row_ids, self.splits(batch.column("split"), row_ids), self.counts)
-
-
-_HASH_ROWS = 1 << 20  # at most one Lance file's rows: one fragment per batch
 
 
 class _Hash(_Assigner):
@@ -522,26 +507,6 @@ class _Hash(_Assigner):
     def assign(self, spill: Spill, settings: LocalSettings) -> np.ndarray:
         self.db.drop_table(self.name)
         return self.counts
-
-
-def hash_splits(data: pa.Table, split: HashSplit, db: Any, name: str) -> np.ndarray:
-    """Split of each row of ``data`` (the hash columns) by lancedb's hash split, through the
-    in-memory table ``name`` of ``db`` (see `_Hash`); ``split.num_splits``: left out."""
-    out = np.full(data.num_rows, split.num_splits, dtype=np.int64)  # left out unless hit
-    for start in range(0, data.num_rows, _HASH_ROWS):
-        part = data.slice(start, _HASH_ROWS)
-        table = db.create_table(name, part, mode="overwrite")
-        builder = permutation_builder(table).split_hash(
-            split.columns, split.weights, discard_weight=split.discard_weight
-        )
-        result = read_all(builder.execute())
-        # A row address is fragment << 32 | offset; an overwrite starts a new fragment.
-        at = result.column("row_id").to_numpy()
-        fragment, offset = at >> np.uint64(32), (at & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        if at.size and (fragment.min() != fragment.max() or offset.max() >= part.num_rows):
-            raise RuntimeError("lancedb's hash split of a batch spans fragments")
-        out[start + offset] = result.column("split_id").to_numpy()
-    return out
 
 
 def group_splits(sizes: np.ndarray, ratios: list[float], seed: int) -> np.ndarray:

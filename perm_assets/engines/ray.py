@@ -3,11 +3,13 @@
 Same rows as `perm_assets.engines.local`, row for row, for one base table version, spec and
 seed, whatever the number of Ray workers: it builds from that engine's own plan (the
 `local._Job` of `local._split_job` / `local._folds_job`: sizes per class, seeds, the kind's
-assigner) and reuses its pure functions (`local.order_key`, `local.split_of_rank`'s rank
-intervals, `local.hash_splits`, `local._Group.split_of_code`, `local.time_key`, ...); only the
-way the work is distributed differs, which a total order on unique keys makes irrelevant. So
-it builds exactly the kinds the local engine builds, and the data version's algorithm identity
-is the local engine's (`ALGORITHM`).
+assigner) and reuses the pure functions both engines share (`perm_assets.engines.keys`:
+`order_key`, `split_of_rank`'s rank intervals, `hash_splits`, `time_key`, ...; and
+`local._Group.split_of_code`); only the way the work is distributed differs, which a total
+order on unique keys makes irrelevant. So it builds exactly the kinds the local engine
+builds, and the data version's algorithm identity is the local engine's (`ALGORITHM`). What
+the workers run is in `perm_assets.engines.ray_tasks`, which imports neither dagster nor
+lancedb.
 
 1. **Read**: Ray Data reads the filtered base table at the pinned version through lance-ray's
    ``read_lance(with_metadata=True)``: each task reads the row addresses (``_rowaddr``,
@@ -35,7 +37,7 @@ is the local engine's (`ALGORITHM`).
      (``StratifiedKFold(shuffle=False)``): rows are sorted by ``(class code, row id)``; one
      Ray task per sorted block knows the block's global position, so a row's rank in its
      class is its global rank less its class's first, and its split follows from
-     `local.split_of_rank`. Codes follow ascending label order, or for
+     `split_of_rank`. Codes follow ascending label order, or for
      ``StratifiedKFold(shuffle=False)`` first appearance.
    - *Per row* (`HashSplit`, `CalculatedSplit`): each task computes its rows' splits with the
      local engine's per-batch functions (lancedb's hash split on an in-memory table; the
@@ -43,7 +45,7 @@ is the local engine's (`ALGORITHM`).
    - *Per group* (`GroupSplit`, `GroupKFold`): a census of the groups (and, stratified, of
      the (group, label) pairs); the driver decides each group's split from the counts with
      `local._Group.split_of_code`, and each task maps its rows' groups to their splits.
-   - *By time* (`TimeSplit`): rows sorted by `local.time_key`; the first time of each split
+   - *By time* (`TimeSplit`): rows sorted by `time_key`; the first time of each split
      follows from the key at each target rank and the count of rows below it
      (`_Build.time_bounds`: the local engine's "a run of equal times goes to the split of
      its middle row"), then each row's split from its time.
@@ -695,7 +697,7 @@ class _Build:
             placed = self.map(
                 self.read(cast(dict[str, str], assigner.columns)),
                 _calculated,
-                assigner=assigner,
+                check=assigner.check(),
                 splits=job.num_splits,
                 shuffle_seed=job.shuffle_seed,
             )

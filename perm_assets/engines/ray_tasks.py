@@ -4,9 +4,9 @@ tasks over blocks of a materialized dataset.
 Ray pickles them by reference, so each worker process imports this module (perm_assets must be
 installed on the cluster's nodes). It imports numpy, pyarrow and the engines' pure keys
 (`perm_assets.engines.keys`), not dagster or lancedb: a new worker process starts its first
-task ~3 s sooner and ~150 MB smaller (tests/test_ray_ranks.py checks the imports). Only
-``HashSplit`` tasks import lancedb (its hash), and ``CalculatedSplit`` tasks the local engine
-(the pickled assigner).
+task ~3 s sooner and ~150 MB smaller (tests/test_ray_ranks.py unpickles every kind of task
+and checks). Only ``HashSplit`` tasks import lancedb (its hash); every argument a task gets is
+a plain value, a numpy or Arrow array, or a spec model (pydantic).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 from perm_assets.engines.keys import (
     _DOMAIN_ORDER,
     PERMUTATION_SCHEMA,
+    calculated_splits,
+    hash_splits,
     order_key,
     split_of_rank,
     time_key,
@@ -31,7 +33,6 @@ from perm_assets.errors import SpecError
 if TYPE_CHECKING:
     from lance.fragment import FragmentMetadata
 
-    from perm_assets.engines import local
     from perm_assets.specs import HashSplit
 
 
@@ -109,7 +110,7 @@ def _place_keyed(
     """Split of each row from its assignment key: ``bounds[c, s]`` is the key at rank
     ``ends[c, s]`` of class ``c`` (where ``valid``), so a row's rank in its class is past that
     end exactly when its key is at least that key (keys are unique: `order_key` is a
-    bijection); `local.split_of_rank`'s count of ends passed, without ranking any row."""
+    bijection); `split_of_rank`'s count of ends passed, without ranking any row."""
     keys = batch.column("akey").to_numpy().astype(np.uint64, copy=False)
     codes = (
         batch.column("code").to_numpy().astype(np.int64, copy=False)
@@ -160,24 +161,24 @@ def _class_keys(
 
 
 def _calculated(
-    batch: pa.Table, *, assigner: local._Calculated, splits: int, shuffle_seed: int | None
+    batch: pa.Table, *, check: dict[str, Any], splits: int, shuffle_seed: int | None
 ) -> pa.Table:
-    """`CalculatedSplit`: the split the expression gives each row (the local engine's check)."""
+    """`CalculatedSplit`: the split the expression gives each row, range-checked by
+    `calculated_splits` (the local engine's check; ``check``: its plain-value arguments)."""
     row_ids = _rowaddr(batch)
-    split = assigner.splits(batch.column("split"), row_ids)
+    split = calculated_splits(batch.column("split"), row_ids, **check)
     return _placed(row_ids, split, splits=splits, shuffle_seed=shuffle_seed)
 
 
 def _hashed(batch: pa.Table, *, split: HashSplit, shuffle_seed: int | None) -> pa.Table:
-    """`HashSplit`: lancedb's hash split of the batch's hash columns (`local.hash_splits`)."""
+    """`HashSplit`: lancedb's hash split of the batch's hash columns (`hash_splits`): only
+    these tasks import lancedb."""
     import lancedb
-
-    from perm_assets.engines import local  # lancedb's hash: only these tasks import it
 
     db = lancedb.connect("memory://")
     name = f"hash_{os.getpid()}_{threading.get_ident()}"
     try:
-        splits = local.hash_splits(batch.select(list(split.columns)), split, db, name)
+        splits = hash_splits(batch.select(list(split.columns)), split, db, name)
     finally:
         if name in db.table_names():
             db.drop_table(name)
@@ -242,7 +243,7 @@ def _place_ranked(
     """Rows sorted by ``(code, akey)``, the first at global rank ``start``: a row's rank in
     its class is its global rank less its class's first (``starts[code]``), and its split the
     interval of its class's cumulative sizes ``ends[code]`` that rank falls in
-    (`local.split_of_rank`, as the local engine's stratified ranks)."""
+    (`split_of_rank`, as the local engine's stratified ranks)."""
     part = _arrow(block, first, rows)
     codes = part.column("code").to_numpy().astype(np.int64, copy=False)
     rank = np.arange(start, start + part.num_rows, dtype=np.int64) - starts[codes]
