@@ -602,7 +602,7 @@ class _Build:
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """``(bounds, valid)``: ``bounds[c, s]`` the assignment key at rank ``ends[c, s]`` of
         class ``c`` (its rows ranked by key), for each end below the class's ``counts[c]`` rows
-        (``valid``), as a sort would give it, from two streamed passes over ``keyed``
+        (``valid``), as a sort would give it, from two passes over ``keyed``
         (``row_id``, ``akey``, ``code`` when several classes) instead of a distributed sort:
 
         1. rows per cell (class, top bits of the key; `_cell_counts`): the cell holding each
