@@ -20,9 +20,9 @@ from perm_assets.engines import ray as ray_engine
 from tests.processes import REPO, child_env
 
 
-def _placed_by_histogram(blocks: list[pa.Table], ends: np.ndarray, counts: np.ndarray) -> dict:
-    """``row_id -> split`` as `_Build.bounds` and `_place_keyed` give it, each task function
-    applied to each block (as Ray Data's map does) and the driver steps in between."""
+def _first_pass(blocks: list[pa.Table], ends: np.ndarray, counts: np.ndarray) -> tuple:
+    """`_Build.bounds`' first pass over ``blocks``: ``(bits, rows per cell, valid, the
+    ends' cells, the wanted cells)``."""
     bits = ray_engine._histogram_bits(counts, ends)
     assert bits is not None
     rows = np.zeros(counts.size << bits, dtype=np.int64)
@@ -31,7 +31,13 @@ def _placed_by_histogram(blocks: list[pa.Table], ends: np.ndarray, counts: np.nd
         np.add.at(rows, part.column("cell").to_numpy(), part.column("rows").to_numpy())
     valid = ends < counts[:, None]
     ranks = ray_engine._end_cells(rows, counts, ends, valid)
-    wanted = np.unique(ranks[2])
+    return bits, rows, valid, ranks, np.unique(ranks[2])
+
+
+def _placed_by_histogram(blocks: list[pa.Table], ends: np.ndarray, counts: np.ndarray) -> dict:
+    """``row_id -> split`` as `_Build.bounds` and `_place_keyed` give it, each task function
+    applied to each block (as Ray Data's map does) and the driver steps in between."""
+    bits, rows, valid, ranks, wanted = _first_pass(blocks, ends, counts)
     bounds = np.zeros(valid.shape, dtype=np.uint64)
     if wanted.size:
         parts = [
@@ -134,15 +140,7 @@ def test_changed_rows_between_the_passes_are_refused() -> None:
     rng = np.random.default_rng(3)
     *_, counts, _, blocks = _case(rng, 500, 1, 2, coded=False)
     ends = np.array([[250, 500]])
-    bits = ray_engine._histogram_bits(counts, ends)
-    assert bits is not None
-    rows = np.zeros(1 << bits, dtype=np.int64)
-    for block in blocks:
-        part = ray_engine._cell_counts(block, bits=bits, cells=rows.size)
-        np.add.at(rows, part.column("cell").to_numpy(), part.column("rows").to_numpy())
-    valid = ends < counts[:, None]
-    ranks = ray_engine._end_cells(rows, counts, ends, valid)
-    wanted = np.unique(ranks[2])
+    bits, rows, valid, ranks, wanted = _first_pass(blocks, ends, counts)
     parts = [ray_engine._keys_in(b, bits=bits, cells=rows.size, wanted=wanted) for b in blocks]
     assert ray_engine._end_keys(parts, rows, ranks, valid.shape) is not None
     # A row of a wanted cell missing at the second pass: no key is guessed.

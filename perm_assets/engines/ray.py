@@ -597,6 +597,21 @@ class _Build:
         for ref, first, rows in _pieces(done):
             collect(_arrow(self.watch.get(ref), first, rows))
 
+    def placed_by_keys(self, keyed: Any, ends: np.ndarray, counts: np.ndarray) -> Any | None:
+        """``keyed``'s rows placed by comparing their keys with `bounds` (`_place_keyed`);
+        None when `bounds` refuses (the caller sorts)."""
+        found = self.bounds(keyed, ends, counts)
+        if found is None:
+            return None
+        return self.map(
+            keyed,
+            _place_keyed,
+            bounds=found[0],
+            valid=found[1],
+            splits=self.job.num_splits,
+            shuffle_seed=self.job.shuffle_seed,
+        )
+
     def bounds(
         self, keyed: Any, ends: np.ndarray, counts: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -719,16 +734,8 @@ class _Build:
             if job.split_seed is not None:  # keys are `order_key`s: uniform, see `bounds`
                 keyed = self.map(rows, _assignment_keys, seed=job.split_seed)
                 ranks = np.cumsum(sizes)[None, :]  # one class
-                found = self.bounds(keyed, ranks, np.array([n], dtype=np.int64))
-                if found is not None:
-                    placed = self.map(
-                        keyed,
-                        _place_keyed,
-                        bounds=found[0],
-                        valid=found[1],
-                        splits=job.num_splits,
-                        shuffle_seed=job.shuffle_seed,
-                    )
+                placed = self.placed_by_keys(keyed, ranks, np.array([n], dtype=np.int64))
+                if placed is not None:
                     return self.finish(placed, sizes)
             # Ranked by row id (sequential, unshuffled k-fold): a sort.
             keyed = self.materialize(
@@ -784,16 +791,8 @@ class _Build:
         )
         planned = np.diff(ends, axis=1, prepend=0).sum(axis=0)
         if job.split_seed is not None:  # keys are `order_key`s: uniform, see `bounds`
-            found = self.bounds(keyed, ends, counts)
-            if found is not None:
-                placed = self.map(
-                    keyed,
-                    _place_keyed,
-                    bounds=found[0],
-                    valid=found[1],
-                    splits=job.num_splits,
-                    shuffle_seed=job.shuffle_seed,
-                )
+            placed = self.placed_by_keys(keyed, ends, counts)
+            if placed is not None:
                 return self.finish(placed, planned)
         keyed = self.materialize(keyed.sort(["code", "akey"]))
         refs = _by_position(
