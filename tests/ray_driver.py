@@ -563,4 +563,7 @@ def _worker_killed_mid_build(bucket: str, options: dict[str, str], previous: str
 COMMANDS = {"trivial": trivial, "build": build, "s3": s3}
 
 if __name__ == "__main__":
+    from tests.ray_netns import dump_stacks_on_sigusr1
+
+    dump_stacks_on_sigusr1()
     print(json.dumps(COMMANDS[sys.argv[1]]()), flush=True)  # noqa: T201 - the test reads it

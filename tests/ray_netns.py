@@ -204,15 +204,27 @@ def _ray_start(args: list[list[str]], env: dict[str, str], timeout: float = 120.
         raise RuntimeError("\n".join(failures))
 
 
-def _log_tails(temp_dir: Path) -> str:
+def _log_tails(temp_dir: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of each of Ray's ``*.err`` logs (and of the raylets' and GCS's
+    ``*.out`` when ``lines`` > 15: what a hang needs)."""
     parts = []
-    for log in sorted(temp_dir.glob("session_latest/logs/*.err")):
-        lines = [
+    patterns = ["*.err"] + (["raylet*.out", "gcs_server.out"] if lines > 15 else [])
+    logs = sorted({log for p in patterns for log in temp_dir.glob(f"session_latest/logs/{p}")})
+    for log in logs:
+        kept = [
             ln for ln in log.read_text(errors="replace").splitlines() if "[state-dump]" not in ln
         ]
-        if lines:
-            parts.append(f"--- {log.name}\n" + "\n".join(lines[-15:]))
+        if kept:
+            parts.append(f"--- {log.name}\n" + "\n".join(kept[-lines:]))
     return "\n".join(parts)
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """For scripts run by `run_on_ray`: on SIGUSR1 (sent by the harness when the script runs
+    out of time) print every thread's stack to stderr."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _namespace_processes() -> list[int]:
@@ -316,16 +328,18 @@ def _inner(spec: dict[str, Any]) -> int:
         env.update(
             RAY_ADDRESS=address, RAY_NETNS_NODES=str(nodes), RAY_NETNS_TEMP_DIR=str(temp_dir)
         )
+        script = subprocess.Popen([sys.executable, spec["script"], *spec["args"]], env=env)
         try:
-            done = subprocess.run(
-                [sys.executable, spec["script"], *spec["args"]],
-                env=env,
-                timeout=spec["timeout"],
-                check=False,
-            )
-            code = done.returncode
+            code = script.wait(timeout=spec["timeout"])
         except subprocess.TimeoutExpired:
-            _say(f"script timed out after {spec['timeout']} s")
+            _say(f"script timed out after {spec['timeout']} s; its threads' stacks follow")
+            # A hang is otherwise silent: scripts that call `dump_stacks_on_sigusr1` print
+            # where each of their threads waits, then Ray's own logs say what the cluster did.
+            script.send_signal(signal.SIGUSR1)
+            time.sleep(3.0)
+            script.kill()
+            script.wait()
+            _say(f"Ray's logs at the timeout:\n{_log_tails(temp_dir, lines=40)}")
             code = EXIT_SCRIPT_TIMEOUT
     return code
 
