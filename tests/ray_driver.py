@@ -398,7 +398,10 @@ def s3() -> dict[str, Any]:
             return _rows(N)
 
         perm = permutation_asset("perm", source=base, **spec)
-        assert dg.materialize([base, perm], resources=resources).success
+        result = dg.materialize([base, perm], resources=resources)
+        assert result.success
+        if engine == "ray":  # while the run's result (with the data's streams) is still kept
+            out["objects_held_after_build"] = _objects_held()
         table = db.open_table("perm")
         rows = read_all(table)
         hashes[engine] = _digest(rows)
@@ -419,6 +422,14 @@ def s3() -> dict[str, Any]:
     # Last, as it leaves one worker node: the Ray-built "perm" above is the previous version.
     out["killed"] = _worker_killed_mid_build(bucket, options, previous=hashes["ray"])
     return out
+
+
+def _objects_held() -> int:
+    """Object refs this driver still holds (Ray's reference table): a finished build must hold
+    none, or its blocks stay in the object stores and Ray rebuilds them when a node dies."""
+    from ray._private import worker  # the reference table: no public API
+
+    return len(cast(Any, worker).global_worker.core_worker.get_all_reference_counts())
 
 
 def _running(pid: int) -> bool:

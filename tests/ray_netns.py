@@ -211,8 +211,11 @@ def _log_tails(temp_dir: Path, lines: int = 15) -> str:
     patterns = ["*.err"] + (["raylet*.out", "gcs_server.out"] if lines > 15 else [])
     logs = sorted({log for p in patterns for log in temp_dir.glob(f"session_latest/logs/{p}")})
     for log in logs:
-        kept = [
-            ln for ln in log.read_text(errors="replace").splitlines() if "[state-dump]" not in ln
+        kept = [  # not the periodic state and object store dumps (their lines start with
+            # no timestamp)
+            ln
+            for ln in log.read_text(errors="replace").splitlines()
+            if "[state-dump]" not in ln and (ln.startswith("[") or log.suffix == ".err")
         ]
         if kept:
             parts.append(f"--- {log.name}\n" + "\n".join(kept[-lines:]))
@@ -332,14 +335,16 @@ def _inner(spec: dict[str, Any]) -> int:
         try:
             code = script.wait(timeout=spec["timeout"])
         except subprocess.TimeoutExpired:
-            _say(f"script timed out after {spec['timeout']} s; its threads' stacks follow")
-            # A hang is otherwise silent: scripts that call `dump_stacks_on_sigusr1` print
-            # where each of their threads waits, then Ray's own logs say what the cluster did.
+            # A hang is otherwise silent: Ray's logs say what the cluster did, then scripts
+            # that call `dump_stacks_on_sigusr1` print where each of their threads waits (last:
+            # the test shows the end of stderr).
+            _say(f"script timed out after {spec['timeout']} s; Ray's logs:")
+            _say(_log_tails(temp_dir, lines=40))
+            _say("the script's threads:")
             script.send_signal(signal.SIGUSR1)
             time.sleep(3.0)
             script.kill()
             script.wait()
-            _say(f"Ray's logs at the timeout:\n{_log_tails(temp_dir, lines=40)}")
             code = EXIT_SCRIPT_TIMEOUT
     return code
 

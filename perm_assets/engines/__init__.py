@@ -111,13 +111,14 @@ def build_permutation(
     if engine == "ray":
         from perm_assets.engines import ray  # Ray is an optional extra: imported when chosen
 
-        yield ray.build_permutation(
+        with ray.build_permutation(
             table,
             spec,
             asset=asset,
             address=db.ray_address,
             storage_options=db.resolved_storage_options(),
-        )
+        ) as data:
+            yield data
         return
     if engine == "local":
         with local.Spill(db.spill_dir) as spill:
@@ -148,13 +149,14 @@ def build_folds(
     if engine == "ray":
         from perm_assets.engines import ray  # Ray is an optional extra: imported when chosen
 
-        yield ray.build_folds(
+        with ray.build_folds(
             table,
             spec,
             asset=asset,
             address=db.ray_address,
             storage_options=db.resolved_storage_options(),
-        )
+        ) as folds_data:
+            yield folds_data
         return
     if engine == "local":
         with local.Spill(db.spill_dir) as spill:
