@@ -359,14 +359,37 @@ def _streamed_cover(
     time: str | None = None,
 ):
     """The written ``table`` (pinned to one version for scan and count), its membership in
-    ``base``, the filtered scan and the disjoint-and-complete figures; None for stable row ids."""
+    ``base``, the filtered scan and the disjoint-and-complete figures; None for stable row ids.
+    With ``engine="ray"`` the membership and scan run as Ray tasks (`engines.ray_checks`)."""
     stored = db.open_table(table)
     stored = db.open_table(table, version=stored.version)  # one version for scan and count
-    member = Membership.build(base, table_batches(stored), num_splits, spill_dir=db.spill_dir)
-    if member is None:
-        return None
-    with member:
-        scan = scan_filtered(member, base, filter, asset=table, label=label, group=group, time=time)
+    keys = {"label": label, "group": group, "time": time}
+    tasks: dict[str, int] | None = None
+    if db.engine == "ray":  # where the rows are: in Ray tasks, not in this process
+        from perm_assets.engines import ray_checks
+
+        found = ray_checks.cover(
+            stored,
+            base,
+            filter,
+            num_splits,
+            address=db.ray_address,
+            storage_options=db.resolved_storage_options(),
+            asset=table,
+            **keys,
+        )
+        if found is None:
+            return None
+        member, scan, tasks = found
+    else:
+        built = Membership.build(base, table_batches(stored), num_splits, spill_dir=db.spill_dir)
+        if built is None:
+            return None
+        member = built
+        with member:
+            scan = scan_filtered(
+                member, base, filter, asset=table, label=label, group=group, time=time
+            )
     figures = cover_figures(member, scan)
     persisted = stored.count_rows()
     figures = {
@@ -375,6 +398,8 @@ def _streamed_cover(
         "persisted_rows": persisted,
         "passed": figures["passed"] and persisted == expected_rows,
     }
+    if tasks is not None:
+        figures["checked_by_ray_tasks"] = tasks
     return stored, member, scan, figures
 
 

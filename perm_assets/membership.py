@@ -15,6 +15,11 @@ plus the one label/group/time column a check needs) then counts missing rows and
 
 Tables with stable row ids (not addresses) or more than `MAX_SPLITS` splits return None from
 `Membership.build`: callers keep their in-memory path for them.
+
+The same classes run on a Ray cluster, one task per shard of base fragments
+(`perm_assets.engines.ray_checks`): `Membership.over` covers some fragments, `scan_batches`
+scans them, and the shards' figures add up (`Membership.combined`, `ScanCounts.merge`).
+This module imports neither lancedb nor dagster, so that Ray workers can import it.
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from queue import Full, Queue
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lancedb.table import Table
 
 from perm_assets.errors import SpecError
-from perm_assets.tables import where
+
+if TYPE_CHECKING:  # not imported at run time: Ray workers run `Membership` and `ScanCounts`
+    from lancedb.table import Table
 
 ABSENT = 255
 """``split_of`` of an address the permutation does not hold."""
@@ -102,8 +108,32 @@ class Membership:
         if dataset.has_stable_row_ids:
             return None
         fragments = dataset.get_fragments()
-        ids = np.asarray([f.fragment_id for f in fragments], dtype=np.int64)
-        sizes = np.asarray([f.metadata.physical_rows for f in fragments], dtype=np.int64)
+        return cls.over(
+            [f.fragment_id for f in fragments],
+            [f.metadata.physical_rows for f in fragments],
+            batches,
+            num_splits,
+            spill_dir=spill_dir,
+            budget_bytes=budget_bytes,
+        )
+
+    @classmethod
+    def over(
+        cls,
+        fragment_ids: list[int],
+        physical_rows: list[int],
+        batches: Iterable[pa.RecordBatch],
+        num_splits: int,
+        *,
+        spill_dir: str | None = None,
+        budget_bytes: int = MEMORY_BUDGET_BYTES,
+    ) -> Membership:
+        """Membership of the ``batches`` in the base fragments ``fragment_ids`` (with
+        ``physical_rows`` row slots each) only: an id of any other fragment is a stray. One
+        shard of a base's fragments holds every id of its fragments, so shards' figures add
+        up (`combined`)."""
+        ids = np.asarray(fragment_ids, dtype=np.int64)
+        sizes = np.asarray(physical_rows, dtype=np.int64)
         top = int(ids.max()) if ids.size else -1
         # At least one entry, so that any fragment id can be clipped to a valid index.
         starts = np.full(max(top + 1, 1), -1, dtype=np.int64)
@@ -115,6 +145,26 @@ class Membership:
         member = cls(split_of, starts, extents, num_splits, _spill=spill)
         member._fill(batches)
         return member
+
+    @classmethod
+    def combined(cls, parts: list[Membership]) -> Membership:
+        """The figures of shards of one base's fragments (each a `Membership.over` of its
+        fragments, all ids of those fragments in it), added up (at least one); no
+        ``split_of``."""
+        split_rows = np.zeros(parts[0].num_splits, dtype=np.int64)
+        for part in parts:
+            split_rows += part.split_rows
+        return cls(
+            split_of=np.zeros(0, dtype=np.uint8),
+            starts=np.full(1, -1, dtype=np.int64),
+            extents=np.zeros(1, dtype=np.uint64),
+            num_splits=parts[0].num_splits,
+            rows=sum(p.rows for p in parts),
+            duplicate_rows=sum(p.duplicate_rows for p in parts),
+            out_of_range_ids=sum(p.out_of_range_ids for p in parts),
+            strays=sum(p.strays for p in parts),
+            split_rows=split_rows,
+        )
 
     def close(self) -> None:
         """Drop ``split_of`` and its spill file (if any)."""
@@ -304,55 +354,137 @@ def scan_filtered(
     Nulls in a key column raise SpecError (as `perm_assets.build.scan_columns`), unless
     ``nulls_allowed`` (the balance report's ``label=`` hint: null is a class there).
     """
-    columns = [c for c in dict.fromkeys([label, group, time]) if c is not None]
+    from perm_assets.tables import where  # lancedb's filter form (imports dagster)
+
+    columns = key_columns(label, group, time)
     selected = columns or ["_rowid"]  # lancedb's select([]) reads every column
     query = base.search().select(selected).with_row_id(True)
     if filter is not None:
         query = query.where(cast(str, where(filter)))
-    labels = _ClassCounter(member.num_splits) if label is not None else None
-    groups = _GroupCounter(member.num_splits) if group is not None else None
-    times = _TimeRange(member.num_splits, time) if time is not None else None
-    out = Scan()
-    for batch in prefetched(query.to_batches(batch_size=_BATCH_ROWS)):
-        if not nulls_allowed:
-            _refuse_nulls(batch, columns, base=base, filter=filter, asset=asset)
-        slot, valid = member.slots(_numpy(batch.column(batch.schema.get_field_index("_rowid"))))
-        splits = member.split_of[slot]
-        if valid is not None:
-            splits = np.where(valid, splits, ABSENT)
-        held = splits != ABSENT
-        out.scanned += batch.num_rows
-        out.found += int(np.count_nonzero(held))
-        keep = splits < member.num_splits  # held in a declared split
-        if keep.all():
-            kept, codes = batch, splits
-        else:
-            kept = batch.filter(pa.array(keep))
-            codes = splits[keep]
-        if labels is not None:
-            labels.add(kept.column(kept.schema.get_field_index(cast(str, label))), codes)
-        if groups is not None:
-            groups.add(kept.column(kept.schema.get_field_index(cast(str, group))), codes)
-        if times is not None:
-            times.add(kept.column(kept.schema.get_field_index(cast(str, time))), codes)
-    if labels is not None:
-        out.classes, out.label_values, out.counts = labels.result()
-    if groups is not None:
-        out.groups = groups.result()
-    if times is not None:
-        out.time_min, out.time_max = times.lows, times.highs
-    return out
+    counts = ScanCounts.of(member.num_splits, label=label, group=group, time=time)
+    batches = prefetched(query.to_batches(batch_size=_BATCH_ROWS))
+    where_said = f" among the rows of filter {filter!r}" if filter else ""
+    counts.scan(
+        member,
+        batches,
+        "_rowid",
+        nulls_allowed=nulls_allowed,
+        table=base.name,
+        among=where_said,
+        asset=asset,
+    )
+    return counts.result()
+
+
+def key_columns(label: str | None, group: str | None, time: str | None) -> list[str]:
+    """The distinct columns a scan reads besides the row address."""
+    return [c for c in dict.fromkeys([label, group, time]) if c is not None]
+
+
+@dataclass
+class ScanCounts:
+    """What scans of filtered base rows against a `Membership` have counted (`Scan`'s
+    figures before they are final). Scans of disjoint rows (a Ray task per shard of base
+    fragments) `merge` into the figures of one scan of them all."""
+
+    num_splits: int
+    label: str | None = None
+    group: str | None = None
+    time: str | None = None
+    scanned: int = 0
+    found: int = 0
+    labels: _ClassCounter | None = None
+    groups: _GroupCounter | None = None
+    times: _TimeRange | None = None
+
+    @classmethod
+    def of(
+        cls, num_splits: int, *, label: str | None, group: str | None, time: str | None
+    ) -> ScanCounts:
+        return cls(
+            num_splits,
+            label,
+            group,
+            time,
+            labels=_ClassCounter(num_splits) if label is not None else None,
+            groups=_GroupCounter(num_splits) if group is not None else None,
+            times=_TimeRange(num_splits, time) if time is not None else None,
+        )
+
+    def scan(
+        self,
+        member: Membership,
+        batches: Iterable[pa.RecordBatch],
+        id_column: str,
+        *,
+        nulls_allowed: bool,
+        table: str,
+        among: str,
+        asset: str,
+    ) -> None:
+        """Count ``batches`` of filtered base rows (row addresses in ``id_column``, and the
+        key columns); ``table`` and ``among`` (the filter, as words) name them in errors."""
+        columns = key_columns(self.label, self.group, self.time)
+        for batch in batches:
+            if not nulls_allowed:
+                _refuse_nulls(batch, columns, table=table, among=among, asset=asset)
+            ids = _numpy(batch.column(batch.schema.get_field_index(id_column)))
+            slot, valid = member.slots(ids)
+            splits = member.split_of[slot]
+            if valid is not None:
+                splits = np.where(valid, splits, ABSENT)
+            held = splits != ABSENT
+            self.scanned += batch.num_rows
+            self.found += int(np.count_nonzero(held))
+            keep = splits < member.num_splits  # held in a declared split
+            if keep.all():
+                kept, codes = batch, splits
+            else:
+                kept = batch.filter(pa.array(keep))
+                codes = splits[keep]
+            if self.labels is not None:
+                self.labels.add(
+                    kept.column(kept.schema.get_field_index(cast(str, self.label))), codes
+                )
+            if self.groups is not None:
+                self.groups.add(
+                    kept.column(kept.schema.get_field_index(cast(str, self.group))), codes
+                )
+            if self.times is not None:
+                self.times.add(
+                    kept.column(kept.schema.get_field_index(cast(str, self.time))), codes
+                )
+
+    def merge(self, other: ScanCounts) -> None:
+        """Add ``other``'s counts (of other rows) to these."""
+        self.scanned += other.scanned
+        self.found += other.found
+        if self.labels is not None and other.labels is not None:
+            self.labels.merge(other.labels)
+        if self.groups is not None and other.groups is not None:
+            self.groups.merge(other.groups)
+        if self.times is not None and other.times is not None:
+            self.times.merge(other.times)
+
+    def result(self) -> Scan:
+        out = Scan(scanned=self.scanned, found=self.found)
+        if self.labels is not None:
+            out.classes, out.label_values, out.counts = self.labels.result()
+        if self.groups is not None:
+            out.groups = self.groups.result()
+        if self.times is not None:
+            out.time_min, out.time_max = self.times.lows, self.times.highs
+        return out
 
 
 def _refuse_nulls(
-    batch: pa.RecordBatch, columns: list[str], *, base: Table, filter: str | None, asset: str
+    batch: pa.RecordBatch, columns: list[str], *, table: str, among: str, asset: str
 ) -> None:
     for column in columns:
         nulls = batch.column(batch.schema.get_field_index(column)).null_count
         if nulls:
-            among = f" among the rows of filter {filter!r}" if filter else ""
             raise SpecError(
-                f"asset '{asset}': column '{column}' of table '{base.name}' has null "
+                f"asset '{asset}': column '{column}' of table '{table}' has null "
                 f"value(s){among} ({nulls} in one batch of {batch.num_rows}); a row with no "
                 f'{column} cannot be placed safely. Drop them with filter "{column} IS NOT '
                 'NULL" (combined with AND)'
@@ -393,6 +525,20 @@ class _ClassCounter:
         ).reshape(len(names), self.num_splits)
         self.counts[rows] += local  # a batch's classes are distinct: one row each
 
+    def merge(self, other: _ClassCounter) -> None:
+        """Add ``other``'s counts; its new classes come after these (first appearance)."""
+        self.integers = self.integers and other.integers
+        self.nulls = self.nulls or other.nulls
+        rows = np.asarray(
+            [self.index.setdefault(v, len(self.index)) for v in other.index], dtype=np.int64
+        )  # classes, not rows
+        if len(self.index) > self.counts.shape[0]:
+            grown = np.zeros((len(self.index), self.num_splits), dtype=np.int64)
+            grown[: self.counts.shape[0]] = self.counts
+            self.counts = grown
+        if rows.size:
+            self.counts[rows] += other.counts[: rows.size]
+
     def result(self) -> tuple[list[str], list[Any], np.ndarray]:
         """``(class names, class values, (splits, classes) counts)``."""
         values = list(self.index)
@@ -417,6 +563,14 @@ class _GroupCounter:
         self.parts.append(_pairs(pairs, "count"))
         self.pending += self.parts[-1].num_rows
         if self.pending > _GROUP_COMPACT_ROWS:  # groups far fewer than rows: stays small
+            self.parts = [_pairs(pa.concat_tables(self.parts), "sum")]
+            self.pending = self.parts[0].num_rows
+
+    def merge(self, other: _GroupCounter) -> None:
+        """Add ``other``'s (group, split) pairs (of other rows: a group may be in both)."""
+        self.parts.extend(other.parts)
+        self.pending += sum(part.num_rows for part in other.parts)
+        if self.pending > _GROUP_COMPACT_ROWS:
             self.parts = [_pairs(pa.concat_tables(self.parts), "sum")]
             self.pending = self.parts[0].num_rows
 
@@ -478,11 +632,19 @@ class _TimeRange:
             )
         for s in np.unique(splits).tolist():  # splits are few
             mine = array[splits == s]
-            low, high = mine.min(), mine.max()
-            if self.lows[s] is None or low < self.lows[s]:
-                self.lows[s] = low
-            if self.highs[s] is None or high > self.highs[s]:
-                self.highs[s] = high
+            self._extend(s, mine.min(), mine.max())
+
+    def merge(self, other: _TimeRange) -> None:
+        """Widen these ranges by ``other``'s."""
+        for s, (low, high) in enumerate(zip(other.lows, other.highs, strict=True)):
+            if low is not None:
+                self._extend(s, low, high)
+
+    def _extend(self, s: int, low: Any, high: Any) -> None:
+        if self.lows[s] is None or low < self.lows[s]:
+            self.lows[s] = low
+        if self.highs[s] is None or high > self.highs[s]:
+            self.highs[s] = high
 
 
 # ----------------------------------------------------------------------- check figures

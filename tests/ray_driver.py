@@ -128,8 +128,12 @@ def _fragmented_base(uri: str) -> None:
         table.add(rows.slice(start, FRAGMENT_ROWS))
 
 
-def _materialize_cases(uri: str, db: Any, cases: dict[str, dict[str, Any]], instance: Any) -> None:
-    """The ``cases`` as assets over `_fragmented_base`, materialized in one run."""
+def _materialize_cases(
+    uri: str, db: Any, cases: dict[str, dict[str, Any]], instance: Any
+) -> dict[str, Any]:
+    """The ``cases`` as assets over `_fragmented_base`, materialized in one run; for each,
+    the Ray task counts its disjoint-and-complete check reported (None: checked in this
+    process)."""
     import dagster as dg
 
     from perm_assets import LanceDBIOManager
@@ -143,6 +147,12 @@ def _materialize_cases(uri: str, db: Any, cases: dict[str, dict[str, Any]], inst
         instance=instance,
     )
     assert result.success
+    tasks = {}
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.check_name == "splits_disjoint_and_complete":
+            found = evaluation.metadata.get("checked_by_ray_tasks")
+            tasks[evaluation.asset_key.to_user_string()] = getattr(found, "value", None)
+    return tasks
 
 
 def _asset(name: str, base: Any, spec: dict[str, Any]) -> Any:
@@ -197,13 +207,18 @@ def build() -> dict[str, Any]:
         "fragments": {},
         "split_rows": {},
     }
+    # Small check shards and route tasks: `_fragmented_base`'s three fragments make three
+    # shards, each permutation several routes (the default sizes make one of each here).
+    from perm_assets.engines import ray_checks
+
+    ray_checks.SHARD_ROWS, ray_checks.ROUTE_ROWS = FRAGMENT_ROWS, FRAGMENT_ROWS // 2
     for engine in ("local", "ray"):
         uri = f"{root}/{engine}"
         db = LanceDBResource(
             uri=uri, engine=engine, ray_address=connect_ray, spill_dir=f"{root}/spill"
         )
         with dg.DagsterInstance.ephemeral() as instance:
-            _materialize_cases(uri, db, cases, instance)
+            out[f"checked_by_ray_tasks/{engine}"] = _materialize_cases(uri, db, cases, instance)
             for name in cases:
                 event = instance.get_latest_materialization_event(dg.AssetKey(name))
                 assert event is not None and event.asset_materialization is not None
@@ -239,6 +254,8 @@ def build() -> dict[str, Any]:
                 got = read_arrow(view).column("id").to_numpy()
                 ok = ok and np.array_equal(got, expected[split_ids == index])
             out["view_ok"][name] = ok
+    if "group_stratified" in cases:
+        out["corrupted"] = _corrupted_checks(f"{root}/ray", connect_ray)
     sorting = {name: cases[name] for name in ("random_counts", "stratified_kfold") if name in cases}
     if sorting:
         out["sorted"] = _sort_path(root, connect_ray, sorting)
@@ -247,6 +264,65 @@ def build() -> dict[str, Any]:
     if sys.argv[4:] == ["then-kill-the-worker"]:
         out["no_worker"] = _no_worker_left(root, connect_ray)
     return out
+
+
+def _corrupted_checks(uri: str, address: str | None) -> dict[str, Any]:
+    """The Ray-built ``group_stratified`` table corrupted (a row dropped, one twice, an id of
+    no base fragment, a split id past the splits), then its membership figures as Ray tasks
+    (`ray_checks.cover`) and in this process (`membership`): both, to compare."""
+    import lancedb
+    import numpy as np
+    import pyarrow as pa
+
+    from perm_assets.engines import ray_checks
+    from perm_assets.membership import (
+        Membership,
+        cover_figures,
+        group_figures,
+        scan_filtered,
+        table_batches,
+    )
+    from perm_assets.tables import read_all
+
+    spec = _cases()["group_stratified"]
+    conn = lancedb.connect(uri)
+    rows = read_all(conn.open_table("group_stratified"))
+    row_ids = rows.column("row_id").to_numpy()
+    split_ids = rows.column("split_id").to_numpy()
+    stray = (np.uint64(40) << np.uint64(32)) | np.uint64(1)
+    corrupted = pa.table(
+        {
+            "row_id": np.concatenate([row_ids[1:], row_ids[5:6], [stray]]).astype(np.uint64),
+            "split_id": np.concatenate([split_ids[1:], [7], [0]]).astype(np.uint64),
+        }
+    )
+    stored = conn.create_table("corrupted", corrupted.slice(0, 7_000))
+    for start in range(7_000, corrupted.num_rows, 7_000):  # several fragments: several routes
+        stored.add(corrupted.slice(start, 7_000))
+    base = conn.open_table("base")
+    keys = {"group": spec["split"].group}
+    num_splits = len(spec["split"].ratios)
+    found = ray_checks.cover(
+        stored,
+        base,
+        spec.get("filter"),
+        num_splits,
+        address=address,
+        storage_options={},
+        asset="corrupted",
+        **keys,
+    )
+    assert found is not None
+    member, scan, tasks = found
+    here = Membership.build(base, table_batches(stored), num_splits)
+    assert here is not None
+    with here:
+        scan_here = scan_filtered(here, base, spec.get("filter"), asset="corrupted", **keys)
+    return {
+        "tasks": tasks,
+        "ray": {"cover": cover_figures(member, scan), "groups": group_figures(scan)},
+        "here": {"cover": cover_figures(here, scan_here), "groups": group_figures(scan_here)},
+    }
 
 
 def _sort_path(root: str, address: str | None, cases: dict[str, dict[str, Any]]) -> dict[str, Any]:

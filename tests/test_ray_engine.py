@@ -121,6 +121,29 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
             "but only splits 0..2 (['split_0', 'split_1', 'split_2']) are declared; fix the "
             "expression or declare more splits"
         ), (engine, message)
+    # The blocking checks' membership pass ran as Ray tasks for every Ray-built kind but the
+    # hash split (its stability check joins keys in the driver): three shards (one per base
+    # fragment at the driver's shard size) and, for tables of several fragments and 5k+ rows
+    # per route, several route tasks; the local engine's
+    # checks ran in its process.
+    for name in every:
+        tasks = one["checked_by_ray_tasks/ray"][name]
+        if name == "hash":
+            assert tasks is None
+            continue
+        assert tasks is not None and tasks["shard_tasks"] == 3, name
+        rows = sum(one["split_rows"][f"ray/{name}"])  # 18 rows (random_counts): one route
+        assert tasks["route_tasks"] > 1 if rows > 10_000 else tasks["route_tasks"] >= 1, name
+    assert not any(one["checked_by_ray_tasks/local"].values())
+    # A corrupted Ray-built table (a row dropped, one twice, an id of no base fragment, a split
+    # id past the splits): the Ray tasks' figures are the one-process figures, and they fail.
+    corrupted = one["corrupted"]
+    assert corrupted["ray"] == corrupted["here"]
+    cover = corrupted["ray"]["cover"]
+    assert not cover["passed"]
+    assert (cover["duplicate_rows"], cover["missing_rows"], cover["extra_rows"]) == (1, 1, 1)
+    assert cover["out_of_range_ids"] == 1
+    assert corrupted["tasks"]["route_tasks"] > 1 and corrupted["tasks"]["shard_tasks"] == 3
     # Then the only worker node is SIGKILLed and a build starts: Ray alone would wait for a
     # CPU forever; the engine fails it after NO_CPU_SECONDS (3 s in the driver), naming why,
     # and commits nothing.

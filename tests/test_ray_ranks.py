@@ -177,6 +177,27 @@ def _shipped() -> list[tuple[Any, dict[str, Any]]]:
         (tasks._split_counts, {"splits": 2}),
         (tasks._key_counts, {"column": "tkey", "value": 1}),
         (tasks._write_piece, {"uri": "/x", "split_id": None, "storage_options": None}),
+        (
+            tasks._route_rows,
+            {"shard_of": ids.astype(np.int64), "shards": 2, "storage_options": None},
+        ),
+        (
+            tasks._check_shard,
+            {
+                "base_uri": "/x",
+                "base_version": 1,
+                "fragments": [0],
+                "num_splits": 2,
+                "filter": None,
+                "label": "l",
+                "group": None,
+                "time": None,
+                "asset": "a",
+                "table": "t",
+                "among": "",
+                "storage_options": None,
+            },
+        ),
         # Unpickled without lancedb too; running it imports lancedb (its hash), not dagster.
         (tasks._hashed, {"split": HashSplit(columns=["id"], weights=[1, 1]), "shuffle_seed": 1}),
     ]

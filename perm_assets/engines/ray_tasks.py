@@ -289,3 +289,108 @@ def _write_piece(
         [piece], uri, schema=PERMUTATION_SCHEMA, storage_options=storage_options
     )
     return [fragment for fragment, _ in written]
+
+
+# ---------------------------------------------------------------------- the blocking checks
+_ROUTE_BATCH_ROWS = 1 << 18
+
+
+def _route_rows(
+    uri: str,
+    version: int,
+    fragment_ids: list[int],
+    *,
+    shard_of: np.ndarray,
+    shards: int,
+    storage_options: dict[str, str] | None,
+) -> pa.Table | tuple[pa.Table, ...]:
+    """A Ray task (``num_returns=shards``): the ``row_id``/``split_id`` rows of fragments
+    ``fragment_ids`` of the permutation table at ``uri`` / ``version``, one table per shard
+    of base fragments: base fragment ``f``'s rows go to ``shard_of[f]``, an id of a fragment
+    past ``shard_of`` (no base row: a stray) to ``f % shards``. Split ids are narrowed to a
+    byte (at most `membership.STRAY_SPLIT`: still out of range), so 9 bytes a row move."""
+    import lance
+
+    from perm_assets.membership import STRAY_SPLIT
+
+    dataset = lance.dataset(uri, version=version, storage_options=storage_options)
+    parts: list[list[pa.Table]] = [[] for _ in range(shards)]
+    for fragment_id in fragment_ids:
+        fragment = dataset.get_fragment(fragment_id)
+        if fragment is None:  # the plan read the table at this version: it has them all
+            raise RuntimeError(f"permutation table {uri}@{version}: no fragment {fragment_id}")
+        for batch in fragment.to_batches(
+            columns=["row_id", "split_id"], batch_size=_ROUTE_BATCH_ROWS
+        ):
+            row_ids = batch.column(0).to_numpy().astype(np.uint64, copy=False)
+            splits = np.minimum(batch.column(1).to_numpy(), STRAY_SPLIT).astype(np.uint8)
+            base_fragment = (row_ids >> np.uint64(32)).astype(np.int64)
+            known = base_fragment < shard_of.size
+            shard = np.where(
+                known, shard_of[np.where(known, base_fragment, 0)], base_fragment % shards
+            ).astype(np.int64)
+            order = np.argsort(shard, kind="stable")
+            ends = np.searchsorted(shard[order], np.arange(shards + 1))
+            for s in range(shards):
+                mine = order[ends[s] : ends[s + 1]]
+                if mine.size:
+                    parts[s].append(pa.table({"row_id": row_ids[mine], "split_id": splits[mine]}))
+    empty = pa.table({"row_id": pa.array([], pa.uint64()), "split_id": pa.array([], pa.uint8())})
+    out = tuple(pa.concat_tables(p) if p else empty for p in parts)
+    return out[0] if shards == 1 else out
+
+
+def _check_shard(
+    *parts: pa.Table,
+    base_uri: str,
+    base_version: int,
+    fragments: list[int],
+    num_splits: int,
+    filter: str | None,
+    label: str | None,
+    group: str | None,
+    time: str | None,
+    asset: str,
+    table: str,
+    among: str,
+    storage_options: dict[str, str] | None,
+) -> tuple[Any, Any]:
+    """A Ray task: the permutation's rows of one shard of base fragments (``parts``, one per
+    `_route_rows` task: Ray has them local before the task starts, so it never waits holding
+    a CPU) against those fragments' filtered rows: ``(Membership, ScanCounts)`` of the shard,
+    as `perm_assets.membership` computes them for the whole base (``split_of`` dropped)."""
+    import lance
+
+    from perm_assets.membership import Membership, ScanCounts, key_columns
+
+    base = lance.dataset(base_uri, version=base_version, storage_options=storage_options)
+    chosen = []
+    for fragment_id in fragments:
+        fragment = base.get_fragment(fragment_id)
+        if fragment is None:  # the plan read the base at this version: it has them all
+            raise RuntimeError(f"base {base_uri}@{base_version}: no fragment {fragment_id}")
+        chosen.append(fragment)
+    rows = [b for part in parts for b in part.to_batches()]
+    member = Membership.over(
+        fragments, [f.metadata.physical_rows for f in chosen], rows, num_splits
+    )
+    del rows
+    counts = ScanCounts.of(num_splits, label=label, group=group, time=time)
+    scanner = base.scanner(
+        columns=key_columns(label, group, time),
+        filter=filter,
+        fragments=chosen,
+        with_row_address=True,
+        batch_size=_ROUTE_BATCH_ROWS,
+    )
+    counts.scan(
+        member,
+        scanner.to_batches(),
+        "_rowaddr",
+        nulls_allowed=False,
+        table=table,
+        among=among,
+        asset=asset,
+    )
+    member.close()
+    return member, counts

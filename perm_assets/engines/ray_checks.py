@@ -1,0 +1,188 @@
+"""The blocking checks' membership pass on the Ray cluster: where a Ray-built permutation's
+rows are (their splits, duplicates, strays) and the filtered base rows counted against them,
+in Ray tasks, never on the driver.
+
+`perm_assets.membership` does this in one process with one byte per base row. Here the base's
+fragments are cut into shards of about `SHARD_ROWS` rows (at least one per CPU of the
+cluster); then, with two stages of plain Ray tasks (`ray_tasks._route_rows`,
+`ray_tasks._check_shard`):
+
+1. route: a task per group of permutation fragments (about `ROUTE_ROWS` rows) reads its rows
+   and sends each to the shard of its base fragment (``row_id >> 32``): 9 bytes a row;
+2. check: a task per shard builds that shard's `Membership` (one byte per row of its
+   fragments) from the rows routed to it and scans its fragments' filtered rows;
+
+and the driver adds the shards' figures up (`combine`): a row id is in exactly one shard, so
+duplicates, strays and per-split rows add; a group can span shards, so (group, split) pairs are
+merged before groups are counted. The figures equal `membership`'s for the same tables.
+
+Not Ray Data's ``groupby(...).map_groups``: it sorts every row (16+ bytes) through a
+shuffle to group them; the checks need no order within a shard.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from perm_assets.engines import ray_tasks
+from perm_assets.engines.ray import (
+    _on_cluster,
+    _public_options,
+    _Watch,
+    connect,
+)
+from perm_assets.membership import MAX_SPLITS, Membership, Scan, ScanCounts
+
+if TYPE_CHECKING:
+    from lancedb.table import Table
+
+SHARD_ROWS = 1 << 25
+"""Base rows per check shard: its task holds one byte per row (32 MiB) plus its rows of the
+permutation (9 bytes each), so a 1B-row base makes 30 shards."""
+ROUTE_ROWS = 1 << 24
+"""Permutation rows per route task (16M: ~150 MB routed)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which task does what: ``shard_of[f]`` the shard of base fragment ``f``, ``shards[s]``
+    the base fragment ids of shard ``s``, ``routes[r]`` the permutation fragment ids route
+    task ``r`` reads."""
+
+    shard_of: np.ndarray
+    shards: list[list[int]]
+    routes: list[list[int]]
+
+
+def plan(
+    base_fragments: list[tuple[int, int]],
+    perm_fragments: list[tuple[int, int]],
+    *,
+    cpus: int,
+    shard_rows: int | None = None,
+    route_rows: int | None = None,
+) -> Plan:
+    """Shards of consecutive base fragments (``(id, physical rows)``) of about equal rows,
+    at least ``cpus`` of them (while fragments last) and each about ``shard_rows`` at most;
+    route tasks of consecutive permutation fragments, at least ``cpus`` and about
+    ``route_rows`` rows each (None: `SHARD_ROWS`, `ROUTE_ROWS`)."""
+    shard_rows = shard_rows or SHARD_ROWS
+    route_rows = route_rows or ROUTE_ROWS
+    total = sum(rows for _, rows in base_fragments)
+    count = max(1, min(len(base_fragments), max(cpus, math.ceil(total / shard_rows))))
+    shards = _cut(base_fragments, count)
+    top = max((fid for fid, _ in base_fragments), default=-1)
+    shard_of = np.zeros(top + 1, dtype=np.int64)
+    for s, ids in enumerate(shards):
+        shard_of[ids] = s
+    perm_total = sum(rows for _, rows in perm_fragments)
+    routes_wanted = max(1, min(len(perm_fragments), max(cpus, math.ceil(perm_total / route_rows))))
+    routes = _cut(perm_fragments, routes_wanted) if perm_fragments else []
+    return Plan(shard_of=shard_of, shards=shards, routes=routes)
+
+
+def _cut(fragments: list[tuple[int, int]], count: int) -> list[list[int]]:
+    """``fragments`` (in order) cut into at most ``count`` non-empty runs of about equal rows:
+    a fragment goes to the run its middle row falls in (an empty one counts as one row), so
+    the first and the last fragment are in different runs when ``count`` > 1."""
+    rows = np.maximum(np.asarray([r for _, r in fragments], dtype=np.float64), 1.0)
+    middles = np.cumsum(rows) - rows / 2
+    run = np.minimum((middles * count / rows.sum()).astype(np.int64), count - 1)
+    runs: list[list[int]] = [[] for _ in range(count)]
+    for (fragment_id, _), r in zip(fragments, run.tolist(), strict=True):
+        runs[r].append(int(fragment_id))
+    return [r for r in runs if r]
+
+
+def combine(
+    results: list[tuple[Membership, ScanCounts]], num_splits: int, **keys: str | None
+) -> tuple[Membership, Scan]:
+    """The shards' figures added up: as one `Membership` and one scan over every fragment."""
+    member = Membership.combined([m for m, _ in results])
+    counts = ScanCounts.of(
+        num_splits, label=keys.get("label"), group=keys.get("group"), time=keys.get("time")
+    )
+    for _, part in results:
+        counts.merge(part)
+    return member, counts.result()
+
+
+def cover(
+    stored: Table,
+    base: Table,
+    filter: str | None,
+    num_splits: int,
+    *,
+    address: str | None,
+    storage_options: dict[str, str],
+    asset: str,
+    label: str | None = None,
+    group: str | None = None,
+    time: str | None = None,
+) -> tuple[Membership, Scan, dict[str, int]] | None:
+    """`membership.Membership.build` + `membership.scan_filtered` of the permutation table
+    ``stored`` (pinned) over ``base`` (at its pinned version), as Ray tasks; plus the task
+    counts (``route_tasks``, ``shard_tasks``). None when the ids are not row addresses or
+    there are too many splits (the caller's in-memory path)."""
+    from perm_assets.tables import where
+
+    if num_splits > MAX_SPLITS:
+        return None
+    base_dataset = base.to_lance()
+    if base_dataset.has_stable_row_ids:
+        return None
+    base_fragments = [
+        (f.fragment_id, f.metadata.physical_rows) for f in base_dataset.get_fragments()
+    ]
+    if not base_fragments:  # an empty base: nothing to shard (the caller's path)
+        return None
+    ray = connect(address)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    layout = plan(
+        base_fragments,
+        [(f.fragment_id, f.metadata.physical_rows) for f in stored.to_lance().get_fragments()],
+        cpus=cpus,
+    )
+    options = _public_options(storage_options)
+    shards = len(layout.shards)
+    route = ray.remote(ray_tasks._route_rows).options(num_returns=shards, max_retries=-1)
+    check = ray.remote(ray_tasks._check_shard).options(max_retries=-1)
+    among = f" among the rows of filter {filter!r}" if filter else ""
+    with _on_cluster(ray, asset=asset):
+        routed = []
+        for fragment_ids in layout.routes:
+            refs = route.remote(
+                cast(Any, stored).uri,
+                stored.version,
+                fragment_ids,
+                shard_of=layout.shard_of,
+                shards=shards,
+                storage_options=options,
+            )
+            routed.append([refs] if shards == 1 else list(refs))
+        checked = [
+            check.remote(
+                *[refs[s] for refs in routed],
+                base_uri=cast(Any, base).uri,
+                base_version=base.version,
+                fragments=fragment_ids,
+                num_splits=num_splits,
+                filter=where(filter),
+                label=label,
+                group=group,
+                time=time,
+                asset=asset,
+                table=base.name,
+                among=among,
+                storage_options=options,
+            )
+            for s, fragment_ids in enumerate(layout.shards)
+        ]
+        del routed  # each shard's parts are freed once its task has them
+        results = _Watch(ray, asset=asset).get(checked)
+    member, scan = combine(results, num_splits, label=label, group=group, time=time)
+    return member, scan, {"route_tasks": len(layout.routes), "shard_tasks": shards}

@@ -1,0 +1,213 @@
+"""The blocking checks' membership pass as Ray tasks (`perm_assets.engines.ray_checks`): its
+route and shard task functions, run here in this process on real Lance tables (no cluster;
+tests/test_ray_engine.py runs them on one), must give `perm_assets.membership`'s figures for
+the same tables, sound or corrupted, however the base is sharded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from perm_assets.engines import ray_checks, ray_tasks
+from perm_assets.errors import SpecError
+from perm_assets.membership import (
+    Membership,
+    Scan,
+    cover_figures,
+    group_figures,
+    scan_filtered,
+    table_batches,
+    time_figures,
+)
+from perm_assets.tables import where
+
+FILTER = "id % 5 != 0"
+KEYS = {"label": "label", "group": "user", "time": "t"}
+
+
+def _base(db: Any, n: int = 20_000) -> Any:
+    """``base``: ``n`` rows in five fragments, every 97th row deleted (holes in the row
+    addresses; fragments' physical rows exceed their live rows)."""
+    ids = np.arange(n, dtype=np.int64)
+    rows = pa.table(
+        {
+            "id": ids,
+            "label": (ids * 7919 % 23).astype(np.int32),
+            "user": (ids * 31) % 701,  # groups of ~28 rows, spread over every fragment
+            "t": ((ids * 7) % 1_000).astype(np.float64),
+        }
+    )
+    fifth = n // 5
+    table = db.create_table("base", rows.slice(0, fifth))
+    for start in range(fifth, n, fifth):
+        table.add(rows.slice(start, fifth))
+    table.delete("id % 97 = 5")
+    return table
+
+
+def _permutation(db: Any, row_ids: np.ndarray, split_ids: np.ndarray, fragments: int) -> Any:
+    """A permutation table of these rows in ``fragments`` fragments."""
+    data = pa.table({"row_id": pa.array(row_ids, pa.uint64()), "split_id": split_ids})
+    size = -(-len(row_ids) // fragments)
+    table = db.create_table("perm", data.slice(0, size), mode="overwrite")
+    for start in range(size, len(row_ids), size):
+        table.add(data.slice(start, size))
+    return table
+
+
+def _in_process(
+    stored: Any, base: Any, num_splits: int, *, cpus: int, shard_rows: int, route_rows: int
+) -> tuple[Membership, Scan, ray_checks.Plan]:
+    """`ray_checks.cover` with each task function called here, as Ray would call it."""
+    layout = ray_checks.plan(
+        [(f.fragment_id, f.metadata.physical_rows) for f in base.to_lance().get_fragments()],
+        [(f.fragment_id, f.metadata.physical_rows) for f in stored.to_lance().get_fragments()],
+        cpus=cpus,
+        shard_rows=shard_rows,
+        route_rows=route_rows,
+    )
+    shards = len(layout.shards)
+    routed = []
+    for fragment_ids in layout.routes:
+        out = ray_tasks._route_rows(
+            stored.uri,
+            stored.version,
+            fragment_ids,
+            shard_of=layout.shard_of,
+            shards=shards,
+            storage_options=None,
+        )
+        routed.append([out] if shards == 1 else list(out))
+    results = [
+        ray_tasks._check_shard(
+            *[parts[s] for parts in routed],
+            base_uri=base.uri,
+            base_version=base.version,
+            fragments=fragment_ids,
+            num_splits=num_splits,
+            filter=where(FILTER),
+            asset="perm",
+            table="base",
+            among="",
+            storage_options=None,
+            **KEYS,
+        )
+        for s, fragment_ids in enumerate(layout.shards)
+    ]
+    member, scan = ray_checks.combine(results, num_splits, **KEYS)
+    return member, scan, layout
+
+
+def _in_one_process(stored: Any, base: Any, num_splits: int) -> tuple[Membership, Scan]:
+    member = Membership.build(base, table_batches(stored), num_splits)
+    assert member is not None
+    with member:
+        scan = scan_filtered(
+            member, base, FILTER, asset="perm", label="label", group="user", time="t"
+        )
+    return member, scan
+
+
+def _figures(member: Membership, scan: Scan) -> dict[str, Any]:
+    return {
+        "cover": cover_figures(member, scan),
+        "split_rows": member.split_rows.tolist(),
+        "strays": member.strays,
+        "classes": scan.classes,
+        "class_counts": scan.counts.tolist(),
+        "groups": group_figures(scan),
+        "time": time_figures(scan),
+    }
+
+
+def _cases(base: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Sound and corrupted permutations of ``base``'s filtered rows into 3 splits."""
+    rng = np.random.default_rng(5)
+    scanned = base.search().where(where(FILTER)).select(["id"]).with_row_id(True)
+    ids = scanned.to_arrow().column("_rowid").to_numpy()
+    ids = ids[rng.permutation(ids.size)]
+    # Random splits: every row once (sound cover), groups and times across splits (figures
+    # to compare, not to pass).
+    splits = rng.integers(0, 3, ids.size).astype(np.uint64)
+    stray_fragment = (np.uint64(77) << np.uint64(32)) | np.uint64(3)  # no such fragment
+    past_end = (np.uint64(2) << np.uint64(32)) | np.uint64(10**6)  # past a fragment's rows
+    return {
+        "sound": (ids, splits),
+        "duplicates_and_missing": (
+            np.concatenate([ids[1:], ids[5:7]]),
+            np.concatenate([splits[1:], [1, 2]]).astype(np.uint64),
+        ),
+        "strays_twice_and_bad_splits": (
+            np.concatenate([ids, [stray_fragment, stray_fragment, past_end]]),
+            np.concatenate([np.where(splits == 2, 9, splits), [0, 1, 300]]).astype(np.uint64),
+        ),
+    }
+
+
+@pytest.mark.parametrize("cpus", [1, 3, 8])
+def test_shard_tasks_give_the_one_process_figures(tmp_path: Path, cpus: int) -> None:
+    db = lancedb.connect(str(tmp_path / "db"))
+    base = _base(db)
+    for name, (row_ids, split_ids) in _cases(base).items():
+        stored = _permutation(db, row_ids, split_ids, fragments=4)
+        expected = _figures(*_in_one_process(stored, base, 3))
+        member, scan, layout = _in_process(
+            stored, base, 3, cpus=cpus, shard_rows=7_000, route_rows=6_000
+        )
+        assert _figures(member, scan) == expected, name
+        # The plan really split the work: by rows (20k base rows / 7k), or by CPUs.
+        assert len(layout.shards) == min(5, max(cpus, 3)), name
+        assert len(layout.routes) == min(4, max(cpus, 3)), name
+        # The corruptions were seen as such (the figures compared are not all zeros).
+        cover = expected["cover"]
+        wrong = (cover["duplicate_rows"], cover["missing_rows"], expected["strays"])
+        assert (
+            wrong
+            == {
+                "sound": (0, 0, 0),
+                "duplicates_and_missing": (2, 1, 0),
+                "strays_twice_and_bad_splits": (1, 0, 2),
+            }[name]
+        )
+        assert cover["passed"] == (name == "sound") and expected["groups"]["groups"] > 0
+
+
+def test_plan_cuts_fragments_in_order_into_runs_of_about_equal_rows() -> None:
+    fragments = [(i * 2, rows) for i, rows in enumerate([10, 0, 30, 5, 5, 50, 1, 9])]
+    layout = ray_checks.plan(fragments, fragments, cpus=4, shard_rows=1_000, route_rows=1_000)
+    assert [f for shard in layout.shards for f in shard] == [f for f, _ in fragments]
+    assert [f for route in layout.routes for f in route] == [f for f, _ in fragments]
+    assert len(layout.shards) == 4 and all(layout.shards)
+    assert layout.shards[0] != layout.shards[-1]  # the first and last fragment apart
+    # Two fragments, however uneven, make two runs when two are asked.
+    for rows in ([1, 100], [100, 1], [5_652, 9_348]):
+        two = ray_checks.plan(list(enumerate(rows)), [], cpus=2, shard_rows=10**9)
+        assert two.shards == [[0], [1]], rows
+    for s, shard in enumerate(layout.shards):
+        assert all(layout.shard_of[f] == s for f in shard)
+    # At most one run per fragment; by rows when rows ask for more than CPUs.
+    assert len(ray_checks.plan(fragments[:2], [], cpus=8).shards) == 2
+    assert 2 <= len(ray_checks.plan(fragments, [], cpus=1, shard_rows=30).shards) <= 4
+
+
+def test_a_null_label_in_a_shard_is_refused_naming_the_asset(tmp_path: Path) -> None:
+    db = lancedb.connect(str(tmp_path / "db"))
+    base = db.create_table(
+        "base",
+        pa.table(
+            {
+                "id": np.arange(4),
+                "label": pa.array([1, None, 2, 1], pa.int32()),
+                "user": np.arange(4),
+                "t": np.arange(4, dtype=np.float64),
+            }
+        ),
+    )
+    stored = _permutation(db, np.arange(4, dtype=np.uint64), np.zeros(4, np.uint64), 1)
+    with pytest.raises(SpecError, match=r"asset 'perm': column 'label' of table 'base' has null"):
+        _in_process(stored, base, 3, cpus=1, shard_rows=10, route_rows=10)
