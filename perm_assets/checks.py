@@ -33,6 +33,7 @@ from perm_assets.membership import (
     exact,
     group_figures,
     normalised,
+    own_fold_rows,
     scan_filtered,
     stratified_figures,
     table_batches,
@@ -427,9 +428,21 @@ def _streamed_folds_checks(
     results = [_result(Check.DISJOINT_COMPLETE, figures)]
     train, ranges = _persisted_training(db, table, stored.version)
     sizes = member.split_rows
-    results.append(
-        _result(Check.TRAIN_VALIDATION, _rotated_training_streamed(stored, sizes, train, ranges))
-    )
+    if db.engine == "ray":  # position ranges compared in Ray tasks (`engines.ray_checks`)
+        from perm_assets.engines import ray_checks
+
+        training = ray_checks.rotated_training(
+            stored,
+            train,
+            sizes,
+            ranges,
+            address=db.ray_address,
+            storage_options=db.resolved_storage_options(),
+            asset=table,
+        )
+    else:
+        training = _rotated_training_streamed(stored, sizes, train, ranges)
+    results.append(_result(Check.TRAIN_VALIDATION, training))
     if Check.SIZES in checks:
         spread = int(sizes.max() - sizes.min())
         results.append(
@@ -453,7 +466,7 @@ def _rotated_training_streamed(
     """`_rotated_training` with both tables read in batches, in lockstep: training position
     ``p`` must hold folds-table row ``(p + sizes[0]) % n``; each fold's range is counted for
     its own validation rows and for rows of other folds it lacks."""
-    n, first, last = int(sizes.sum()), int(sizes[0]), int(sizes[-1])
+    first = int(sizes[0])
     expected = _Cyclic(folds_table, first)
     own = [0] * len(ranges)
     length, matches = 0, True
@@ -461,12 +474,19 @@ def _rotated_training_streamed(
         want_ids, want_folds = expected.take(ids.size)
         matches = matches and bool(np.array_equal(ids, want_ids))
         if matches:  # the fold of every position is known: count each range's share of it
-            low, high = length, length + ids.size
-            for i, (offset, rows) in enumerate(ranges):
-                start, stop = max(offset, low, 0), min(offset + rows, high)
-                if start < stop:
-                    own[i] += int(np.count_nonzero(want_folds[start - low : stop - low] == i))
+            for i, mine in enumerate(own_fold_rows(want_folds, length, ranges)):
+                own[i] += mine
         length += ids.size
+    return rotated_training_figures(sizes, ranges, length=length, matches=matches, own=own)
+
+
+def rotated_training_figures(
+    sizes: np.ndarray, ranges: list[list[int]], *, length: int, matches: bool, own: list[int]
+) -> dict[str, Any]:
+    """``train_and_validation_disjoint`` figures of a k-fold training table of ``length``
+    rows, which ``matches`` the folds table rotated (position by position), ``own[i]`` of
+    fold ``i``'s training range holding its own validation rows."""
+    n, first, last = int(sizes.sum()), int(sizes[0]), int(sizes[-1])
     matches = matches and length == 2 * n - first - last
     figures: dict[str, Any] = {
         "training_table_rows": length,

@@ -733,3 +733,16 @@ def time_figures(scan: Scan) -> dict[str, Any]:
         "boundaries_violated": overlaps,
         "passed": overlaps == 0,
     }
+
+
+def own_fold_rows(folds: np.ndarray, low: int, ranges: list[list[int]]) -> list[int]:
+    """For each fold ``i``'s training range ``ranges[i]`` (offset, rows), how many of the
+    training positions ``[low, low + folds.size)`` in it hold a row of fold ``i`` (``folds``:
+    the fold of each of those positions' rows)."""
+    high, own = low + folds.size, []
+    for i, (offset, rows) in enumerate(ranges):
+        start, stop = max(offset, low, 0), min(offset + rows, high)
+        own.append(
+            int(np.count_nonzero(folds[start - low : stop - low] == i)) if start < stop else 0
+        )
+    return own

@@ -133,7 +133,7 @@ def _materialize_cases(
 ) -> dict[str, Any]:
     """The ``cases`` as assets over `_fragmented_base`, materialized in one run; for each,
     the Ray task counts its disjoint-and-complete check reported (None: checked in this
-    process)."""
+    process), and its training check's (``<case>/training``) for k-fold kinds."""
     import dagster as dg
 
     from perm_assets import LanceDBIOManager
@@ -149,9 +149,12 @@ def _materialize_cases(
     assert result.success
     tasks = {}
     for evaluation in result.get_asset_check_evaluations():
+        found = getattr(evaluation.metadata.get("checked_by_ray_tasks"), "value", None)
+        name = evaluation.asset_key.to_user_string()
         if evaluation.check_name == "splits_disjoint_and_complete":
-            found = evaluation.metadata.get("checked_by_ray_tasks")
-            tasks[evaluation.asset_key.to_user_string()] = getattr(found, "value", None)
+            tasks[name] = found
+        elif evaluation.check_name == "train_and_validation_disjoint":
+            tasks[f"{name}/training"] = found
     return tasks
 
 

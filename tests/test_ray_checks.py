@@ -1,18 +1,21 @@
-"""The blocking checks' membership pass as Ray tasks (`perm_assets.engines.ray_checks`): its
-route and shard task functions, run here in this process on real Lance tables (no cluster;
-tests/test_ray_engine.py runs them on one), must give `perm_assets.membership`'s figures for
-the same tables, sound or corrupted, however the base is sharded."""
+"""The blocking checks as Ray tasks (`perm_assets.engines.ray_checks`): the membership pass's
+route and shard task functions and the k-fold training check's range tasks, run here in this
+process on real Lance tables (no cluster; tests/test_ray_engine.py runs them on one), must
+give the one-process figures (`perm_assets.membership`, `checks._rotated_training_streamed`)
+for the same tables, sound or corrupted, however the work is cut."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from perm_assets import KFold, LanceDBIOManager, LanceDBResource, checks, folds_asset
 from perm_assets.engines import ray_checks, ray_tasks
 from perm_assets.errors import SpecError
 from perm_assets.membership import (
@@ -24,7 +27,7 @@ from perm_assets.membership import (
     table_batches,
     time_figures,
 )
-from perm_assets.tables import where
+from perm_assets.tables import read_all, where
 
 FILTER = "id % 5 != 0"
 KEYS = {"label": "label", "group": "user", "time": "t"}
@@ -211,3 +214,58 @@ def test_a_null_label_in_a_shard_is_refused_naming_the_asset(tmp_path: Path) -> 
     stored = _permutation(db, np.arange(4, dtype=np.uint64), np.zeros(4, np.uint64), 1)
     with pytest.raises(SpecError, match=r"asset 'perm': column 'label' of table 'base' has null"):
         _in_process(stored, base, 3, cpus=1, shard_rows=10, route_rows=10)
+
+
+def _copy(db: Any, name: str, rows: pa.Table, fragments: int) -> Any:
+    """``rows`` as table ``name`` of ``fragments`` fragments."""
+    size = -(-rows.num_rows // fragments)
+    table = db.create_table(name, rows.slice(0, size), mode="overwrite")
+    for start in range(size, rows.num_rows, size):
+        table.add(rows.slice(start, size))
+    return table
+
+
+def test_training_range_tasks_give_the_streamed_figures(tmp_path: Path) -> None:
+    uri = str(tmp_path / "db")
+    conn = lancedb.connect(uri)
+    _base(conn)
+    db = LanceDBResource(uri=uri, engine="local")
+    folds = folds_asset("folds", source="base", filter=FILTER, folds=KFold(k=5, seed=1))
+    assert dg.materialize(
+        [folds, dg.AssetSpec("base")],
+        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        selection=[folds],
+    ).success
+    train, ranges = checks._persisted_training(db, "folds", db.open_table("folds").version)
+    # Both tables again in several fragments, so that chunks start and end inside them.
+    stored = _copy(conn, "folds_copy", read_all(db.open_table("folds")), 3)
+    written = read_all(train)
+    sizes = np.bincount(read_all(stored).column("split_id").to_numpy().astype(np.int64))
+    ids = written.column("row_id").to_numpy()
+    # A training row of fold 1's range swapped for a row of fold 1 (from the folds table):
+    # fold 1 would train on its own validation row.
+    folds_rows = read_all(stored)
+    fold_one = folds_rows.column("row_id").to_numpy()[folds_rows.column("split_id").to_numpy() == 1]
+    bad = ids.copy()
+    bad[ranges[1][0] + 7] = fold_one[0]
+    for name, row_ids in {"sound": ids, "own_row_in_training": bad}.items():
+        copy = _copy(conn, "train_copy", written.set_column(0, "row_id", pa.array(row_ids)), 4)
+        expected = checks._rotated_training_streamed(stored, sizes, copy, ranges)
+        results = [
+            ray_tasks._training_range(
+                lo,
+                hi,
+                folds_uri=stored.uri,
+                folds_version=stored.version,
+                train_uri=copy.uri,
+                train_version=copy.version,
+                first=int(sizes[0]),
+                ranges=ranges,
+                storage_options=None,
+            )
+            for lo, hi in ray_checks.training_chunks(len(row_ids), cpus=3, rows=5_000)
+        ]
+        assert len(results) > 3, name  # several chunks, across fragment and fold boundaries
+        got = ray_checks.training_figures(results, sizes, ranges, length=len(row_ids))
+        assert got == expected, name
+        assert got["passed"] == (name == "sound"), (name, got)

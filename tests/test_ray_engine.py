@@ -134,6 +134,9 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         assert tasks is not None and tasks["shard_tasks"] == 3, name
         rows = sum(one["split_rows"][f"ray/{name}"])  # 18 rows (random_counts): one route
         assert tasks["route_tasks"] > 1 if rows > 10_000 else tasks["route_tasks"] >= 1, name
+        if "kfold" in name:  # the training table compared with the folds in range tasks
+            training = one["checked_by_ray_tasks/ray"][f"{name}/training"]
+            assert training is not None and training["training_range_tasks"] >= 1, name
     assert not any(one["checked_by_ray_tasks/local"].values())
     # A corrupted Ray-built table (a row dropped, one twice, an id of no base fragment, a split
     # id past the splits): the Ray tasks' figures are the one-process figures, and they fail.

@@ -1,6 +1,7 @@
-"""The blocking checks' membership pass on the Ray cluster: where a Ray-built permutation's
-rows are (their splits, duplicates, strays) and the filtered base rows counted against them,
-in Ray tasks, never on the driver.
+"""The blocking checks of a Ray build, run as Ray tasks, never over the rows on the driver:
+the membership pass (where the permutation's rows are: their splits, duplicates, strays; and
+the filtered base rows counted against them: classes, groups, times) and the k-fold training
+check (`rotated_training`: the training table is the folds table rotated).
 
 `perm_assets.membership` does this in one process with one byte per base row. Here the base's
 fragments are cut into shards of about `SHARD_ROWS` rows (at least one per CPU of the
@@ -22,6 +23,7 @@ shuffle to group them; the checks need no order within a shard.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -186,3 +188,73 @@ def cover(
         results = _Watch(ray, asset=asset).get(checked)
     member, scan = combine(results, num_splits, label=label, group=group, time=time)
     return member, scan, {"route_tasks": len(layout.routes), "shard_tasks": shards}
+
+
+def training_chunks(length: int, *, cpus: int, rows: int | None = None) -> list[tuple[int, int]]:
+    """Training positions ``[0, length)`` cut into ranges of about ``rows`` (None:
+    `ROUTE_ROWS`) positions, at least one per CPU."""
+    chunks = max(1, cpus, math.ceil(length / (rows or ROUTE_ROWS)))
+    cuts = np.linspace(0, length, chunks + 1).astype(np.int64).tolist()
+    return [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
+
+
+def training_figures(
+    results: list[tuple[bool, int, list[int]]],
+    sizes: np.ndarray,
+    ranges: list[list[int]],
+    *,
+    length: int,
+) -> dict[str, Any]:
+    """The `ray_tasks._training_range` results of every chunk of a ``length``-row training
+    table added up into `checks.rotated_training_figures`."""
+    from perm_assets.checks import rotated_training_figures  # checks imports this module
+
+    own = [0] * len(ranges)
+    matches, read = True, 0
+    for equal, rows, mine in results:
+        matches = matches and equal
+        read += rows
+        for i, count in enumerate(mine):
+            own[i] += count
+    return rotated_training_figures(
+        sizes, ranges, length=read, matches=matches and read == length, own=own
+    )
+
+
+def rotated_training(
+    folds: Table,
+    train: Table,
+    sizes: np.ndarray,
+    ranges: list[list[int]],
+    *,
+    address: str | None,
+    storage_options: dict[str, str],
+    asset: str,
+) -> dict[str, Any]:
+    """`checks._rotated_training_streamed`'s figures (a k-fold training table is the folds
+    table rotated, each fold's range free of its own rows), from Ray tasks that each compare
+    a chunk of about `ROUTE_ROWS` training positions (`ray_tasks._training_range`): the
+    driver adds up three numbers a task."""
+    ray = connect(address)
+    length = train.count_rows()
+    chunks = training_chunks(length, cpus=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    task = ray.remote(ray_tasks._training_range).options(max_retries=-1)
+    options = _public_options(storage_options)
+    with _on_cluster(ray, asset=asset):
+        refs = [
+            task.remote(
+                lo,
+                hi,
+                folds_uri=cast(Any, folds).uri,
+                folds_version=folds.version,
+                train_uri=cast(Any, train).uri,
+                train_version=train.version,
+                first=int(sizes[0]),
+                ranges=ranges,
+                storage_options=options,
+            )
+            for lo, hi in chunks
+        ]
+        results = _Watch(ray, asset=asset).get(refs)
+    figures = training_figures(results, sizes, ranges, length=length)
+    return {**figures, "checked_by_ray_tasks": {"training_range_tasks": len(refs)}}

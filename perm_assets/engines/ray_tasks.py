@@ -394,3 +394,57 @@ def _check_shard(
     )
     member.close()
     return member, counts
+
+
+def _rows_at(dataset: Any, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows ``[start, stop)`` of a Lance ``dataset`` (table order; no deleted rows, as the
+    permutation tables the engine writes): only the fragments holding them are read."""
+    parts, at = [], 0
+    for fragment in dataset.get_fragments():
+        rows = fragment.count_rows()
+        lo, hi = max(start, at), min(stop, at + rows)
+        if lo < hi:
+            parts.append(fragment.to_table(columns=columns, offset=lo - at, limit=hi - lo))
+        at += rows
+        if at >= stop:
+            break
+    if not parts:
+        return dataset.schema.empty_table().select(columns)
+    return pa.concat_tables(parts)
+
+
+def _training_range(
+    start: int,
+    stop: int,
+    *,
+    folds_uri: str,
+    folds_version: int,
+    train_uri: str,
+    train_version: int,
+    first: int,
+    ranges: list[list[int]],
+    storage_options: dict[str, str] | None,
+) -> tuple[bool, int, list[int]]:
+    """A Ray task: training positions ``[start, stop)`` of a k-fold training table against
+    the folds table rotated (position ``p`` holds folds row ``(p + first) % n``):
+    ``(row ids equal, training rows read, own)``, ``own[i]`` the positions of fold ``i``'s
+    training range (``ranges[i]``) here that hold one of fold ``i``'s own rows."""
+    import lance
+
+    from perm_assets.membership import own_fold_rows
+
+    train = lance.dataset(train_uri, version=train_version, storage_options=storage_options)
+    folds = lance.dataset(folds_uri, version=folds_version, storage_options=storage_options)
+    n = folds.count_rows()
+    got = _rows_at(train, start, stop, ["row_id"]).column("row_id").to_numpy()
+    # Positions p + first in [start + first, stop + first): past n they wrap (once: the
+    # training table has fewer than 2n rows).
+    low, high = start + first, start + first + got.size
+    pieces = [_rows_at(folds, low, min(high, n), ["row_id", "split_id"])]
+    if high > n:
+        pieces.append(_rows_at(folds, max(low, n) - n, high - n, ["row_id", "split_id"]))
+    want = pa.concat_tables(pieces)
+    want_ids = want.column("row_id").to_numpy()
+    equal = bool(np.array_equal(got, want_ids))
+    own = own_fold_rows(want.column("split_id").to_numpy(), start, ranges) if equal else []
+    return equal, int(got.size), own
