@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from perm_assets import KFold, LanceDBIOManager, LanceDBResource, checks, folds_asset
-from perm_assets.engines import ray_checks, ray_tasks
+from perm_assets.engines import ray_checks
 from perm_assets.errors import SpecError
 from perm_assets.membership import (
     Membership,
@@ -67,43 +67,20 @@ def _in_process(
     stored: Any, base: Any, num_splits: int, *, cpus: int, shard_rows: int, route_rows: int
 ) -> tuple[Membership, Scan, ray_checks.Plan]:
     """`ray_checks.cover` with each task function called here, as Ray would call it."""
-    layout = ray_checks.plan(
-        [(f.fragment_id, f.metadata.physical_rows) for f in base.to_lance().get_fragments()],
-        [(f.fragment_id, f.metadata.physical_rows) for f in stored.to_lance().get_fragments()],
-        cpus=cpus,
-        shard_rows=shard_rows,
-        route_rows=route_rows,
+    layout = ray_checks.layout_of(
+        stored, base, cpus=cpus, shard_rows=shard_rows, route_rows=route_rows
     )
-    shards = len(layout.shards)
-    routed = []
-    for fragment_ids in layout.routes:
-        out = ray_tasks._route_rows(
-            stored.uri,
-            stored.version,
-            fragment_ids,
-            shard_of=layout.shard_of,
-            shards=shards,
-            storage_options=None,
-        )
-        routed.append([out] if shards == 1 else list(out))
-    results = [
-        ray_tasks._check_shard(
-            *[parts[s] for parts in routed],
-            base_uri=base.uri,
-            base_version=base.version,
-            fragments=fragment_ids,
-            num_splits=num_splits,
-            filter=where(FILTER),
-            asset="perm",
-            table="base",
-            among="",
-            storage_options=None,
-            **KEYS,
-        )
-        for s, fragment_ids in enumerate(layout.shards)
-    ]
+    assert layout is not None
+    results = ray_checks.membership_tasks(
+        _here, stored, base, layout, FILTER, num_splits, asset="perm", storage_options=None, **KEYS
+    )
     member, scan = ray_checks.combine(results, num_splits, **KEYS)
     return member, scan, layout
+
+
+def _here(fn: Any, returns: int, *args: Any, **kwargs: Any) -> Any:
+    """`ray_checks.Submit` in this process: the task function, called."""
+    return fn(*args, **kwargs)
 
 
 def _in_one_process(stored: Any, base: Any, num_splits: int) -> tuple[Membership, Scan]:
@@ -251,20 +228,10 @@ def test_training_range_tasks_give_the_streamed_figures(tmp_path: Path) -> None:
     for name, row_ids in {"sound": ids, "own_row_in_training": bad}.items():
         copy = _copy(conn, "train_copy", written.set_column(0, "row_id", pa.array(row_ids)), 4)
         expected = checks._rotated_training_streamed(stored, sizes, copy, ranges)
-        results = [
-            ray_tasks._training_range(
-                lo,
-                hi,
-                folds_uri=stored.uri,
-                folds_version=stored.version,
-                train_uri=copy.uri,
-                train_version=copy.version,
-                first=int(sizes[0]),
-                ranges=ranges,
-                storage_options=None,
-            )
-            for lo, hi in ray_checks.training_chunks(len(row_ids), cpus=3, rows=5_000)
-        ]
+        chunks = ray_checks.training_chunks(len(row_ids), cpus=3, rows=5_000)
+        results = ray_checks.training_tasks(
+            _here, stored, copy, sizes, ranges, chunks, storage_options=None
+        )
         assert len(results) > 3, name  # several chunks, across fragment and fold boundaries
         got = ray_checks.training_figures(results, sizes, ranges, length=len(row_ids))
         assert got == expected, name

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -113,6 +114,103 @@ def combine(
     return member, counts.result()
 
 
+Submit = Callable[..., Any]
+"""How a task is started: ``submit(fn, returns, *args, **kwargs)`` gives ``returns`` results
+(a Ray task's object refs, a tuple when ``returns`` > 1); `on_ray` below, or the function called
+in this process (tests/test_ray_checks.py)."""
+
+
+def on_ray(ray: Any) -> Submit:
+    """`Submit` as Ray tasks, retried on other nodes when theirs dies (their inputs are in the
+    tables or rebuilt from lineage)."""
+
+    def submit(fn: Callable[..., Any], returns: int, *args: Any, **kwargs: Any) -> Any:
+        return ray.remote(fn).options(num_returns=returns, max_retries=-1).remote(*args, **kwargs)
+
+    return submit
+
+
+def layout_of(
+    stored: Table,
+    base: Table,
+    *,
+    cpus: int,
+    shard_rows: int | None = None,
+    route_rows: int | None = None,
+) -> Plan | None:
+    """The `plan` for checking the permutation table ``stored`` over ``base`` (both pinned);
+    None when the ids are not row addresses (stable row ids) or the base has no fragment."""
+    base_dataset = base.to_lance()
+    if base_dataset.has_stable_row_ids:
+        return None
+    base_fragments = [
+        (f.fragment_id, f.metadata.physical_rows) for f in base_dataset.get_fragments()
+    ]
+    if not base_fragments:
+        return None
+    return plan(
+        base_fragments,
+        [(f.fragment_id, f.metadata.physical_rows) for f in stored.to_lance().get_fragments()],
+        cpus=cpus,
+        shard_rows=shard_rows,
+        route_rows=route_rows,
+    )
+
+
+def membership_tasks(
+    submit: Submit,
+    stored: Table,
+    base: Table,
+    layout: Plan,
+    filter: str | None,
+    num_splits: int,
+    *,
+    asset: str,
+    storage_options: dict[str, str] | None,
+    label: str | None = None,
+    group: str | None = None,
+    time: str | None = None,
+) -> list[Any]:
+    """The route tasks of ``layout``, then a `ray_tasks._check_shard` per shard of it fed
+    their parts: the shards' results (refs on Ray), for `combine`."""
+    from perm_assets.tables import where
+
+    shards = len(layout.shards)
+    routed = []
+    for fragment_ids in layout.routes:
+        out = submit(
+            ray_tasks._route_rows,
+            shards,
+            cast(Any, stored).uri,
+            stored.version,
+            fragment_ids,
+            shard_of=layout.shard_of,
+            shards=shards,
+            storage_options=storage_options,
+        )
+        routed.append([out] if shards == 1 else list(out))
+    return [
+        submit(
+            ray_tasks._check_shard,
+            1,
+            *[parts[s] for parts in routed],
+            base_uri=cast(Any, base).uri,
+            base_version=base.version,
+            fragments=fragment_ids,
+            num_splits=num_splits,
+            filter=where(filter),
+            label=label,
+            group=group,
+            time=time,
+            asset=asset,
+            table=base.name,
+            among=f" among the rows of filter {filter!r}" if filter else "",
+            storage_options=storage_options,
+        )
+        for s, fragment_ids in enumerate(layout.shards)
+    ]
+
+
 def cover(
     stored: Table,
     base: Table,
@@ -128,66 +226,36 @@ def cover(
 ) -> tuple[Membership, Scan, dict[str, int]] | None:
     """`membership.Membership.build` + `membership.scan_filtered` of the permutation table
     ``stored`` (pinned) over ``base`` (at its pinned version), as Ray tasks; plus the task
-    counts (``route_tasks``, ``shard_tasks``). None when the ids are not row addresses or
-    there are too many splits (the caller's in-memory path)."""
-    from perm_assets.tables import where
-
+    counts (``route_tasks``, ``shard_tasks``). None when the ids are not row addresses, the
+    base is empty or there are too many splits (the caller's in-memory path)."""
     if num_splits > MAX_SPLITS:
         return None
-    base_dataset = base.to_lance()
-    if base_dataset.has_stable_row_ids:
-        return None
-    base_fragments = [
-        (f.fragment_id, f.metadata.physical_rows) for f in base_dataset.get_fragments()
-    ]
-    if not base_fragments:  # an empty base: nothing to shard (the caller's path)
-        return None
     ray = connect(address)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    layout = plan(
-        base_fragments,
-        [(f.fragment_id, f.metadata.physical_rows) for f in stored.to_lance().get_fragments()],
-        cpus=cpus,
-    )
-    options = _public_options(storage_options)
-    shards = len(layout.shards)
-    route = ray.remote(ray_tasks._route_rows).options(num_returns=shards, max_retries=-1)
-    check = ray.remote(ray_tasks._check_shard).options(max_retries=-1)
-    among = f" among the rows of filter {filter!r}" if filter else ""
+    layout = layout_of(stored, base, cpus=_cpus(ray))
+    if layout is None:
+        return None
     with _on_cluster(ray, asset=asset):
-        routed = []
-        for fragment_ids in layout.routes:
-            refs = route.remote(
-                cast(Any, stored).uri,
-                stored.version,
-                fragment_ids,
-                shard_of=layout.shard_of,
-                shards=shards,
-                storage_options=options,
-            )
-            routed.append([refs] if shards == 1 else list(refs))
-        checked = [
-            check.remote(
-                *[refs[s] for refs in routed],
-                base_uri=cast(Any, base).uri,
-                base_version=base.version,
-                fragments=fragment_ids,
-                num_splits=num_splits,
-                filter=where(filter),
-                label=label,
-                group=group,
-                time=time,
-                asset=asset,
-                table=base.name,
-                among=among,
-                storage_options=options,
-            )
-            for s, fragment_ids in enumerate(layout.shards)
-        ]
-        del routed  # each shard's parts are freed once its task has them
+        # Each shard's parts are freed once its task has them: only the tasks hold them.
+        checked = membership_tasks(
+            on_ray(ray),
+            stored,
+            base,
+            layout,
+            filter,
+            num_splits,
+            asset=asset,
+            storage_options=_public_options(storage_options),
+            label=label,
+            group=group,
+            time=time,
+        )
         results = _Watch(ray, asset=asset).get(checked)
     member, scan = combine(results, num_splits, label=label, group=group, time=time)
-    return member, scan, {"route_tasks": len(layout.routes), "shard_tasks": shards}
+    return member, scan, {"route_tasks": len(layout.routes), "shard_tasks": len(layout.shards)}
+
+
+def _cpus(ray: Any) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def training_chunks(length: int, *, cpus: int, rows: int | None = None) -> list[tuple[int, int]]:
@@ -196,6 +264,36 @@ def training_chunks(length: int, *, cpus: int, rows: int | None = None) -> list[
     chunks = max(1, cpus, math.ceil(length / (rows or ROUTE_ROWS)))
     cuts = np.linspace(0, length, chunks + 1).astype(np.int64).tolist()
     return [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
+
+
+def training_tasks(
+    submit: Submit,
+    folds: Table,
+    train: Table,
+    sizes: np.ndarray,
+    ranges: list[list[int]],
+    chunks: list[tuple[int, int]],
+    *,
+    storage_options: dict[str, str] | None,
+) -> list[Any]:
+    """A `ray_tasks._training_range` per chunk of training positions: their results (refs on
+    Ray), for `training_figures`."""
+    return [
+        submit(
+            ray_tasks._training_range,
+            1,
+            lo,
+            hi,
+            folds_uri=cast(Any, folds).uri,
+            folds_version=folds.version,
+            train_uri=cast(Any, train).uri,
+            train_version=train.version,
+            first=int(sizes[0]),
+            ranges=ranges,
+            storage_options=storage_options,
+        )
+        for lo, hi in chunks
+    ]
 
 
 def training_figures(
@@ -237,24 +335,17 @@ def rotated_training(
     driver adds up three numbers a task."""
     ray = connect(address)
     length = train.count_rows()
-    chunks = training_chunks(length, cpus=max(1, int(ray.cluster_resources().get("CPU", 1))))
-    task = ray.remote(ray_tasks._training_range).options(max_retries=-1)
-    options = _public_options(storage_options)
+    chunks = training_chunks(length, cpus=_cpus(ray))
     with _on_cluster(ray, asset=asset):
-        refs = [
-            task.remote(
-                lo,
-                hi,
-                folds_uri=cast(Any, folds).uri,
-                folds_version=folds.version,
-                train_uri=cast(Any, train).uri,
-                train_version=train.version,
-                first=int(sizes[0]),
-                ranges=ranges,
-                storage_options=options,
-            )
-            for lo, hi in chunks
-        ]
+        refs = training_tasks(
+            on_ray(ray),
+            folds,
+            train,
+            sizes,
+            ranges,
+            chunks,
+            storage_options=_public_options(storage_options),
+        )
         results = _Watch(ray, asset=asset).get(refs)
     figures = training_figures(results, sizes, ranges, length=length)
     return {**figures, "checked_by_ray_tasks": {"training_range_tasks": len(refs)}}
