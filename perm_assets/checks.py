@@ -158,11 +158,10 @@ def run_permutation_checks(
         (isinstance(split, RandomSplit | SequentialSplit) and (split.counts or split.allow_discard))
         or (isinstance(split, HashSplit) and split.discard_weight > 0)
     )
-    if not isinstance(split, HashSplit):  # hash stability compares keys: the in-memory path
-        streamed = _streamed_permutation_checks(db, table, data, base, checks, drops=drops)
-        if streamed is not None:
-            yield from streamed
-            return
+    streamed = _streamed_permutation_checks(db, table, data, base, checks, drops=drops)
+    if streamed is not None:
+        yield from streamed
+        return
     row_ids, split_ids = _rows_of(db, table, data)
     # The build counted the filtered rows at the same pinned version: no second scan.
     expected = data.filtered_rows
@@ -255,11 +254,17 @@ def _streamed_permutation_checks(
             and figures["persisted_rows"] == data.num_rows
         )
         figures["documented_discard"] = True
+    version = int(figures["persisted_version"])
     results = [_result(Check.DISJOINT_COMPLETE, figures)]
     if Check.SIZES in checks:
         results.append(
             _result(Check.SIZES, _sizes(split, np.asarray(data.split_rows, dtype=np.int64)))
         )
+    if isinstance(split, HashSplit):
+        stable = _hash_stability_streamed(db, table, base, spec, split, version, member.split_rows)
+        if stable is None:  # a key column's type has no streamed hash: the in-memory path
+            return None
+        results.append(_result(Check.HASH_STABLE, stable))
     covered = exact(member, scan)
     if isinstance(split, StratifiedSplit):
         stratified = stratified_figures(scan, normalised(split.ratios)) if covered else None
@@ -906,7 +911,7 @@ def _hash_stability(
             **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
             "passed": True,
         }
-    prev_table, prev_base, prev_filter = previous
+    prev_table, prev_base, prev_filter, _ = previous
     prev_data = read_all(prev_table)
     prev_rows = prev_data.column("row_id").to_numpy()
     prev_splits = prev_data.column("split_id").to_numpy()
@@ -974,10 +979,52 @@ def _key_splits(
     return sorted_keys[first].astype(np.int64) + low, key_splits[first]
 
 
+def _hash_stability_streamed(
+    db: LanceDBResource,
+    table: str,
+    base: Table,
+    spec: PermutationSpec,
+    split: HashSplit,
+    version: int,
+    split_rows: np.ndarray,
+) -> dict[str, Any] | None:
+    """`_hash_stability`'s figures out of core (`perm_assets.stability`): one byte per base
+    row and one bucket of keys at a time; None where only the in-memory check can compare."""
+    from perm_assets import stability
+
+    names = spec.split_names()
+    previous = _previous_permutation(db, table, version)
+    if previous is None:
+        return {
+            "previous_version": None,
+            "rows_moved_between_splits": 0,
+            **{f"rows_added/{n}": int(a) for n, a in zip(names, split_rows, strict=True)},
+            "passed": True,
+        }
+    stored = db.open_table(table, version=version)
+    found = stability.compare(
+        (stored, base, spec.filter, len(names)),
+        previous,
+        list(split.columns),
+        spill_dir=db.spill_dir,
+    )
+    if found is None:
+        return None
+    compared, moved, added = found
+    return {
+        "previous_version": version - 1,
+        "keys_compared": compared,
+        "rows_moved_between_splits": moved,
+        **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
+        "passed": moved == 0,
+    }
+
+
 def _previous_permutation(
     db: LanceDBResource, table: str, version: int
-) -> tuple[Table, Table, str | None] | None:
-    """The version before ``version`` of ``table`` with its base, if it was a hash split."""
+) -> tuple[Table, Table, str | None, int] | None:
+    """The version before ``version`` of ``table`` with its base, filter and number of
+    splits, if it was a hash split."""
     if version <= 1:
         return None
     try:
@@ -992,7 +1039,7 @@ def _previous_permutation(
         return None  # no comparable previous version (cleaned up, or another kind of table)
     if not isinstance(spec.split, HashSplit):
         return None
-    return previous, base, spec.filter
+    return previous, base, spec.filter, len(spec.split_names())
 
 
 def _keyed(

@@ -121,16 +121,14 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
             "but only splits 0..2 (['split_0', 'split_1', 'split_2']) are declared; fix the "
             "expression or declare more splits"
         ), (engine, message)
-    # The blocking checks' membership pass ran as Ray tasks for every Ray-built kind but the
-    # hash split (its stability check joins keys in the driver): three shards (one per base
+    # The blocking checks' membership pass ran as Ray tasks for every Ray-built kind (the
+    # hash split's stability check then joins keys out of core in the driver): three shards
+    # (one per base
     # fragment at the driver's shard size) and, for tables of several fragments and 5k+ rows
     # per route, several route tasks; the local engine's
     # checks ran in its process.
     for name in every:
         tasks = one["checked_by_ray_tasks/ray"][name]
-        if name == "hash":
-            assert tasks is None
-            continue
         assert tasks is not None and tasks["shard_tasks"] == 3, name
         rows = sum(one["split_rows"][f"ray/{name}"])  # 18 rows (random_counts): one route
         assert tasks["route_tasks"] > 1 if rows > 10_000 else tasks["route_tasks"] >= 1, name
