@@ -6,6 +6,8 @@ its own process (so peak RSS is that build's alone, read from the child's ``ru_m
 
 - ``split``: ``filter="label < 90"``, ``RandomSplit([0.8, 0.1, 0.1], names)``, ``Shuffle``;
 - ``skfold`` / ``kfold`` (with ``--folds``): ``StratifiedKFold(k=5)`` / ``KFold(k=5)``,
+- ``hash`` (``--kinds hash``): ``HashSplit(columns=["id"], weights=[8, 1, 1])``, materialized
+  once untimed and then timed, so that its stability check compares two versions,
 
 with ``engine="lancedb"`` and ``engine="local"`` (defaults otherwise; ``--engines ... ray1 ray2``
 adds ``engine="ray"`` on a fresh Ray cluster of 1 or 2 worker nodes, started by
@@ -45,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 CHUNK = 1_000_000
-KINDS = ("split", "skfold", "kfold")
+KINDS = ("split", "skfold", "kfold", "hash")
 
 
 def generate(uri: str, rows: int) -> float:
@@ -101,6 +103,8 @@ def _spec(kind: str):
         StratifiedKFold,
     )
 
+    if kind == "hash":
+        return PermutationSpec(split=_hash_split())
     if kind == "split":
         return PermutationSpec(
             filter="label < 90",
@@ -109,6 +113,12 @@ def _spec(kind: str):
         )
     folds = StratifiedKFold(k=5, label="label", seed=1) if kind == "skfold" else KFold(k=5, seed=1)
     return FoldsSpec(folds=folds)
+
+
+def _hash_split():  # the bench's hash split (imports perm_assets only in the child)
+    from perm_assets import HashSplit
+
+    return HashSplit(columns=["id"], weights=[8, 1, 1], split_names=["train", "val", "test"])
 
 
 def _digest(db, name: str) -> str:
@@ -176,7 +186,15 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
     )
 
     db = LanceDBResource(uri=uri, engine=engine, spill_dir=spill)  # type: ignore[arg-type]
-    if kind == "split":
+    resources = {"lancedb": db, "io_manager": LanceDBIOManager(db=db)}
+    if kind == "hash":
+        asset = permutation_asset("perm", source="base", split=_hash_split())
+        # Untimed: a previous version for the timed run's stability check to compare with.
+        first = dg.materialize(
+            [asset, dg.AssetSpec("base")], resources=resources, selection=[asset]
+        )
+        assert first.success
+    elif kind == "split":
         asset = permutation_asset(
             "perm",
             source="base",
@@ -195,7 +213,7 @@ def child(uri: str, engine: str, kind: str, spill: str) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     result = dg.materialize(
         [asset, dg.AssetSpec("base")],
-        resources={"lancedb": db, "io_manager": LanceDBIOManager(db=db)},
+        resources=resources,
         selection=[asset],
         raise_on_error=False,
     )
@@ -397,7 +415,7 @@ def main() -> None:
         # The Ray engine's workers write fragments that the IO manager commits: there is no
         # build without the materialization to measure.
         parser.error("--build-only does not apply to ray1 / ray2: run them without it")
-    kinds = args.kinds or (KINDS if args.folds else KINDS[:1])
+    kinds = args.kinds or (KINDS[:3] if args.folds else KINDS[:1])
     mode = "engine build + write, no checks" if args.build_only else "dg.materialize + checks"
     print(f"{os.cpu_count()} cores, {mode}; figures on a shared machine vary by +-20%", flush=True)
     header = f"{'rows':>13} {'kind':>7} {'engine':>8} {'s':>8} {'cpu s':>8} {'peak GiB':>9} "
