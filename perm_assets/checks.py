@@ -262,8 +262,10 @@ def _streamed_permutation_checks(
         )
     if isinstance(split, HashSplit):
         stable = _hash_stability_streamed(db, table, base, spec, split, version, member.split_rows)
-        if stable is None:  # a key column's type has no streamed hash: the in-memory path
-            return None
+        if stable is None:  # a key column's type has no streamed hash: in memory (this check)
+            row_ids, split_ids = _rows_of(db, table, data)
+            persisted = {"persisted_version": version}
+            stable = _hash_stability(db, table, base, spec, split, row_ids, split_ids, persisted)
         results.append(_result(Check.HASH_STABLE, stable))
     covered = exact(member, scan)
     if isinstance(split, StratifiedSplit):

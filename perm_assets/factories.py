@@ -126,8 +126,9 @@ def permutation_asset(
                 f"{data.base_table}@{data.base_version}"
             )
             yield _output(data, overrides=_overrides(spec, configured))
-            # The IO manager has persisted the output by now: check what was written.
-            yield from run_permutation_checks(resource, table_name(key), data, checks)
+        # The IO manager has persisted the output by now: check what was written (read back
+        # from the table), after the build's spill files or Ray blocks are released.
+        yield from run_permutation_checks(resource, table_name(key), data, checks)
 
     return _asset(
         key=key,
@@ -226,7 +227,7 @@ def folds_asset(
                 f"{data.validation.base_version}"
             )
             yield _output(data.validation, value=data, overrides=_overrides(spec, configured))
-            yield from run_folds_checks(resource, table_name(key), data, checks)
+        yield from run_folds_checks(resource, table_name(key), data, checks)  # as above
 
     asset = _asset(
         key=key,

@@ -401,6 +401,7 @@ class ScanCounts:
     def of(
         cls, num_splits: int, *, label: str | None, group: str | None, time: str | None
     ) -> ScanCounts:
+        """Nothing counted yet, for scans that read these key columns (None: not read)."""
         return cls(
             num_splits,
             label,
@@ -467,6 +468,7 @@ class ScanCounts:
             self.times.merge(other.times)
 
     def result(self) -> Scan:
+        """The final figures: classes ordered, groups counted."""
         out = Scan(scanned=self.scanned, found=self.found)
         if self.labels is not None:
             out.classes, out.label_values, out.counts = self.labels.result()

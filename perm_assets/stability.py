@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 BUCKET_KEYS = 1 << 23
 """``(key, split)`` rows per bucket on average (8M: a few hundred MB joined at once)."""
+MAX_BUCKETS = 512
+"""At most this many buckets (open files while one version is spilled: a process may have
+1,024); past 4B ``(key, split)`` rows, buckets grow beyond `BUCKET_KEYS`."""
 _BATCH_ROWS = 1 << 18
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _NULL = np.uint64(0x9E3779B97F4A7C15)
@@ -65,7 +68,11 @@ def _column_hash(column: pa.Array) -> np.ndarray | None:
         column = cast(pa.DictionaryArray, column).dictionary_decode()
     kind = column.type
     valid = None if column.null_count == 0 else column.is_valid().to_numpy(zero_copy_only=False)
-    if pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_temporal(kind):
+    if pa.types.is_temporal(kind) and not pa.types.is_interval(kind):
+        # Dates, times, timestamps, durations: their integer storage (32 or 64 bits).
+        column = column.view(pa.int32() if kind.bit_width == 32 else pa.int64())
+        kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
         filled = column.fill_null(pa.scalar(0).cast(kind)) if valid is not None else column
         values = np.asarray(filled.to_numpy(zero_copy_only=False)).astype(np.int64).view(np.uint64)
     elif pa.types.is_floating(kind):
@@ -105,25 +112,35 @@ def _bytes_hash(column: pa.Array) -> np.ndarray:
 
 
 class _Buckets:
-    """Arrow IPC files ``<name>-<b>.arrow`` under ``folder``, one per bucket, appended to."""
+    """Arrow IPC files ``<name>-<b>.arrow`` under ``folder``, one per bucket, each opened at
+    its first rows and appended to until `close`."""
 
     def __init__(self, folder: Path, name: str, schema: pa.Schema, count: int) -> None:
         self.paths = [folder / f"{name}-{b}.arrow" for b in range(count)]
         self.schema = schema
-        self.writers: list[Any] = [pa.ipc.new_file(str(p), schema) for p in self.paths]
+        self.writers: list[Any | None] = [None] * count
 
     def add(self, rows: pa.Table, bucket: np.ndarray) -> None:
+        """Append each of ``rows`` to the file of its ``bucket``."""
         order = np.argsort(bucket, kind="stable")
         ends = np.searchsorted(bucket[order], np.arange(len(self.writers) + 1))
-        for b, writer in enumerate(self.writers):
+        for b in range(len(self.writers)):
             if ends[b + 1] > ends[b]:
+                writer = self.writers[b]
+                if writer is None:
+                    writer = self.writers[b] = pa.ipc.new_file(str(self.paths[b]), self.schema)
                 writer.write_table(rows.take(pa.array(order[ends[b] : ends[b + 1]])))
 
     def close(self) -> None:
+        """Finish every file (also after an error: the spill folder is removed after it)."""
         for writer in self.writers:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
     def read(self, b: int) -> pa.Table:
+        """Bucket ``b``'s rows (none if it got none)."""
+        if self.writers[b] is None:
+            return self.schema.empty_table()
         with pa.memory_map(str(self.paths[b])) as source:
             return pa.ipc.open_file(source).read_all()
 
@@ -145,38 +162,47 @@ def _pairs(
     addresses or a key column's type has no `key_hash`."""
     from perm_assets.tables import where
 
+    fields = [base.schema.field(k) for k in keys]
+    # Dictionary columns decoded: each Lance fragment has its own dictionary, and one IPC file
+    # takes one.
+    fields = [
+        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in fields
+    ]
+    if key_hash([pa.array([], f.type) for f in fields]) is None:
+        return None
     member = Membership.build(base, table_batches(permutation), num_splits, spill_dir=spill_dir)
     if member is None:
         return None
     query = base.search().select(list(keys)).with_row_id(True)
     if filter is not None:
         query = query.where(cast(str, where(filter)))
-    out: _Buckets | None = None
+    out = _Buckets(folder, name, pa.schema([*fields, pa.field("split", pa.int64())]), buckets)
     with member:
-        for batch in prefetched(query.to_batches(batch_size=_BATCH_ROWS)):
-            ids = batch.column(batch.schema.get_field_index("_rowid")).to_numpy()
-            slot, valid = member.slots(ids.astype(np.uint64, copy=False))
-            splits = member.split_of[slot]
-            if valid is not None:
-                splits = np.where(valid, splits, num_splits)
-            kept = splits < num_splits
-            values = [batch.column(batch.schema.get_field_index(k)).filter(kept) for k in keys]
-            hashed = key_hash(values)
-            if hashed is None:
-                if out is not None:
-                    out.close()
-                return None
-            rows = pa.table(
-                {**dict(zip(keys, values, strict=True)), "split": splits[kept].astype(np.int64)}
-            )
-            if out is None:
-                out = _Buckets(folder, name, rows.schema, buckets)
-            out.add(rows, (hashed % np.uint64(buckets)).astype(np.int64))
-    if out is None:  # no filtered rows: empty buckets of the key columns' types
-        schema = pa.schema([base.schema.field(k) for k in keys] + [pa.field("split", pa.int64())])
-        out = _Buckets(folder, name, schema, buckets)
-    out.close()
+        try:
+            for batch in prefetched(query.to_batches(batch_size=_BATCH_ROWS)):
+                ids = batch.column(batch.schema.get_field_index("_rowid")).to_numpy()
+                slot, valid = member.slots(ids.astype(np.uint64, copy=False))
+                splits = member.split_of[slot]
+                if valid is not None:
+                    splits = np.where(valid, splits, num_splits)
+                kept = splits < num_splits
+                values = [
+                    _decoded(batch.column(batch.schema.get_field_index(k)).filter(kept))
+                    for k in keys
+                ]
+                hashed = cast(np.ndarray, key_hash(values))  # the types were checked above
+                columns = {**dict(zip(keys, values, strict=True)), "split": splits[kept]}
+                rows = pa.table(columns).cast(out.schema)
+                out.add(rows, (hashed % np.uint64(buckets)).astype(np.int64))
+        finally:
+            out.close()
     return out
+
+
+def _decoded(column: pa.Array) -> pa.Array:
+    if pa.types.is_dictionary(column.type):
+        return cast(pa.DictionaryArray, column).dictionary_decode()
+    return column
 
 
 def _distinct(rows: pa.Table, keys: list[str]) -> pa.Table:
@@ -199,7 +225,7 @@ def compare(
     from perm_assets.engines.local import Spill  # spill folders reclaimed after a SIGKILL
 
     rows = max(1, now[0].count_rows() + before[0].count_rows())
-    buckets = max(1, math.ceil(rows / (bucket_keys or BUCKET_KEYS)))
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(rows / (bucket_keys or BUCKET_KEYS))))
     num_splits = now[3]
     with Spill(spill_dir) as spill:
         folder = cast(Path, spill.path)

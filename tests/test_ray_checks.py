@@ -68,7 +68,7 @@ def _in_process(
 ) -> tuple[Membership, Scan, ray_checks.Plan]:
     """`ray_checks.cover` with each task function called here, as Ray would call it."""
     layout = ray_checks.layout_of(
-        stored, base, cpus=cpus, shard_rows=shard_rows, route_rows=route_rows
+        stored, base, cpus=cpus, shard_rows=shard_rows, route_rows=route_rows, part_bytes=1
     )
     assert layout is not None
     results = ray_checks.membership_tasks(
@@ -159,19 +159,21 @@ def test_shard_tasks_give_the_one_process_figures(tmp_path: Path, cpus: int) -> 
 
 def test_plan_cuts_fragments_in_order_into_runs_of_about_equal_rows() -> None:
     fragments = [(i * 2, rows) for i, rows in enumerate([10, 0, 30, 5, 5, 50, 1, 9])]
-    layout = ray_checks.plan(fragments, fragments, cpus=4, shard_rows=1_000, route_rows=1_000)
+    layout = ray_checks.plan(
+        fragments, fragments, cpus=4, shard_rows=1_000, route_rows=1_000, part_bytes=1
+    )
     assert [f for shard in layout.shards for f in shard] == [f for f, _ in fragments]
     assert [f for route in layout.routes for f in route] == [f for f, _ in fragments]
     assert len(layout.shards) == 4 and all(layout.shards)
     assert layout.shards[0] != layout.shards[-1]  # the first and last fragment apart
     # Two fragments, however uneven, make two runs when two are asked.
     for rows in ([1, 100], [100, 1], [5_652, 9_348]):
-        two = ray_checks.plan(list(enumerate(rows)), [], cpus=2, shard_rows=10**9)
+        two = ray_checks.plan(list(enumerate(rows)), [], cpus=2, shard_rows=30)
         assert two.shards == [[0], [1]], rows
     for s, shard in enumerate(layout.shards):
         assert all(layout.shard_of[f] == s for f in shard)
     # At most one run per fragment; by rows when rows ask for more than CPUs.
-    assert len(ray_checks.plan(fragments[:2], [], cpus=8).shards) == 2
+    assert len(ray_checks.plan(fragments[:2], fragments, cpus=8, part_bytes=1).shards) == 2
     assert 2 <= len(ray_checks.plan(fragments, [], cpus=1, shard_rows=30).shards) <= 4
 
 
@@ -220,19 +222,42 @@ def test_training_range_tasks_give_the_streamed_figures(tmp_path: Path) -> None:
     sizes = np.bincount(read_all(stored).column("split_id").to_numpy().astype(np.int64))
     ids = written.column("row_id").to_numpy()
     # A training row of fold 1's range swapped for a row of fold 1 (from the folds table):
-    # fold 1 would train on its own validation row.
+    # the training table no longer matches the folds rotated.
     folds_rows = read_all(stored)
     fold_one = folds_rows.column("row_id").to_numpy()[folds_rows.column("split_id").to_numpy() == 1]
     bad = ids.copy()
     bad[ranges[1][0] + 7] = fold_one[0]
-    for name, row_ids in {"sound": ids, "own_row_in_training": bad}.items():
+    # Fold 1 reading fold 0's range, which holds fold 1's rows: the table matches, the range
+    # trains fold 1 on its own validation rows (counted by the tasks, `own_fold_rows`).
+    own = [list(r) for r in ranges]
+    own[1] = list(ranges[0])
+    cases = {"sound": (ids, ranges), "swapped_row": (bad, ranges), "own_rows": (ids, own)}
+    for name, (row_ids, cut) in cases.items():
         copy = _copy(conn, "train_copy", written.set_column(0, "row_id", pa.array(row_ids)), 4)
-        expected = checks._rotated_training_streamed(stored, sizes, copy, ranges)
+        expected = checks._rotated_training_streamed(stored, sizes, copy, cut)
         chunks = ray_checks.training_chunks(len(row_ids), cpus=3, rows=5_000)
         results = ray_checks.training_tasks(
-            _here, stored, copy, sizes, ranges, chunks, storage_options=None
+            _here, stored, copy, sizes, cut, chunks, storage_options=None
         )
         assert len(results) > 3, name  # several chunks, across fragment and fold boundaries
-        got = ray_checks.training_figures(results, sizes, ranges, length=len(row_ids))
+        got = ray_checks.training_figures(results, sizes, cut, length=len(row_ids))
         assert got == expected, name
         assert got["passed"] == (name == "sound"), (name, got)
+        assert got["training_table_matches_folds"] == (name != "swapped_row"), name
+        if name == "own_rows":
+            assert got["train_rows_in_own_validation_fold"][1] == sizes[1] > 0
+
+
+def test_plan_keeps_routed_parts_large_enough_to_stay_out_of_the_driver() -> None:
+    # 128 CPUs, 1M permutation rows in 100 fragments over 100 base fragments: one task per
+    # CPU each way would make 100 x 100 parts of ~900 bytes, which Ray keeps in the driver.
+    fragments = [(i, 10_000) for i in range(100)]
+    layout = ray_checks.plan(fragments, fragments, cpus=128)
+    parts = len(layout.shards) * len(layout.routes)
+    assert 1 < parts <= 1_000_000 * 9 // ray_checks.PART_BYTES  # ~1 MiB or more per part
+    # Memory still rules: shards of at most `shard_rows` rows, routes of `route_rows`.
+    layout = ray_checks.plan(fragments, fragments, cpus=128, shard_rows=50_000, route_rows=50_000)
+    assert (len(layout.shards), len(layout.routes)) == (20, 20)
+    # With parts allowed small, one per CPU (at most one per fragment).
+    layout = ray_checks.plan(fragments, fragments, cpus=128, part_bytes=1)
+    assert (len(layout.shards), len(layout.routes)) == (100, 100)

@@ -123,10 +123,9 @@ def test_ray_on_one_worker_builds_the_local_engines_table_for_every_kind(tmp_pat
         ), (engine, message)
     # The blocking checks' membership pass ran as Ray tasks for every Ray-built kind (the
     # hash split's stability check then joins keys out of core in the driver): three shards
-    # (one per base
-    # fragment at the driver's shard size) and, for tables of several fragments and 5k+ rows
-    # per route, several route tasks; the local engine's
-    # checks ran in its process.
+    # (one per base fragment at the driver's shard size) and, for tables of several fragments
+    # and 5k+ rows per route, several route tasks; the local engine's checks ran in its
+    # process.
     for name in every:
         tasks = one["checked_by_ray_tasks/ray"][name]
         assert tasks is not None and tasks["shard_tasks"] == 3, name

@@ -1,12 +1,15 @@
 """The hash split's stability check out of core (`perm_assets.stability`): its figures equal
 the in-memory check's (`checks._hash_stability`) over two real versions of a hash split, with
-keys spread over many buckets; and its key hash gives equal values equal hashes."""
+keys spread over many buckets; over dictionary and time keys across fragments, the keys counted
+by hand; and its key hash gives equal values equal hashes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -105,5 +108,64 @@ def test_equal_values_hash_equal_whatever_their_arrow_type() -> None:
     pairs = stability.key_hash([pa.array([1, 2]), pa.array(["a", "b"])])
     swapped = stability.key_hash([pa.array([2, 1]), pa.array(["a", "b"])])
     assert pairs is not None and swapped is not None and set(pairs) != set(swapped)
+    # Dates, times and timestamps hash as their integer storage, nulls included.
+    for kind in (pa.time64("us"), pa.time32("s"), pa.timestamp("ns"), pa.date32()):
+        storage = pa.int32() if kind.bit_width == 32 else pa.int64()
+        values = pa.array([5, None, 7], storage).cast(kind)
+        assert one(values)[0] != one(values)[2] and one(values)[1] == with_null[1]
     # A type it does not hash: None (the caller keeps the in-memory check).
     assert stability.key_hash([pa.array([{"x": 1}])]) is None
+    assert stability.key_hash([pa.array([], pa.month_day_nano_interval())]) is None
+
+
+def test_compare_counts_keys_of_dictionary_and_time_columns_across_fragments(
+    tmp_path: Path,
+) -> None:
+    # Two fragments, each with its own dictionary for "word"; "at" a time64 column. The keys
+    # (word, at) of two hand-made versions, counted here in Python over 200 distinct keys.
+    conn = lancedb.connect(str(tmp_path / "db"))
+    ids = np.arange(600)
+    rows = pa.table(
+        {
+            "id": ids,
+            "word": pa.array([f"w{i % 50}" for i in ids]).dictionary_encode(),
+            "at": pa.array((ids % 40) * 1_000_000, pa.time64("us")),
+        }
+    )
+    base = conn.create_table("base", rows.slice(0, 300))
+    base.add(rows.slice(300))
+    found = base.search().select(["id"]).with_row_id(True).to_arrow()
+    row_ids, id_of = found.column("_rowid").to_numpy(), found.column("id").to_numpy()
+    assert np.unique(row_ids >> np.uint64(32)).size == 2
+
+    def key(i: int) -> tuple[int, int]:
+        return (i % 50, i % 40)
+
+    split_now = np.array([(a + b) % 2 for a, b in map(key, id_of)], dtype=np.uint64)
+    flipped = np.array([key(i)[0] == 3 for i in id_of])  # keys of word w3 change split
+    split_before = np.where(flipped, 1 - split_now, split_now)
+    earlier = id_of < 150  # the previous version held fewer rows: some keys are new now
+    now = conn.create_table("now", pa.table({"row_id": row_ids, "split_id": split_now}))
+    before = conn.create_table(
+        "before", pa.table({"row_id": row_ids[earlier], "split_id": split_before[earlier]})
+    )
+    got = stability.compare(
+        (now, base, None, 2),
+        (before, base, None, 2),
+        ["word", "at"],
+        spill_dir=str(tmp_path / "spill"),
+        bucket_keys=16,  # ~47 buckets
+    )
+    assert got is not None
+    keys_now = {key(i): int(s) for i, s in zip(id_of, split_now, strict=True)}
+    keys_before = {
+        key(i): int(s) for i, s, e in zip(id_of, split_before, earlier, strict=True) if e
+    }
+    both = keys_now.keys() & keys_before.keys()
+    compared, moved, added = got
+    assert compared == len(both) < len(keys_now) == 200
+    assert moved == sum(keys_now[k] != keys_before[k] for k in both) > 0
+    assert added.tolist() == [
+        sum(1 for k, s in keys_now.items() if k not in keys_before and s == split)
+        for split in (0, 1)
+    ]

@@ -99,7 +99,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
 import numpy as np
 import pyarrow as pa
@@ -298,33 +298,42 @@ def _end_keys(
 _SCHEMA = local._SCHEMA
 
 
+Phase = Literal["build", "checks"]
+_KEPT: dict[str, str] = {
+    "build": "no new permutation version was committed, the previous one stays the latest",
+    "checks": "the new permutation version is committed but its blocking checks did not "
+    "finish, so nothing downstream runs on it",
+}
+
+
 @contextmanager
-def _on_cluster(ray: Any, *, asset: str) -> Iterator[None]:
+def _on_cluster(ray: Any, *, asset: str, during: Phase = "build") -> Iterator[None]:
     """Ray's errors (a lost object whose lineage cannot be rebuilt, a task out of retries, a
-    lost connection) as one that names the asset and the engine and says what was kept: Ray's
-    own message names internal operators and object ids, not what to do."""
+    lost connection) as one that names the asset, the engine and the phase and says what was
+    kept: Ray's own message names internal operators and object ids, not what to do."""
     try:
         yield
     except ray.exceptions.RayError as exc:
+        # A task's own exception is its cause: a RayTaskError's first line names the task.
+        cause = getattr(exc, "cause", None) or exc
         if isinstance(exc, SpecError):
             # A task's own SpecError (bad input met in a block: a calculated split's value, a
             # NaN time), kept as such by `raise_original_map_exception`; Ray Data appends its
             # retry advice after the first line.
-            cause = getattr(exc, "cause", None) or exc
             raise SpecError(str(cause).splitlines()[0]) from exc
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = (str(cause).strip().splitlines() or [""])[0]
         raise RuntimeError(
-            f"asset '{asset}': engine 'ray': the build failed on the Ray cluster "
-            f"({type(exc).__name__}: {first}); no new permutation version was committed, the "
-            "previous one stays the latest; re-run when the cluster is healthy"
+            f"asset '{asset}': engine 'ray': the {during} failed on the Ray cluster "
+            f"({type(cause).__name__}: {first}); {_KEPT[during]}; re-run when the cluster is "
+            "healthy"
         ) from exc
 
 
 class _Watch:
     """Fails a wait on the cluster once it has had no CPU for `NO_CPU_SECONDS` (see there)."""
 
-    def __init__(self, ray: Any, *, asset: str) -> None:
-        self.ray, self.asset = ray, asset
+    def __init__(self, ray: Any, *, asset: str, during: Phase = "build") -> None:
+        self.ray, self.asset, self.during = ray, asset, during
         self.since: float | None = None
 
     def check(self) -> None:
@@ -337,9 +346,9 @@ class _Watch:
             raise RuntimeError(
                 f"asset '{self.asset}': engine 'ray': the Ray cluster has had no CPU for "
                 f"{now - self.since:.0f} s (its worker nodes died or were removed), so the "
-                "build cannot go on; no new permutation version was committed, the previous "
-                "one stays the latest; re-run when the cluster has workers (the abandoned Ray "
-                "Data execution waits in a background thread until this process exits)"
+                f"{self.during} cannot go on; {_KEPT[self.during]}; re-run when the cluster "
+                "has workers (the abandoned Ray work waits in a background thread until this "
+                "process exits)"
             )
 
     def run(self, call: Callable[[], Any]) -> Any:

@@ -48,6 +48,9 @@ SHARD_ROWS = 1 << 25
 permutation (9 bytes each), so a 1B-row base makes 30 shards."""
 ROUTE_ROWS = 1 << 24
 """Permutation rows per route task (16M: ~150 MB routed)."""
+PART_BYTES = 1 << 20
+"""Routed bytes per (route, shard) part on average, at least, where CPUs would ask for more
+tasks (see `plan`)."""
 
 
 @dataclass(frozen=True)
@@ -68,23 +71,33 @@ def plan(
     cpus: int,
     shard_rows: int | None = None,
     route_rows: int | None = None,
+    part_bytes: int | None = None,
 ) -> Plan:
-    """Shards of consecutive base fragments (``(id, physical rows)``) of about equal rows,
-    at least ``cpus`` of them (while fragments last) and each about ``shard_rows`` at most;
-    route tasks of consecutive permutation fragments, at least ``cpus`` and about
-    ``route_rows`` rows each (None: `SHARD_ROWS`, `ROUTE_ROWS`)."""
+    """Shards of consecutive base fragments (``(id, physical rows)``) of about equal rows and
+    route tasks of consecutive permutation fragments (None: `SHARD_ROWS`, `ROUTE_ROWS`,
+    `PART_BYTES`):
+
+    - shards: at least one per ``shard_rows`` base rows (their tasks' memory), and up to one
+      per CPU while routed parts stay about ``part_bytes`` or more;
+    - routes: about ``route_rows`` rows each, up to one per CPU, as parts allow.
+
+    Each route task returns a part per shard (9 bytes a row): Ray keeps returns under 100 KiB
+    in the driver's own memory, so many small parts (many CPUs, few rows) would gather the
+    routed rows in the driver."""
     shard_rows = shard_rows or SHARD_ROWS
     route_rows = route_rows or ROUTE_ROWS
+    perm_total = sum(rows for _, rows in perm_fragments)
+    parts = max(1, perm_total * 9 // (part_bytes or PART_BYTES))  # routes x shards at most
     total = sum(rows for _, rows in base_fragments)
-    count = max(1, min(len(base_fragments), max(cpus, math.ceil(total / shard_rows))))
+    needed = math.ceil(total / shard_rows)
+    count = max(1, min(len(base_fragments), max(needed, min(cpus, parts))))
     shards = _cut(base_fragments, count)
     top = max((fid for fid, _ in base_fragments), default=-1)
     shard_of = np.zeros(top + 1, dtype=np.int64)
     for s, ids in enumerate(shards):
         shard_of[ids] = s
-    perm_total = sum(rows for _, rows in perm_fragments)
-    routes_wanted = max(1, min(len(perm_fragments), max(cpus, math.ceil(perm_total / route_rows))))
-    routes = _cut(perm_fragments, routes_wanted) if perm_fragments else []
+    wanted = max(math.ceil(perm_total / route_rows), min(cpus, parts // len(shards)))
+    routes = _cut(perm_fragments, min(len(perm_fragments), wanted)) if perm_fragments else []
     return Plan(shard_of=shard_of, shards=shards, routes=routes)
 
 
@@ -137,6 +150,7 @@ def layout_of(
     cpus: int,
     shard_rows: int | None = None,
     route_rows: int | None = None,
+    part_bytes: int | None = None,
 ) -> Plan | None:
     """The `plan` for checking the permutation table ``stored`` over ``base`` (both pinned);
     None when the ids are not row addresses (stable row ids) or the base has no fragment."""
@@ -154,6 +168,7 @@ def layout_of(
         cpus=cpus,
         shard_rows=shard_rows,
         route_rows=route_rows,
+        part_bytes=part_bytes,
     )
 
 
@@ -234,7 +249,7 @@ def cover(
     layout = layout_of(stored, base, cpus=_cpus(ray))
     if layout is None:
         return None
-    with _on_cluster(ray, asset=asset):
+    with _on_cluster(ray, asset=asset, during="checks"):
         # Each shard's parts are freed once its task has them: only the tasks hold them.
         checked = membership_tasks(
             on_ray(ray),
@@ -249,7 +264,7 @@ def cover(
             group=group,
             time=time,
         )
-        results = _Watch(ray, asset=asset).get(checked)
+        results = _Watch(ray, asset=asset, during="checks").get(checked)
     member, scan = combine(results, num_splits, label=label, group=group, time=time)
     return member, scan, {"route_tasks": len(layout.routes), "shard_tasks": len(layout.shards)}
 
@@ -336,7 +351,7 @@ def rotated_training(
     ray = connect(address)
     length = train.count_rows()
     chunks = training_chunks(length, cpus=_cpus(ray))
-    with _on_cluster(ray, asset=asset):
+    with _on_cluster(ray, asset=asset, during="checks"):
         refs = training_tasks(
             on_ray(ray),
             folds,
@@ -346,6 +361,6 @@ def rotated_training(
             chunks,
             storage_options=_public_options(storage_options),
         )
-        results = _Watch(ray, asset=asset).get(refs)
+        results = _Watch(ray, asset=asset, during="checks").get(refs)
     figures = training_figures(results, sizes, ranges, length=length)
     return {**figures, "checked_by_ray_tasks": {"training_range_tasks": len(refs)}}

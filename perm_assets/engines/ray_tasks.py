@@ -370,29 +370,26 @@ def _check_shard(
         if fragment is None:  # the plan read the base at this version: it has them all
             raise RuntimeError(f"base {base_uri}@{base_version}: no fragment {fragment_id}")
         chosen.append(fragment)
-    rows = [b for part in parts for b in part.to_batches()]
-    member = Membership.over(
-        fragments, [f.metadata.physical_rows for f in chosen], rows, num_splits
-    )
-    del rows
+    rows = (b for part in parts for b in part.to_batches())
+    lengths = [f.metadata.physical_rows for f in chosen]
     counts = ScanCounts.of(num_splits, label=label, group=group, time=time)
-    scanner = base.scanner(
-        columns=key_columns(label, group, time),
-        filter=filter,
-        fragments=chosen,
-        with_row_address=True,
-        batch_size=_ROUTE_BATCH_ROWS,
-    )
-    counts.scan(
-        member,
-        scanner.to_batches(),
-        "_rowaddr",
-        nulls_allowed=False,
-        table=table,
-        among=among,
-        asset=asset,
-    )
-    member.close()
+    with Membership.over(fragments, lengths, rows, num_splits) as member:
+        scanner = base.scanner(
+            columns=key_columns(label, group, time),
+            filter=filter,
+            fragments=chosen,
+            with_row_address=True,
+            batch_size=_ROUTE_BATCH_ROWS,
+        )
+        counts.scan(
+            member,
+            scanner.to_batches(),
+            "_rowaddr",
+            nulls_allowed=False,
+            table=table,
+            among=among,
+            asset=asset,
+        )
     return member, counts
 
 
