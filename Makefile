@@ -35,15 +35,15 @@ ui: $(STAMP) ## dg dev: the Dagster webserver and daemon on http://127.0.0.1:300
 	@# dg dev loads the [tool.dg] project of pyproject.toml: definitions.py, whose demo includes
 	@# the YAML-declared assets of perm_assets/demo/defs. Ctrl-C or a SIGTERM to make stops the
 	@# webserver, daemon and code server within ~4 s (tests/test_ui_stop.py).
-	$(BIN)/dg dev --use-active-venv -h $(UI_HOST) -p $(UI_PORT)
+	@# perm_assets.ui execs dg dev with SIGINT and SIGTERM at their defaults: started in the
+	@# background of a script (SIGINT ignored), dg dev ignored both.
+	$(BIN)/python -m perm_assets.ui --use-active-venv -h $(UI_HOST) -p $(UI_PORT)
 
-test: $(STAMP) ## Run the whole test suite: the wall-clock-bound tests alone, then on both cores
-	@# Tests marked `serial` assert wall-clock bounds: they run first, alone, on a quiet machine
-	@# (right after the parallel part, make ui twice missed its 10 s stop bound in CI and never
-	@# on a re-run; tests/test_ui_stop.py). Most other tests wait on child processes and
-	@# servers, so two workers nearly halve the time.
-	$(BIN)/pytest -m serial
+test: $(STAMP) ## Run the whole test suite: on both cores, then the wall-clock-bound tests alone
+	@# Most tests wait on child processes and servers, so two workers nearly halve the time;
+	@# tests marked `serial` assert wall-clock bounds and run after, on a quiet machine.
 	$(BIN)/pytest -n 2 --dist loadfile -m "not serial" --durations=15
+	$(BIN)/pytest -m serial
 
 check: $(STAMP) ## ruff, ruff format --check, pyright
 	$(BIN)/ruff check .

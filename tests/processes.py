@@ -30,13 +30,14 @@ def free_port() -> int:
 
 
 def start_make_ui(
-    *, cwd: Path, port: int, home: Path, log: Path, venv: Path
+    *, cwd: Path, port: int, home: Path, log: Path, venv: Path, sigint_ignored: bool = False
 ) -> subprocess.Popen[bytes]:
     """``make ui`` on ``port`` with its own Dagster ``home``, leading a new process group.
 
     The home is a make variable: the Makefile's own ``export DAGSTER_HOME`` wins over the
     environment (the repo's .dagster_home may hold runs the daemon would launch). ``-o`` keeps
-    make from reinstalling ``venv``.
+    make from reinstalling ``venv``. ``sigint_ignored``: started as a non-interactive shell
+    starts a background job (``make ui &`` in a script, CI runners), with SIGINT ignored.
     """
     command = ["make", "-o", str(venv / ".installed"), "ui", f"VENV={venv}", f"UI_PORT={port}"]
     with log.open("wb") as out:
@@ -47,7 +48,12 @@ def start_make_ui(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_ignore_sigint if sigint_ignored else None,
         )
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited across exec, as from a shell
 
 
 def webserver_answers(port: int) -> bool:
