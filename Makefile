@@ -62,7 +62,7 @@ bench: $(STAMP) ## Print build/read figures at 1M and 10M rows (takes minutes)
 # "--engines local --build-only --dir /big/disk --keep" (--keep reuses the generated table).
 BENCH_SCALE_ROWS ?= 10000000 100000000
 BENCH_SCALE_ARGS ?=
-bench-scale: $(STAMP) ## Engines (lancedb, local) at 10M and 100M rows: time, peak RSS, rows/s (~15 min)
+bench-scale: $(STAMP) ## Every engine (builder, lancedb, local, ray 1 and 2 workers) at 10M and 100M rows (~40 min)
 	$(BIN)/python bench/bench_scale.py --rows $(BENCH_SCALE_ROWS) --folds $(BENCH_SCALE_ARGS)
 
 clean: ## Remove the virtualenv, demo data and Dagster history
