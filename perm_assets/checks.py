@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.table import Table
 
-from perm_assets import assign
+from perm_assets import assign, stability
 from perm_assets.build import PermutationData, Scanned, positions_in, scan_columns
 from perm_assets.folds import FoldsData
 from perm_assets.membership import (
@@ -907,12 +907,7 @@ def _hash_stability(
     previous = _previous_permutation(db, table, version)
     if previous is None:
         added = np.bincount(split_ids.astype(np.int64), minlength=len(names))
-        return {
-            "previous_version": None,
-            "rows_moved_between_splits": 0,
-            **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
-            "passed": True,
-        }
+        return _stability_figures(names, None, 0, 0, added)
     prev_table, prev_base, prev_filter, _ = previous
     prev_data = read_all(prev_table)
     prev_rows = prev_data.column("row_id").to_numpy()
@@ -927,21 +922,26 @@ def _hash_stability(
             at = np.minimum(np.searchsorted(keys_before, keys_now), keys_before.size - 1)
             known, was_values = keys_before[at] == keys_now, split_before[at]
     else:  # several or non-integer key columns: group and join in Arrow
-        joined = _keyed(base, spec.filter, keys, row_ids, split_ids).join(
+        split_now, known, was_values = stability.joined_splits(
+            _keyed(base, spec.filter, keys, row_ids, split_ids),
             _keyed(prev_base, prev_filter, keys, prev_rows, prev_splits),
-            keys=keys,
-            join_type="left outer",
-            right_suffix="_before",
+            keys,
         )
-        split_now = joined.column("split").to_numpy(zero_copy_only=False)
-        was = joined.column("split_before")
-        known = ~np.asarray(was.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        was_values = was.fill_null(0).to_numpy(zero_copy_only=False)
     moved = int(np.count_nonzero(known & (split_now != was_values)))
     added = np.bincount(split_now[~known].astype(np.int64), minlength=len(names))
+    return _stability_figures(names, version - 1, int(np.count_nonzero(known)), moved, added)
+
+
+def _stability_figures(
+    names: list[str], previous: int | None, compared: int, moved: int, added: np.ndarray
+) -> dict[str, Any]:
+    """``no_row_moved_between_splits`` figures: keys compared with the ``previous`` version
+    (None: there is none), keys ``moved`` to another split, new keys per split."""
+    figures: dict[str, Any] = {"previous_version": previous}
+    if previous is not None:
+        figures["keys_compared"] = compared
     return {
-        "previous_version": version - 1,
-        "keys_compared": int(np.count_nonzero(known)),
+        **figures,
         "rows_moved_between_splits": moved,
         **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
         "passed": moved == 0,
@@ -992,17 +992,10 @@ def _hash_stability_streamed(
 ) -> dict[str, Any] | None:
     """`_hash_stability`'s figures out of core (`perm_assets.stability`): one byte per base
     row and one bucket of keys at a time; None where only the in-memory check can compare."""
-    from perm_assets import stability
-
     names = spec.split_names()
     previous = _previous_permutation(db, table, version)
     if previous is None:
-        return {
-            "previous_version": None,
-            "rows_moved_between_splits": 0,
-            **{f"rows_added/{n}": int(a) for n, a in zip(names, split_rows, strict=True)},
-            "passed": True,
-        }
+        return _stability_figures(names, None, 0, 0, split_rows)
     stored = db.open_table(table, version=version)
     found = stability.compare(
         (stored, base, spec.filter, len(names)),
@@ -1013,13 +1006,7 @@ def _hash_stability_streamed(
     if found is None:
         return None
     compared, moved, added = found
-    return {
-        "previous_version": version - 1,
-        "keys_compared": compared,
-        "rows_moved_between_splits": moved,
-        **{f"rows_added/{n}": int(a) for n, a in zip(names, added, strict=True)},
-        "passed": moved == 0,
-    }
+    return _stability_figures(names, version - 1, compared, moved, added)
 
 
 def _previous_permutation(
@@ -1047,8 +1034,7 @@ def _previous_permutation(
 def _keyed(
     base: Table, filter: str | None, keys: list[str], row_ids: np.ndarray, split_ids: np.ndarray
 ) -> pa.Table:
-    """One row per distinct key: its split (keys of one hash always share a split)."""
+    """The key columns and ``split`` of each permutation row (`stability.joined_splits` keeps
+    one row per key)."""
     values = _aligned(base, filter, keys, row_ids)
-    table = pa.table({**{k: values.columns[k] for k in keys}, "split": pa.array(split_ids)})
-    grouped = table.group_by(keys).aggregate([("split", "min")])
-    return grouped.select([*keys, "split_min"]).rename_columns([*keys, "split"])
+    return pa.table({**{k: values.columns[k] for k in keys}, "split": pa.array(split_ids)})

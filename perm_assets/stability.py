@@ -211,6 +211,22 @@ def _distinct(rows: pa.Table, keys: list[str]) -> pa.Table:
     return grouped.select([*keys, "split_min"]).rename_columns([*keys, "split"])
 
 
+def joined_splits(
+    now: pa.Table, before: pa.Table, keys: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(split now, known, split before)`` of each distinct key of ``now`` (``keys`` columns
+    and ``split``, a row each, any number per key), ``known`` where ``before`` has the key too
+    (its split there; 0 where not known). Shared with the in-memory check
+    (`perm_assets.checks._hash_stability`)."""
+    joined = _distinct(now, keys).join(
+        _distinct(before, keys), keys=keys, join_type="left outer", right_suffix="_before"
+    )
+    split_now = joined.column("split").to_numpy(zero_copy_only=False)
+    was = joined.column("split_before")
+    known = ~np.asarray(was.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    return split_now, known, was.fill_null(0).to_numpy(zero_copy_only=False)
+
+
 def compare(
     now: tuple[Table, Table, str | None, int],
     before: tuple[Table, Table, str | None, int],
@@ -248,16 +264,7 @@ def compare(
         compared, moved = 0, 0
         added = np.zeros(num_splits, dtype=np.int64)
         for b in range(buckets):
-            joined = _distinct(sides[0].read(b), keys).join(
-                _distinct(sides[1].read(b), keys),
-                keys=keys,
-                join_type="left outer",
-                right_suffix="_before",
-            )
-            split_now = joined.column("split").to_numpy(zero_copy_only=False)
-            was = joined.column("split_before")
-            known = ~np.asarray(was.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            was_values = was.fill_null(0).to_numpy(zero_copy_only=False)
+            split_now, known, was_values = joined_splits(sides[0].read(b), sides[1].read(b), keys)
             compared += int(np.count_nonzero(known))
             moved += int(np.count_nonzero(known & (split_now != was_values)))
             added += np.bincount(split_now[~known].astype(np.int64), minlength=num_splits)

@@ -249,10 +249,12 @@ def cover(
     layout = layout_of(stored, base, cpus=_cpus(ray))
     if layout is None:
         return None
-    with _on_cluster(ray, asset=asset, during="checks"):
-        # Each shard's parts are freed once its task has them: only the tasks hold them.
-        checked = membership_tasks(
-            on_ray(ray),
+    # Each shard's parts are freed once its task has them: only the tasks hold them.
+    results = _gather(
+        ray,
+        asset,
+        lambda submit: membership_tasks(
+            submit,
             stored,
             base,
             layout,
@@ -263,10 +265,17 @@ def cover(
             label=label,
             group=group,
             time=time,
-        )
-        results = _Watch(ray, asset=asset, during="checks").get(checked)
+        ),
+    )
     member, scan = combine(results, num_splits, label=label, group=group, time=time)
     return member, scan, {"route_tasks": len(layout.routes), "shard_tasks": len(layout.shards)}
+
+
+def _gather(ray: Any, asset: str, start: Callable[[Submit], list[Any]]) -> list[Any]:
+    """The results of the tasks ``start`` submits to Ray, waited for as the build's are
+    (`_Watch`), Ray's errors named as the checks' (`_on_cluster`)."""
+    with _on_cluster(ray, asset=asset, during="checks"):
+        return _Watch(ray, asset=asset, during="checks").get(start(on_ray(ray)))
 
 
 def _cpus(ray: Any) -> int:
@@ -351,16 +360,13 @@ def rotated_training(
     ray = connect(address)
     length = train.count_rows()
     chunks = training_chunks(length, cpus=_cpus(ray))
-    with _on_cluster(ray, asset=asset, during="checks"):
-        refs = training_tasks(
-            on_ray(ray),
-            folds,
-            train,
-            sizes,
-            ranges,
-            chunks,
-            storage_options=_public_options(storage_options),
-        )
-        results = _Watch(ray, asset=asset, during="checks").get(refs)
+    options = _public_options(storage_options)
+    results = _gather(
+        ray,
+        asset,
+        lambda submit: training_tasks(
+            submit, folds, train, sizes, ranges, chunks, storage_options=options
+        ),
+    )
     figures = training_figures(results, sizes, ranges, length=length)
-    return {**figures, "checked_by_ray_tasks": {"training_range_tasks": len(refs)}}
+    return {**figures, "checked_by_ray_tasks": {"training_range_tasks": len(chunks)}}
